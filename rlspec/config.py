@@ -1,0 +1,307 @@
+"""Typed schema of the training config, validated once at start.
+
+The YAML files under ``rlspec/configs/`` (Hydra groups) set values; these dataclasses say which
+keys exist, their types and their allowed values. :func:`validate_config` merges the composed
+Hydra config into the schema, so an unknown key or a wrong type fails at start with a message
+that names the key, and ``__post_init__`` checks values and names the fix (TRL-style).
+"""
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from rlspec.errors import ConfigError
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _choice(value: str, key: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}={value!r} is not valid{hint}; choose one of: {', '.join(choices)}")
+
+
+@dataclass
+class ModelConfig:
+    """The policy. ``path=None`` uses the embedded default (built locally on first use)."""
+
+    path: Optional[str] = None  # HF save_pretrained dir or hub id; None = embedded default
+    embedded_preset: str = "default"  # embedded default variant: "default" or "tiny" (tests)
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (bf16 is slower on CPUs without AMX)
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _choice(self.dtype, "model.dtype", ("float32", "bfloat16", "float16"))
+        _choice(self.embedded_preset, "model.embedded_preset", ("default", "tiny"))
+
+
+@dataclass
+class DataConfig:
+    """Training prompts and the held-out split. ``path=None`` uses the embedded procedural math."""
+
+    path: Optional[str] = None  # jsonl/json/parquet file, a directory, or a hub dataset id
+    split: str = "train"
+    test_path: Optional[str] = None  # held-out split; None = same source, split ``test_split``
+    test_split: str = "test"
+    question_key: str = "question"
+    answer_key: str = "answer"
+    instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    max_train_samples: Optional[int] = None
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.max_train_samples is None or self.max_train_samples > 0, "data.max_train_samples", "must be > 0")
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling of training rollouts (TRL: ``num_generations``, ``max_completion_length``)."""
+
+    engine: str = "native"
+    n: int = 8  # responses per prompt (GRPO group size)
+    max_response_length: int = 512  # hard cap on generated tokens; DLER's truncation length
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_strings: List[str] = field(default_factory=list)
+    max_batch_size: int = 256  # concurrent sequences in the engine
+
+    def __post_init__(self) -> None:
+        _require(self.n >= 1, "rollout.n", f"must be >= 1, got {self.n}")
+        _require(self.max_response_length >= 1, "rollout.max_response_length", "must be >= 1")
+        _require(self.temperature > 0, "rollout.temperature", "must be > 0 for RL rollouts (sampling)")
+        _require(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
+        _require(self.top_k >= 0, "rollout.top_k", "must be >= 0 (0 disables top-k)")
+        _require(self.max_batch_size >= 1, "rollout.max_batch_size", "must be >= 1")
+
+
+@dataclass
+class FilterGroupsConfig:
+    """DAPO dynamic sampling (arXiv 2503.14476 Sec. 3.2; verl ``algorithm.filter_groups``)."""
+
+    enable: bool = False
+    metric: str = "acc"  # "acc": raw correctness (recommended, NeMo-RL #2431) | "reward": total reward
+    max_num_gen_batches: int = 4  # generation chunks per step before giving up filling the batch
+
+    def __post_init__(self) -> None:
+        _choice(self.metric, "trainer.filter_groups.metric", ("acc", "reward"))
+        _require(self.max_num_gen_batches >= 1, "trainer.filter_groups.max_num_gen_batches", "must be >= 1")
+
+
+@dataclass
+class TrainerConfig:
+    """GRPO optimisation. Names follow verl where one exists (TRL equivalents in comments)."""
+
+    algorithm: str = "grpo"
+    steps: int = 40
+    prompts_per_step: int = 16  # verl train_batch_size (in prompts)
+    gen_batch_size: Optional[int] = None  # prompts per generation chunk (dynamic sampling); None = prompts_per_step
+    mini_batch_size: Optional[int] = None  # prompts per optimizer step; None = prompts_per_step (1 update)
+    micro_batch_size: int = 32  # responses per forward/backward (gradient accumulation)
+    ppo_epochs: int = 1
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine (after warmup)
+    grad_clip: float = 1.0
+    adv_estimator: str = "grpo"  # grpo | dr_grpo | batch_norm (DLER / REINFORCE++-baseline)
+    norm_adv_by_std: bool = True
+    adv_token_weighted: bool = True  # batch_norm statistics over tokens (DLER code) or responses (paper)
+    loss_agg_mode: str = "token-mean"  # token-mean (TRL dapo) | seq-mean-token-mean (grpo) | ...
+    clip_ratio_low: float = 0.2  # TRL epsilon
+    clip_ratio_high: float = 0.2  # TRL epsilon_high; DAPO/DLER clip-higher uses 0.28
+    clip_ratio_c: Optional[float] = None  # dual-clip bound for negative advantages (DLER: 10)
+    kl_coef: float = 0.0  # TRL beta; > 0 loads a frozen reference model
+    kl_estimator: str = "k3"  # k1 | k2 (mse) | k3 (low_var_kl)
+    entropy_coef: float = 0.0
+    old_logprobs: str = "rollout"  # rollout: reuse the engine's logprobs | recompute: extra forward
+    filter_groups: FilterGroupsConfig = field(default_factory=FilterGroupsConfig)
+    seed: int = 0
+    save_every: int = 10  # checkpoint every N steps (and at the end); 0 = only at the end
+    save_total_limit: int = 2  # keep the newest N step checkpoints
+    resume: str = "auto"  # auto | disable | path to a checkpoint dir
+    log_completions_every: int = 10  # write sampled completions to completions.jsonl every N steps
+    num_threads: int = 0  # torch threads; 0 = leave torch's default
+
+    def __post_init__(self) -> None:
+        _choice(self.algorithm, "trainer.algorithm", ("grpo",))
+        _require(self.steps >= 1, "trainer.steps", f"must be >= 1, got {self.steps}")
+        _require(self.prompts_per_step >= 1, "trainer.prompts_per_step", "must be >= 1")
+        mini = self.mini_batch_size or self.prompts_per_step
+        _require(
+            self.prompts_per_step % mini == 0,
+            "trainer.mini_batch_size",
+            f"prompts_per_step={self.prompts_per_step} must be divisible by mini_batch_size={mini}; "
+            f"set trainer.mini_batch_size to a divisor of {self.prompts_per_step}",
+        )
+        _require(self.micro_batch_size >= 1, "trainer.micro_batch_size", "must be >= 1")
+        _require(self.ppo_epochs >= 1, "trainer.ppo_epochs", "must be >= 1")
+        _require(self.lr > 0, "trainer.lr", f"must be > 0, got {self.lr}")
+        _require(len(self.betas) == 2, "trainer.betas", "must be a list of two floats, e.g. [0.9,0.999]")
+        _choice(self.lr_schedule, "trainer.lr_schedule", ("constant", "cosine"))
+        _choice(self.adv_estimator, "trainer.adv_estimator", ("grpo", "dr_grpo", "batch_norm"))
+        _choice(
+            self.loss_agg_mode,
+            "trainer.loss_agg_mode",
+            ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
+        )
+        _require(0 <= self.clip_ratio_low < 1, "trainer.clip_ratio_low", "must be in [0, 1)")
+        _require(self.clip_ratio_high >= 0, "trainer.clip_ratio_high", "must be >= 0")
+        _require(
+            self.clip_ratio_c is None or self.clip_ratio_c > 1,
+            "trainer.clip_ratio_c",
+            "dual-clip bound must be > 1 (DLER uses 10), or null to disable",
+        )
+        _require(self.kl_coef >= 0, "trainer.kl_coef", "must be >= 0")
+        _choice(self.kl_estimator, "trainer.kl_estimator", ("k1", "k2", "k3"))
+        _choice(self.old_logprobs, "trainer.old_logprobs", ("rollout", "recompute"))
+        _require(self.save_every >= 0, "trainer.save_every", "must be >= 0")
+        _require(self.save_total_limit >= 1, "trainer.save_total_limit", "must be >= 1")
+        _require(self.grad_clip > 0, "trainer.grad_clip", "must be > 0")
+
+
+@dataclass
+class RewardTermConfig:
+    weight: float = 1.0
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CustomRewardConfig:
+    """A user reward function (TRL- or verl-style) loaded from a file or module."""
+
+    path: Optional[str] = None  # /path/to/file.py or a dotted module path
+    name: Optional[str] = None  # function name inside it
+    weight: float = 1.0
+    style: str = "auto"  # auto | trl | verl
+
+    def __post_init__(self) -> None:
+        _choice(self.style, "reward.custom.style", ("auto", "trl", "verl"))
+        _require(
+            (self.path is None) == (self.name is None),
+            "reward.custom",
+            "set both reward.custom.path and reward.custom.name (or neither)",
+        )
+
+
+@dataclass
+class RewardConfig:
+    terms: Dict[str, RewardTermConfig] = field(default_factory=dict)
+    custom: CustomRewardConfig = field(default_factory=CustomRewardConfig)
+    require_think_close: bool = False  # grade only text after </think>; none -> incorrect (DeepScaleR)
+    grader_timeout_s: float = 5.0
+
+
+@dataclass
+class LoggerConfig:
+    backends: List[str] = field(default_factory=lambda: ["console", "jsonl"])
+    project: str = "rlspec"
+    wandb_mode: str = "auto"  # auto: online with an API key, else offline | online | offline | disabled
+    wandb_entity: Optional[str] = None
+    progress: str = "auto"  # auto (rich bar on a TTY) | on | off
+    plot: bool = True  # PNG of accuracy and response length over steps at the end
+
+    def __post_init__(self) -> None:
+        for backend in self.backends:
+            _choice(backend, "logger.backends", ("console", "jsonl", "wandb"))
+        _choice(self.wandb_mode, "logger.wandb_mode", ("auto", "online", "offline", "disabled"))
+        _choice(self.progress, "logger.progress", ("auto", "on", "off"))
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation (pass@1 averaged over ``samples_per_problem`` samples)."""
+
+    at_start: bool = True
+    at_end: bool = True
+    every: int = 0  # also every N steps (0 = off)
+    num_problems: Optional[int] = 256  # None = the whole held-out split
+    samples_per_problem: int = 4
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 0
+    max_new_tokens: int = 512
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        _require(self.samples_per_problem >= 1, "eval.samples_per_problem", "must be >= 1")
+        _require(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+        _require(self.every >= 0, "eval.every", "must be >= 0")
+
+
+@dataclass
+class RLSpecConfig:
+    run_name: str = "default"
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    recipe_notes: str = ""  # free text a recipe uses to say what it reproduces
+
+    def __post_init__(self) -> None:
+        _require(bool(self.reward.terms) or self.reward.custom.path is not None, "reward.terms",
+                 "no reward term is configured; choose reward=correctness or set reward.custom.path")
+
+
+def schema_keys(cls: type = RLSpecConfig, prefix: str = "") -> dict[str, Any]:
+    """All dotted keys of the schema -> field type (Dict fields accept any sub-key)."""
+    keys: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        full = f"{prefix}{f.name}"
+        keys[full] = f.type
+        default_factory = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if default_factory is not None and dataclasses.is_dataclass(sample := default_factory()):
+            keys.update(schema_keys(type(sample), full + "."))
+    return keys
+
+
+def check_key(key: str) -> None:
+    """Raise ConfigError with a 'did you mean' when ``key`` (dotted) is not in the schema."""
+    keys = schema_keys()
+    if key in keys:
+        return
+    # keys below a Dict field (reward.terms.<name>...) are free-form
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        parent = ".".join(parts[:i])
+        if parent in keys and str(keys[parent]).startswith(("typing.Dict", "Dict", "dict")):
+            return
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(
+        f"unknown config key {key!r}{hint}. See all keys with: python -m rlspec.train --cfg job"
+    )
+
+
+def validate_config(cfg: DictConfig) -> RLSpecConfig:
+    """Merge the composed config into the schema and build the typed config (raises ConfigError)."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    container.pop("hydra", None)
+    schema = OmegaConf.structured(RLSpecConfig)
+    try:
+        merged = OmegaConf.merge(schema, container)
+        typed = OmegaConf.to_object(merged)
+    except (ConfigKeyError, ValidationError) as err:
+        full_key = getattr(err, "full_key", None) or ""
+        if isinstance(err, ConfigKeyError) and full_key:
+            check_key(full_key)
+        msg = str(err).splitlines()[0]
+        raise ConfigError(f"config error at {full_key or '?'}: {msg}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"config error: {str(err).splitlines()[0]}") from None
+    assert isinstance(typed, RLSpecConfig)
+    return typed

@@ -1,0 +1,240 @@
+"""``python -m rlspec.train +recipe=dler`` -- the Hydra entry point of rlspec training.
+
+Composes ``rlspec/configs/train.yaml`` (groups: model, data, rollout, trainer, reward, logger,
+and an optional recipe), validates it against :mod:`rlspec.config`, prints and saves the resolved
+config in the run directory, then trains. Errors in user input end the run with one line naming
+the problem and the fix (exit code 2).
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from rlspec.config import RLSpecConfig, check_key, validate_config
+from rlspec.errors import ConfigError, RLSpecError
+
+CONFIG_GROUPS = ("model", "data", "rollout", "trainer", "reward", "logger", "recipe")
+# keys that may change when resuming a run (everything else must match the saved config)
+RESUMABLE_CHANGES = (
+    "trainer.steps", "trainer.resume", "trainer.save_every", "trainer.save_total_limit",
+    "trainer.log_completions_every", "trainer.num_threads", "logger.", "eval.", "run_dir", "recipe_notes",
+)
+
+
+def group_options(group: str) -> list[str]:
+    folder = resources.files("rlspec.configs") / group
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """``+recipe=X`` and ``recipe=X`` both select a recipe (the defaults list has ``recipe: null``)."""
+    return [arg[1:] if arg.startswith("+recipe=") else arg for arg in argv]
+
+
+def precheck_overrides(argv: list[str]) -> None:
+    """Fail before Hydra starts, with one line, on a misspelled key or an unknown group option."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    candidates = [a for a in argv if not a.startswith("-") and "=" in a or a.startswith(("~", "+"))]
+    try:
+        overrides = OverridesParser.create().parse_overrides(candidates)
+    except Exception as err:  # noqa: BLE001
+        raise ConfigError(f"cannot parse the command-line overrides: {str(err).splitlines()[0]}") from None
+    for override in overrides:
+        key = override.key_or_group
+        if key.startswith("hydra") or override.is_delete():
+            continue
+        if key in CONFIG_GROUPS:
+            options = group_options(key)
+            value = override.value()
+            values = value if isinstance(value, list) else [value]
+            if override.is_sweep_override():
+                values = [str(v) for v in override.sweep_string_iterator()]
+            for option in values:
+                if option is not None and str(option) not in options:
+                    close = difflib.get_close_matches(str(option), options, n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise ConfigError(f"unknown {key} {option!r}{hint}; available: {', '.join(options)}")
+            continue
+        check_key(key)
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value
+    return out
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    a, b = _flatten("", saved, {}), _flatten("", current, {})
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == c or (c.endswith(".") and key.startswith(c)) for c in RESUMABLE_CHANGES):
+            continue
+        if a.get(key) != b.get(key):
+            diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return diffs
+
+
+def prepare_run_dir(cfg: RLSpecConfig, resolved: dict[str, Any]) -> Path:
+    """Create the run dir; refuse to resume a run whose config differs (nothing is overwritten)."""
+    from rlspec.checkpoint import find_latest_checkpoint
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved_path = run_dir / "config.yaml"
+    if cfg.trainer.resume == "auto" and find_latest_checkpoint(run_dir) is not None and saved_path.is_file():
+        saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
+        diffs = config_differences(saved, resolved)
+        if diffs:
+            raise ConfigError(
+                f"{run_dir} holds a run with a different config ({'; '.join(diffs[:3])}); "
+                f"choose a new run_name=... or delete that directory to start over"
+            )
+    elif cfg.trainer.resume == "disable" and find_latest_checkpoint(run_dir) is not None:
+        raise ConfigError(
+            f"{run_dir} already has checkpoints and trainer.resume=disable would overwrite them; "
+            f"use trainer.resume=auto to continue it or a new run_name=... to start over"
+        )
+    saved_path.write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    return run_dir
+
+
+def build_prompt_ids(tokenizer: Any, rows: list[dict[str, Any]], instruction: str) -> list[list[int]]:
+    from rlspec.data import build_messages
+
+    texts = [
+        tokenizer.apply_chat_template(build_messages(r["question"], instruction), tokenize=False, add_generation_prompt=True)
+        for r in rows
+    ]
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def run(cfg: RLSpecConfig, resolved: dict[str, Any]) -> dict[str, Any]:
+    from rich.console import Console
+    from rich.syntax import Syntax
+
+    from rlspec.data import load_split
+    from rlspec.models import eos_token_ids, load_causal_lm, load_tokenizer, resolve_model_path
+    from rlspec.rewards import build_reward_terms
+    from rlspec.rollout import make_engine
+    from rlspec.tracking import MetricsLogger
+    from rlspec.trainers.grpo import GRPOTrainer
+
+    console = Console()
+    console.print(Syntax(OmegaConf.to_yaml(OmegaConf.create(resolved)), "yaml", theme="ansi_dark"))
+    run_dir = prepare_run_dir(cfg, resolved)
+    console.print(f"[bold]run dir:[/bold] {run_dir}  (resolved config saved as {run_dir / 'config.yaml'})")
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    torch.manual_seed(cfg.trainer.seed)
+
+    model_path = resolve_model_path(cfg.model.path, cfg.model.embedded_preset)
+    data_path = cfg.data.path if cfg.data.path is not None else model_path  # embedded: splits ship with the model
+    train_rows = load_split(data_path, cfg.data.split, cfg.data.question_key, cfg.data.answer_key)
+    test_source = cfg.data.test_path if cfg.data.test_path is not None else data_path
+    eval_rows = load_split(test_source, cfg.data.test_split, cfg.data.question_key, cfg.data.answer_key)
+    if cfg.data.max_train_samples:
+        train_rows = train_rows[: cfg.data.max_train_samples]
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    model = load_causal_lm(model_path, cfg.model.dtype, cfg.model.trust_remote_code).eval()
+    eos_ids = eos_token_ids(model, tokenizer)
+    engine = make_engine(
+        cfg.rollout.engine, model, tokenizer, eos_token_ids=eos_ids, max_batch_size=cfg.rollout.max_batch_size
+    )
+    reward_terms = build_reward_terms(cfg.reward)
+    logger = MetricsLogger(
+        run_dir,
+        cfg.logger.backends,
+        project=cfg.logger.project,
+        run_name=cfg.run_name,
+        wandb_mode=cfg.logger.wandb_mode,
+        wandb_entity=cfg.logger.wandb_entity,
+        config=resolved,
+        progress=cfg.logger.progress,
+        total_steps=cfg.trainer.steps,
+    )
+    trainer = GRPOTrainer(
+        cfg,
+        model=model,
+        tokenizer=tokenizer,
+        engine=engine,
+        eos_ids=eos_ids,
+        train_rows=train_rows,
+        eval_rows=eval_rows,
+        train_prompt_ids=build_prompt_ids(tokenizer, train_rows, cfg.data.instruction),
+        eval_prompt_ids=build_prompt_ids(tokenizer, eval_rows, cfg.data.instruction),
+        run_dir=run_dir,
+        reward_terms=reward_terms,
+        logger=logger,
+    )
+    try:
+        resumed = trainer.maybe_resume()
+        if resumed is not None:
+            logger.print(f"resumed from {resumed} (step {trainer.global_step}/{cfg.trainer.steps})")
+        summary = trainer.fit()
+    finally:
+        logger.close()
+    print_summary(console, summary, run_dir)
+    return summary
+
+
+def print_summary(console: Any, summary: dict[str, Any], run_dir: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{summary['run_name']}: held-out evaluation")
+    table.add_column("model")
+    for col in ("accuracy", "mean tokens", "tokens (correct)", "truncated"):
+        table.add_column(col, justify="right")
+    for label, m in (("start", summary.get("start")), (f"step {summary['steps']}", summary.get("end"))):
+        if m:
+            table.add_row(
+                label,
+                f"{100 * m['eval/accuracy']:.1f}%",
+                f"{m['eval/mean_tokens']:.1f}",
+                f"{m['eval/mean_tokens_correct']:.1f}",
+                f"{100 * m['eval/truncation_rate']:.1f}%",
+            )
+    console.print(table)
+    if "token_change_percent" in summary:
+        console.print(
+            f"tokens {summary['token_change_percent']:+.1f}%  accuracy {summary['accuracy_change_points']:+.1f} points  "
+            f"(details: {run_dir / 'summary.json'}, plot: {run_dir / 'training_curves.png'})"
+        )
+
+
+def _task(cfg: DictConfig) -> None:
+    try:
+        typed = validate_config(cfg)
+        resolved = OmegaConf.to_container(OmegaConf.structured(typed), resolve=True)
+        run(typed, resolved)
+    except RLSpecError as err:
+        print(f"rlspec: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import hydra
+
+    argv = normalize_argv(list(sys.argv[1:] if argv is None else argv))
+    try:
+        precheck_overrides(argv)
+    except RLSpecError as err:
+        print(f"rlspec: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    sys.argv = [sys.argv[0], *argv]
+    hydra.main(config_path="configs", config_name="train", version_base="1.3")(_task)()
+
+
+if __name__ == "__main__":
+    main()

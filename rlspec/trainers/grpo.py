@@ -1,0 +1,596 @@
+"""The GRPO trainer loop (DeepSeekMath GRPO, with the DAPO/DLER knobs).
+
+One step reads top to bottom, like nanochat's ``chat_rl.py``:
+
+    generate (n responses per prompt, dynamic sampling refills filtered groups)
+    -> score (math-verify correctness + length terms)
+    -> advantage (group or batch normalisation)
+    -> loss (PPO-clip with clip-higher, token-level aggregation, optional KL)
+    -> optimizer step -> push weights to the rollout engine
+    -> log (and checkpoint / evaluate on schedule)
+
+All maths lives in :mod:`rlspec.trainers.advantages`, :mod:`rlspec.trainers.losses` and
+:mod:`rlspec.rewards`; this module only moves data between them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from rlspec.checkpoint import find_latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from rlspec.config import RLSpecConfig
+from rlspec.data import PromptSampler
+from rlspec.errors import RLSpecError, TrainingError
+from rlspec.evals.heldout import EvalSettings, evaluate
+from rlspec.models import decode_responses
+from rlspec.rewards import RewardBatch, compute_rewards
+from rlspec.rollout.base import FINISH_LENGTH, RolloutEngine, SamplingParams
+from rlspec.tracking import MetricsLogger, plot_training_curves, truncate_jsonl
+from rlspec.trainers.advantages import compute_advantages
+from rlspec.trainers.losses import (
+    LossNormalizer,
+    aggregate_loss,
+    kl_penalty,
+    ppo_clip_policy_loss,
+    token_logprobs_and_entropy,
+)
+
+
+def derive_seed(base: int, *parts: int) -> int:
+    """A per-(step, chunk) sampling seed, so a resumed run samples exactly what it would have."""
+    seed = base
+    for part in parts:
+        seed = (seed * 1_000_003 + part * 7919 + 17) % (2**31 - 1)
+    return seed
+
+
+@dataclass
+class Group:
+    """The n responses sampled for one prompt."""
+
+    row_index: int
+    prompt_ids: list[int]
+    response_ids: list[list[int]]
+    old_logprobs: list[torch.Tensor]
+    finish_reasons: list[str]
+    texts: list[str]
+    rewards: list[float]
+    correct: list[bool]
+    per_term: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
+class TrainBatch:
+    """Flattened groups ready for the policy update. ``B`` = responses."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    old_logprobs: list[torch.Tensor]
+    rewards: torch.Tensor  # [B]
+    group_index: torch.Tensor  # [B] long
+    advantages: torch.Tensor  # [B]
+
+    @property
+    def size(self) -> int:
+        return len(self.response_ids)
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+class GRPOTrainer:
+    def __init__(
+        self,
+        cfg: RLSpecConfig,
+        *,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        engine: RolloutEngine,
+        eos_ids: Sequence[int],
+        train_rows: Sequence[dict[str, Any]],
+        eval_rows: Sequence[dict[str, Any]],
+        train_prompt_ids: Sequence[Sequence[int]],
+        eval_prompt_ids: Sequence[Sequence[int]],
+        run_dir: str | Path,
+        reward_terms: Mapping[str, Mapping[str, Any]],
+        logger: MetricsLogger | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.tc = cfg.trainer
+        self.model = model
+        self.tokenizer = tokenizer
+        self.engine = engine
+        self.eos_ids = list(eos_ids)
+        self.train_rows = list(train_rows)
+        self.eval_rows = list(eval_rows)
+        self.train_prompt_ids = [list(p) for p in train_prompt_ids]
+        self.eval_prompt_ids = [list(p) for p in eval_prompt_ids]
+        self.run_dir = Path(run_dir)
+        self.logger = logger
+        self.reward_terms = {name: dict(term) for name, term in reward_terms.items()}
+        self.global_step = 0
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.sampler = PromptSampler(len(self.train_rows), seed=self.tc.seed, shuffle=cfg.data.shuffle)
+        self.ref_model = None
+        if self.tc.kl_coef > 0:
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=self.tc.lr,
+            betas=tuple(self.tc.betas),
+            weight_decay=self.tc.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.eval_history: dict[int, dict[str, float]] = {}
+
+    # ------------------------------------------------------------------ schedule
+    def _lr_factor(self, step: int) -> float:
+        warmup = self.tc.warmup_steps
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if self.tc.lr_schedule == "cosine":
+            progress = (step - warmup) / max(1, self.tc.steps - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    # ------------------------------------------------------------------ 1. generate + 2. score
+    def _sampling_params(self, seed: int) -> SamplingParams:
+        rc = self.cfg.rollout
+        return SamplingParams(
+            max_new_tokens=rc.max_response_length,
+            temperature=rc.temperature,
+            top_p=rc.top_p,
+            top_k=rc.top_k,
+            stop_strings=tuple(rc.stop_strings),
+            seed=seed,
+        )
+
+    def _generate_groups(self, row_indices: list[int], seed: int, timing: dict[str, float]) -> list[Group]:
+        n = self.cfg.rollout.n
+        prompts = [self.train_prompt_ids[i] for i in row_indices]
+        repeated = [p for p in prompts for _ in range(n)]  # [P * n]
+        t0 = time.perf_counter()
+        result = self.engine.generate(repeated, self._sampling_params(seed))
+        timing["rollout"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        texts = decode_responses(self.tokenizer, result.response_ids, self.eos_ids)
+        rows = [self.train_rows[i] for i in row_indices for _ in range(n)]
+        columns = {
+            key: [row.get(key) for row in rows]
+            for key in rows[0]
+            if key not in ("question", "answer")
+        }
+        batch = RewardBatch(
+            prompts=[row["question"] for row in rows],
+            completions=texts,
+            completion_ids=result.response_ids,
+            finish_reasons=result.finish_reasons,
+            answers=[row["answer"] for row in rows],
+            correct=[],
+            group_ids=[g for g in range(len(prompts)) for _ in range(n)],
+            step=self.global_step,
+            columns=columns,
+        )
+        rewards, per_term, correct = compute_rewards(
+            batch,
+            self.reward_terms,
+            require_think_close=self.cfg.reward.require_think_close,
+            timeout_s=self.cfg.reward.grader_timeout_s,
+        )
+        timing["reward"] += time.perf_counter() - t0
+        timing["generated_tokens"] += sum(len(r) for r in result.response_ids)
+        groups = []
+        for g, row_index in enumerate(row_indices):
+            sl = slice(g * n, (g + 1) * n)
+            groups.append(
+                Group(
+                    row_index=row_index,
+                    prompt_ids=prompts[g],
+                    response_ids=result.response_ids[sl],
+                    old_logprobs=result.response_logprobs[sl],
+                    finish_reasons=result.finish_reasons[sl],
+                    texts=texts[sl],
+                    rewards=rewards[sl],
+                    correct=correct[sl],
+                    per_term={k: v[sl] for k, v in per_term.items()},
+                )
+            )
+        return groups
+
+    def _informative(self, group: Group) -> bool:
+        """DAPO dynamic sampling keeps groups whose metric is not all-equal (0 < #correct < n)."""
+        values = [float(c) for c in group.correct] if self.tc.filter_groups.metric == "acc" else group.rewards
+        return max(values) != min(values)
+
+    def collect_rollouts(self, step: int, timing: dict[str, float]) -> tuple[list[Group], list[Group], int]:
+        """Generate until ``prompts_per_step`` groups are kept. Returns (kept, all generated, chunks)."""
+        target = self.tc.prompts_per_step
+        fg = self.tc.filter_groups
+        chunk_size = self.tc.gen_batch_size or target
+        max_chunks = fg.max_num_gen_batches if fg.enable else 1
+        kept: list[Group] = []
+        generated: list[Group] = []
+        chunks = 0
+        while chunks < max_chunks and len(kept) < target:
+            size = chunk_size if fg.enable else target
+            groups = self._generate_groups(self.sampler.take(size), derive_seed(self.tc.seed, step, chunks), timing)
+            chunks += 1
+            generated.extend(groups)
+            kept.extend(g for g in groups if (self._informative(g) or not fg.enable))
+        return kept[:target], generated, chunks
+
+    # ------------------------------------------------------------------ 3. advantage
+    def build_batch(self, groups: list[Group]) -> TrainBatch:
+        prompt_ids, response_ids, old_logprobs, rewards, group_index = [], [], [], [], []
+        for g, group in enumerate(groups):
+            for i in range(len(group.response_ids)):
+                prompt_ids.append(group.prompt_ids)
+                response_ids.append(group.response_ids[i])
+                old_logprobs.append(group.old_logprobs[i])
+                rewards.append(group.rewards[i])
+                group_index.append(g)
+        rewards_t = torch.tensor(rewards, dtype=torch.float32)  # [B]
+        group_t = torch.tensor(group_index, dtype=torch.long)  # [B]
+        lengths = torch.tensor([len(r) for r in response_ids], dtype=torch.float32)  # [B]
+        advantages = compute_advantages(
+            self.tc.adv_estimator,
+            rewards_t,
+            group_t,
+            norm_by_std=self.tc.norm_adv_by_std,
+            response_lengths=lengths if self.tc.adv_token_weighted else None,
+        )
+        return TrainBatch(prompt_ids, response_ids, old_logprobs, rewards_t, group_t, advantages)
+
+    # ------------------------------------------------------------------ 4. loss
+    def _micro_tensors(self, batch: TrainBatch, idx: list[int]) -> dict[str, torch.Tensor]:
+        """Left-padded prompts + right-padded responses for the responses ``idx``."""
+        p_len = max(len(batch.prompt_ids[i]) for i in idx)
+        r_len = max(len(batch.response_ids[i]) for i in idx)
+        input_ids = torch.full((len(idx), p_len + r_len), self.pad_id, dtype=torch.long)  # [b, P+R]
+        attention = torch.zeros((len(idx), p_len + r_len), dtype=torch.long)  # [b, P+R]
+        response = torch.full((len(idx), r_len), self.pad_id, dtype=torch.long)  # [b, R]
+        mask = torch.zeros((len(idx), r_len), dtype=torch.float32)  # [b, R]
+        old = torch.zeros((len(idx), r_len), dtype=torch.float32)  # [b, R]
+        for row, i in enumerate(idx):
+            prompt, resp = batch.prompt_ids[i], batch.response_ids[i]
+            input_ids[row, p_len - len(prompt) : p_len] = torch.tensor(prompt)
+            input_ids[row, p_len : p_len + len(resp)] = torch.tensor(resp)
+            attention[row, p_len - len(prompt) : p_len + len(resp)] = 1
+            response[row, : len(resp)] = torch.tensor(resp)
+            mask[row, : len(resp)] = 1.0
+            old[row, : len(resp)] = batch.old_logprobs[i].float()
+        position_ids = (attention.cumsum(-1) - 1).clamp(min=0)  # [b, P+R]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "position_ids": position_ids,
+            "response": response,
+            "mask": mask,
+            "old_logprobs": old,
+            "advantages": batch.advantages[idx],
+            "r_len": torch.tensor(r_len),
+        }
+
+    def _response_logprobs(
+        self, model: torch.nn.Module, t: dict[str, torch.Tensor], with_entropy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        r_len = int(t["r_len"])
+        out = model(
+            input_ids=t["input_ids"],
+            attention_mask=t["attention_mask"],
+            position_ids=t["position_ids"],
+            logits_to_keep=r_len + 1,
+            use_cache=False,
+        )
+        logits = out.logits[:, :-1]  # [b, R, V]: position P-1+j predicts response token j
+        return token_logprobs_and_entropy(logits, t["response"], self.cfg.rollout.temperature, with_entropy)
+
+    def _micro_batches(self, batch: TrainBatch, members: list[int]) -> list[list[int]]:
+        # sort by total length so each micro-batch pads little
+        ordered = sorted(members, key=lambda i: len(batch.prompt_ids[i]) + len(batch.response_ids[i]))
+        size = self.tc.micro_batch_size
+        return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+
+    def recompute_old_logprobs(self, batch: TrainBatch) -> None:
+        with torch.no_grad():
+            for micro in self._micro_batches(batch, list(range(batch.size))):
+                t = self._micro_tensors(batch, micro)
+                logprobs, _ = self._response_logprobs(self.model, t, with_entropy=False)
+                for row, i in enumerate(micro):
+                    batch.old_logprobs[i] = logprobs[row, : len(batch.response_ids[i])].detach()
+
+    def update_policy(self, batch: TrainBatch, step: int) -> dict[str, float]:
+        """PPO epochs x mini-batches (one optimizer step each) x micro-batches (accumulated)."""
+        tc = self.tc
+        n = self.cfg.rollout.n
+        num_groups = batch.size // n
+        mini_groups = tc.mini_batch_size or tc.prompts_per_step
+        sums: dict[str, float] = {}
+        token_total = 0.0
+        grad_norms: list[float] = []
+        shuffle = torch.Generator().manual_seed(derive_seed(tc.seed, step, 99))
+        self.model.train()
+        for _epoch in range(tc.ppo_epochs):
+            order = torch.randperm(num_groups, generator=shuffle).tolist()
+            for start in range(0, num_groups, mini_groups):
+                members = [g * n + j for g in order[start : start + mini_groups] for j in range(n)]
+                lengths = [len(batch.response_ids[i]) for i in members]
+                normalizer = LossNormalizer(
+                    num_tokens=float(max(sum(lengths), 1)),
+                    num_seqs=float(len(members)),
+                    max_response_length=float(self.cfg.rollout.max_response_length),
+                )
+                self.optimizer.zero_grad(set_to_none=True)
+                for micro in self._micro_batches(batch, members):
+                    t = self._micro_tensors(batch, micro)
+                    logprobs, entropy = self._response_logprobs(self.model, t, with_entropy=True)
+                    mask = t["mask"]
+                    pg = ppo_clip_policy_loss(
+                        logprobs,
+                        t["old_logprobs"],
+                        t["advantages"],
+                        clip_ratio_low=tc.clip_ratio_low,
+                        clip_ratio_high=tc.clip_ratio_high,
+                        clip_ratio_c=tc.clip_ratio_c,
+                    )
+                    pg_loss = aggregate_loss(pg.loss_mat, mask, tc.loss_agg_mode, normalizer)
+                    loss = pg_loss
+                    tok = float(mask.sum())
+                    if self.ref_model is not None:
+                        with torch.no_grad():
+                            ref_logprobs, _ = self._response_logprobs(self.ref_model, t, with_entropy=False)
+                        kl = kl_penalty(logprobs, ref_logprobs, tc.kl_estimator)  # [b, R]
+                        loss = loss + tc.kl_coef * aggregate_loss(kl, mask, tc.loss_agg_mode, normalizer)
+                        sums["actor/kl"] = sums.get("actor/kl", 0.0) + float((kl.detach() * mask).sum())
+                    if tc.entropy_coef:
+                        loss = loss - tc.entropy_coef * aggregate_loss(entropy, mask, tc.loss_agg_mode, normalizer)
+                    if not torch.isfinite(loss):
+                        raise TrainingError(
+                            f"non-finite loss ({loss.item()}) at step {step}; lower trainer.lr or check the "
+                            f"reward values; the run resumes from the last checkpoint with trainer.resume=auto"
+                        )
+                    loss.backward()
+                    masked = lambda x: float((x.float() * mask).sum())  # noqa: E731
+                    for key, value in (
+                        ("actor/pg_loss", float(pg_loss.detach()) * normalizer.num_tokens),
+                        ("actor/entropy", masked(entropy.detach())),
+                        ("actor/pg_clipfrac_high", masked(pg.clipped_high)),
+                        ("actor/pg_clipfrac_low", masked(pg.clipped_low)),
+                        ("actor/pg_clipfrac_dual", masked(pg.dual_clipped)),
+                        ("actor/ppo_kl", masked(pg.approx_kl)),
+                        ("actor/ratio_max", float((pg.ratio * mask).max())),
+                    ):
+                        if key == "actor/ratio_max":
+                            sums[key] = max(sums.get(key, 0.0), value)
+                        else:
+                            sums[key] = sums.get(key, 0.0) + value
+                    token_total += tok
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip))
+                if not math.isfinite(grad_norm):
+                    raise TrainingError(
+                        f"non-finite gradient norm at step {step}; lower trainer.lr or trainer.grad_clip; "
+                        f"the run resumes from the last checkpoint with trainer.resume=auto"
+                    )
+                grad_norms.append(grad_norm)
+                self.optimizer.step()
+        self.model.eval()
+        metrics = {k: (v if k == "actor/ratio_max" else v / max(token_total, 1.0)) for k, v in sums.items()}
+        metrics["actor/pg_loss"] = sums.get("actor/pg_loss", 0.0) / max(token_total, 1.0)
+        metrics["actor/pg_clipfrac"] = metrics.get("actor/pg_clipfrac_high", 0.0) + metrics.get("actor/pg_clipfrac_low", 0.0)
+        metrics["actor/grad_norm"] = _mean(grad_norms)
+        metrics["actor/lr"] = self.scheduler.get_last_lr()[0]
+        metrics["actor/num_updates"] = float(len(grad_norms))
+        return metrics
+
+    # ------------------------------------------------------------------ one RL step
+    def train_step(self) -> dict[str, float]:
+        step = self.global_step + 1
+        timing = {"rollout": 0.0, "reward": 0.0, "generated_tokens": 0.0}
+        t_step = time.perf_counter()
+        kept, generated, chunks = self.collect_rollouts(step, timing)  # 1-2. generate + score
+        metrics = self._rollout_metrics(generated, kept, chunks)
+        t_train = time.perf_counter()
+        if kept:
+            batch = self.build_batch(kept)  # 3. advantage
+            if self.tc.old_logprobs == "recompute":
+                self.recompute_old_logprobs(batch)
+            metrics.update(self.update_policy(batch, step))  # 4-5. loss + optimizer step
+            metrics["adv/mean"] = float(batch.advantages.mean())
+            metrics["adv/abs_mean"] = float(batch.advantages.abs().mean())
+            self.engine.update_weights()
+        else:
+            metrics["actor/num_updates"] = 0.0
+        self.scheduler.step()
+        self.global_step = step
+        now = time.perf_counter()
+        metrics["timing_s/rollout"] = timing["rollout"]
+        metrics["timing_s/reward"] = timing["reward"]
+        metrics["timing_s/train"] = now - t_train
+        metrics["timing_s/step"] = now - t_step
+        metrics["perf/tokens_per_s"] = timing["generated_tokens"] / max(timing["rollout"], 1e-9)
+        metrics["perf/generated_tokens"] = timing["generated_tokens"]
+        if self.tc.log_completions_every and step % self.tc.log_completions_every == 0:
+            self._write_completions(step, generated)
+        return metrics
+
+    def _rollout_metrics(self, generated: list[Group], kept: list[Group], chunks: int) -> dict[str, float]:
+        rewards = [r for g in generated for r in g.rewards]
+        correct = [float(c) for g in generated for c in g.correct]
+        lengths = [float(len(r)) for g in generated for r in g.response_ids]
+        truncated = [float(f == FINISH_LENGTH) for g in generated for f in g.finish_reasons]
+        len_correct = [len(r) for g in generated for r, c in zip(g.response_ids, g.correct) if c]
+        len_wrong = [len(r) for g in generated for r, c in zip(g.response_ids, g.correct) if not c]
+        zero_std = [float(max(g.rewards) == min(g.rewards)) for g in generated]
+        metrics = {
+            "reward/mean": _mean(rewards),
+            "reward/std": float(torch.tensor(rewards).std()) if len(rewards) > 1 else 0.0,
+            "acc/mean": _mean(correct),
+            "response_length/mean": _mean(lengths),
+            "response_length/p50": _percentile(lengths, 0.5),
+            "response_length/p90": _percentile(lengths, 0.9),
+            "response_length/max": max(lengths) if lengths else float("nan"),
+            "response_length/min": min(lengths) if lengths else float("nan"),
+            "response_length/clip_ratio": _mean(truncated),
+            "response_length/correct_mean": _mean(len_correct),
+            "response_length/incorrect_mean": _mean(len_wrong),
+            "batch/frac_reward_zero_std": _mean(zero_std),
+            "batch/groups_generated": float(len(generated)),
+            "batch/groups_kept": float(len(kept)),
+            "batch/gen_chunks": float(chunks),
+        }
+        for name in generated[0].per_term if generated else []:
+            metrics[f"reward/{name}"] = _mean([v for g in generated for v in g.per_term[name]])
+        return metrics
+
+    def _write_completions(self, step: int, groups: list[Group], per_step: int = 4) -> None:
+        path = self.run_dir / "completions.jsonl"
+        with open(path, "a", encoding="utf-8") as f:
+            for group in groups[:per_step]:
+                row = self.train_rows[group.row_index]
+                i = 0
+                f.write(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "question": row["question"],
+                            "answer": row["answer"],
+                            "completion": group.texts[i],
+                            "reward": group.rewards[i],
+                            "correct": group.correct[i],
+                            "tokens": len(group.response_ids[i]),
+                            "finish_reason": group.finish_reasons[i],
+                        }
+                    )
+                    + "\n"
+                )
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, step: int) -> dict[str, float]:
+        ec = self.cfg.eval
+        rows = self.eval_rows[: ec.num_problems] if ec.num_problems else self.eval_rows
+        prompts = self.eval_prompt_ids[: len(rows)]
+        settings = EvalSettings(
+            samples_per_problem=ec.samples_per_problem,
+            temperature=ec.temperature,
+            top_p=ec.top_p,
+            top_k=ec.top_k,
+            max_new_tokens=ec.max_new_tokens,
+            seed=ec.seed,
+            require_think_close=self.cfg.reward.require_think_close,
+            grader_timeout_s=self.cfg.reward.grader_timeout_s,
+        )
+        self.model.eval()
+        metrics = evaluate(
+            self.engine, self.tokenizer, rows, prompts, settings, self.eos_ids,
+            out_path=self.run_dir / "evals" / f"step_{step:06d}.jsonl",
+        )
+        self.eval_history[step] = metrics
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "global_step": self.global_step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": rng_state(),
+            "eval_history": self.eval_history,
+            "seed": self.tc.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.global_step = int(state["global_step"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        self.eval_history = dict(state.get("eval_history", {}))
+
+    def save(self) -> Path:
+        return save_checkpoint(
+            self.run_dir,
+            self.global_step,
+            self.model,
+            self.tokenizer,
+            self.state_dict(),
+            meta={"run_name": self.cfg.run_name},
+            keep=self.tc.save_total_limit,
+        )
+
+    def maybe_resume(self) -> Path | None:
+        """Apply ``trainer.resume``: ``auto`` (latest complete checkpoint if any), ``disable``, or a path."""
+        resume = self.tc.resume
+        if resume == "disable":
+            return None
+        path = find_latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            return None
+        state = load_trainer_state(path)
+        if state.get("seed") != self.tc.seed:
+            raise RLSpecError(
+                f"checkpoint {path} was trained with trainer.seed={state.get('seed')} but the config says "
+                f"{self.tc.seed}; resume with the same seed or start a new run (run_name=...)"
+            )
+        from transformers import AutoModelForCausalLM
+
+        saved = AutoModelForCausalLM.from_pretrained(path / "model", dtype=next(self.model.parameters()).dtype)
+        self.model.load_state_dict(saved.state_dict())
+        self.load_state_dict(state)
+        for log_file in ("metrics.jsonl", "completions.jsonl"):
+            truncate_jsonl(self.run_dir / log_file, self.global_step)
+        self.engine.update_weights()
+        return path
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict[str, Any]:
+        ec = self.cfg.eval
+        log = self.logger
+        if self.global_step == 0 and ec.at_start and 0 not in self.eval_history:
+            metrics = self.evaluate(0)
+            if log:
+                log.log(metrics, step=0)
+                log.print(f"eval at step 0: accuracy={metrics['eval/accuracy']:.3f} mean_tokens={metrics['eval/mean_tokens']:.1f}")
+        while self.global_step < self.tc.steps:
+            metrics = self.train_step()
+            step = self.global_step
+            if ec.every and step % ec.every == 0 and step != self.tc.steps:
+                metrics.update(self.evaluate(step))
+            if log:
+                log.log(metrics, step=step)
+            if (self.tc.save_every and step % self.tc.save_every == 0) or step == self.tc.steps:
+                self.save()
+        if ec.at_end and self.tc.steps not in self.eval_history:
+            metrics = self.evaluate(self.tc.steps)
+            if log:
+                log.log(metrics, step=self.tc.steps)
+            self.save()  # the final checkpoint also records the final eval
+        summary = self.summary()
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.cfg.logger.plot:
+            plot_training_curves(self.run_dir / "metrics.jsonl", self.run_dir / "training_curves.png", self.cfg.run_name)
+        return summary
+
+    def summary(self) -> dict[str, Any]:
+        start = self.eval_history.get(0)
+        end = self.eval_history.get(self.tc.steps)
+        out: dict[str, Any] = {"run_name": self.cfg.run_name, "steps": self.global_step, "start": start, "end": end}
+        if start and end:
+            out["accuracy_change_points"] = 100 * (end["eval/accuracy"] - start["eval/accuracy"])
+            out["token_change_percent"] = 100 * (end["eval/mean_tokens"] / start["eval/mean_tokens"] - 1)
+        return out
