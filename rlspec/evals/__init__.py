@@ -1,0 +1,1 @@
+"""Evaluation: held-out pass@1 and token statistics."""

@@ -1,0 +1,1 @@
+"""Trainers and the pure algorithm functions they use (advantages, losses)."""
