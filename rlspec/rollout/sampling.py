@@ -1,0 +1,156 @@
+"""Token sampling: temperature, top-k, top-p (nucleus) and the policy log-probabilities.
+
+Pure functions over ``[B, V]`` logits (``B`` rows, ``V`` vocabulary). The rollout engines call
+:func:`sample_next_tokens` once per decode step.
+
+Log-probabilities follow :class:`rlspec.rollout.base.RolloutResult`: ``log_softmax(logits / T)``
+(``T = 1`` when greedy) at the chosen token, *before* top-k / top-p filtering -- the quantity the
+trainer recomputes (as in verl and TRL), not the log-probability under the truncated sampler.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlspec.rollout.base import SamplingParams
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature``; ``temperature == 0`` (greedy) leaves the logits unchanged.
+
+    >>> apply_temperature(torch.tensor([[2.0, 1.0]]), 0.5)
+    tensor([[4., 2.]])
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0 or temperature == 1:
+        return logits
+    return logits / temperature
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` largest logits of each row, set the rest to ``-inf`` (``k == 0``: off).
+
+    Ties with the k-th largest value are kept (as in HF ``TopKLogitsWarper``).
+
+    >>> apply_top_k(torch.tensor([[1.0, 3.0, 2.0]]), 2)
+    tensor([[-inf, 3., 2.]])
+    """
+    if k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {k}")
+    if k == 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # [B, 1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering (Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration").
+
+    Keeps, per row, the smallest set of most-probable tokens whose total probability reaches
+    ``p``: a token is dropped when the probability mass of the tokens ranked above it is already
+    ``>= p``. The most probable token is always kept. ``p == 1``: off.
+
+    >>> apply_top_p(torch.log(torch.tensor([[0.5, 0.3, 0.2]])), 0.7)  # 0.5 < 0.7, 0.8 >= 0.7
+    tensor([[-0.6931, -1.2040,    -inf]])
+    """
+    if not 0 < p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    if p >= 1:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    sorted_probs = sorted_logits.float().softmax(dim=-1)
+    mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs  # [B, V], 0 for the top token
+    drop_sorted = mass_above >= p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_from_probs(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: the token whose cumulative-probability interval contains ``u``.
+
+    Row ``b`` returns the smallest ``i`` with ``cdf_b[i] > u_b * cdf_b[V-1]``, where ``cdf`` is
+    the float64 cumulative sum of ``probs`` (rows need not be normalised). Tokens of probability 0
+    have empty intervals and are never returned. Needs only one uniform number per row, unlike
+    ``torch.multinomial`` / the Gumbel trick, which draw ``V`` (much slower on CPU).
+
+    Args:
+        probs: ``[B, V]`` non-negative weights, each row with a positive sum.
+        uniform: ``[B]`` numbers in ``[0, 1)``.
+
+    Returns:
+        ``[B]`` long token ids.
+
+    >>> sample_from_probs(torch.tensor([[0.2, 0.5, 0.3], [0.5, 0.0, 0.5]]), torch.tensor([0.2, 0.5]))
+    tensor([1, 2])
+    """
+    cdf = probs.double().cumsum(dim=-1)  # [B, V], non-decreasing
+    total = cdf[:, -1:]
+    target = uniform.double().unsqueeze(-1) * total
+    # keep the target strictly below the total so some token's interval always contains it
+    target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
+
+
+def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token per row from ``softmax(logits)``; ``-inf`` logits are never drawn.
+
+    Args:
+        logits: ``[B, V]``.
+        generator: optional private RNG (same device as ``logits``); ``None`` uses the global RNG.
+
+    Returns:
+        ``[B]`` long token ids.
+    """
+    probs = logits.float().softmax(dim=-1)
+    return _draw(probs, generator)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    uniform = torch.rand(probs.shape[0], generator=generator, device=probs.device)
+    return sample_from_probs(probs, uniform)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Policy log-probabilities ``log_softmax(logits / T)[token]`` (``T = 1`` when greedy).
+
+    Args:
+        logits: ``[B, V]`` raw (unfiltered) logits.
+        tokens: ``[B]`` chosen token ids.
+        temperature: sampling temperature; ``0`` means greedy and is scored with ``T = 1``.
+
+    Returns:
+        ``[B]`` float32.
+    """
+    t = 1.0 if temperature == 0 else temperature
+    logp = torch.log_softmax(logits.float() / t if t != 1.0 else logits.float(), dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def sample_next_tokens(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step of sampling: choose the next token of every row and score it.
+
+    Greedy (``temperature == 0``) takes the argmax. Otherwise the logits are divided by the
+    temperature, filtered by top-k then top-p (the order HF and vLLM use) and sampled.
+
+    Args:
+        logits: ``[B, V]`` next-token logits (any float dtype; computed in float32).
+        params: the sampling settings.
+        generator: optional private RNG; ``None`` uses the global RNG.
+
+    Returns:
+        ``(tokens [B] long, logprobs [B] float32)``; logprobs as in :func:`token_logprobs`.
+    """
+    logits = logits.float()
+    if params.greedy:
+        tokens = logits.argmax(dim=-1)
+        logp = torch.log_softmax(logits, dim=-1)
+        return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    scaled = apply_temperature(logits, params.temperature)
+    logp = torch.log_softmax(scaled, dim=-1)
+    if params.top_k == 0 and params.top_p >= 1:
+        tokens = _draw(logp.exp(), generator)  # unfiltered: reuse the softmax
+    else:
+        tokens = sample_from_logits(apply_top_p(apply_top_k(scaled, params.top_k), params.top_p), generator)
+    return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
