@@ -120,25 +120,17 @@ def build_prompt_ids(tokenizer: Any, rows: list[dict[str, Any]], instruction: st
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def run(cfg: RLSpecConfig, resolved: dict[str, Any]) -> dict[str, Any]:
-    from rich.console import Console
-    from rich.syntax import Syntax
-
+def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: Any = None):
+    """Load model, tokenizer, data, engine and rewards, and wire them into a trainer."""
     from rlspec.data import load_split
     from rlspec.models import eos_token_ids, load_causal_lm, load_tokenizer, resolve_model_path
     from rlspec.rewards import build_reward_terms
     from rlspec.rollout import make_engine
-    from rlspec.tracking import MetricsLogger
     from rlspec.trainers.grpo import GRPOTrainer
 
-    console = Console()
-    console.print(Syntax(OmegaConf.to_yaml(OmegaConf.create(resolved)), "yaml", theme="ansi_dark"))
-    run_dir = prepare_run_dir(cfg, resolved)
-    console.print(f"[bold]run dir:[/bold] {run_dir}  (resolved config saved as {run_dir / 'config.yaml'})")
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     torch.manual_seed(cfg.trainer.seed)
-
     model_path = resolve_model_path(cfg.model.path, cfg.model.embedded_preset)
     data_path = cfg.data.path if cfg.data.path is not None else model_path  # embedded: splits ship with the model
     train_rows = load_split(data_path, cfg.data.split, cfg.data.question_key, cfg.data.answer_key)
@@ -152,7 +144,32 @@ def run(cfg: RLSpecConfig, resolved: dict[str, Any]) -> dict[str, Any]:
     engine = make_engine(
         cfg.rollout.engine, model, tokenizer, eos_token_ids=eos_ids, max_batch_size=cfg.rollout.max_batch_size
     )
-    reward_terms = build_reward_terms(cfg.reward)
+    return GRPOTrainer(
+        cfg,
+        model=model,
+        tokenizer=tokenizer,
+        engine=engine,
+        eos_ids=eos_ids,
+        train_rows=train_rows,
+        eval_rows=eval_rows,
+        train_prompt_ids=build_prompt_ids(tokenizer, train_rows, cfg.data.instruction),
+        eval_prompt_ids=build_prompt_ids(tokenizer, eval_rows, cfg.data.instruction),
+        run_dir=run_dir,
+        reward_terms=build_reward_terms(cfg.reward),
+        logger=logger,
+    )
+
+
+def run(cfg: RLSpecConfig, resolved: dict[str, Any]) -> dict[str, Any]:
+    from rich.console import Console
+    from rich.syntax import Syntax
+
+    from rlspec.tracking import MetricsLogger
+
+    console = Console()
+    console.print(Syntax(OmegaConf.to_yaml(OmegaConf.create(resolved)), "yaml", theme="ansi_dark"))
+    run_dir = prepare_run_dir(cfg, resolved)
+    console.print(f"[bold]run dir:[/bold] {run_dir}  (resolved config saved as {run_dir / 'config.yaml'})")
     logger = MetricsLogger(
         run_dir,
         cfg.logger.backends,
@@ -164,24 +181,11 @@ def run(cfg: RLSpecConfig, resolved: dict[str, Any]) -> dict[str, Any]:
         progress=cfg.logger.progress,
         total_steps=cfg.trainer.steps,
     )
-    trainer = GRPOTrainer(
-        cfg,
-        model=model,
-        tokenizer=tokenizer,
-        engine=engine,
-        eos_ids=eos_ids,
-        train_rows=train_rows,
-        eval_rows=eval_rows,
-        train_prompt_ids=build_prompt_ids(tokenizer, train_rows, cfg.data.instruction),
-        eval_prompt_ids=build_prompt_ids(tokenizer, eval_rows, cfg.data.instruction),
-        run_dir=run_dir,
-        reward_terms=reward_terms,
-        logger=logger,
-    )
     try:
+        trainer = build_trainer(cfg, run_dir, logger)
         resumed = trainer.maybe_resume()
         if resumed is not None:
-            logger.print(f"resumed from {resumed} (step {trainer.global_step}/{cfg.trainer.steps})")
+            console.print(f"resumed from {resumed} (step {trainer.global_step}/{cfg.trainer.steps})")
         summary = trainer.fit()
     finally:
         logger.close()

@@ -36,7 +36,8 @@ SMALL = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_lay
 def _build(kind: str, seed: int = 0):
     torch.manual_seed(seed)
     if kind == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**SMALL))  # q/k/v bias, tied embeddings
+        model = Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True))  # q/k/v bias, tied embeddings
+        assert model.lm_head.weight is model.model.embed_tokens.weight
     elif kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False, attention_bias=True,
                                              rope_parameters={"rope_type": "default", "rope_theta": 500.0}))

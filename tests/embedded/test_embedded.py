@@ -1,0 +1,125 @@
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from rlspec import embedded, tasks
+from rlspec.embedded import EmbeddedModelConfig, get_embedded_model_path
+from rlspec.errors import ConfigError
+
+# A smaller-than-tiny build keeps this file fast; accuracy is not tested here.
+FAST = dict(sft_steps=60, n_train=600, n_test=16, n_eval=8, eval_max_new_tokens=96)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("rlspec_home")
+    cfg = EmbeddedModelConfig.tiny(**FAST)
+    t0 = time.time()
+    path = get_embedded_model_path(cfg, cache_dir=cache, progress=False)
+    return cfg, cache, path, time.time() - t0
+
+
+def test_cache_key_deterministic_and_sensitive():
+    a, b = EmbeddedModelConfig.tiny(), EmbeddedModelConfig.tiny()
+    assert a.cache_key() == b.cache_key()
+    assert len(a.cache_key()) == 12
+    assert EmbeddedModelConfig.tiny(seed=1).cache_key() != a.cache_key()
+    assert EmbeddedModelConfig().cache_key() != a.cache_key()
+    assert EmbeddedModelConfig(levels=[1, 2, 3, 4, 5]).cache_key() == EmbeddedModelConfig().cache_key()
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="n_eval"):
+        EmbeddedModelConfig(n_eval=1000, n_test=10)
+    with pytest.raises(ConfigError, match="hidden_size"):
+        EmbeddedModelConfig(hidden_size=130, num_attention_heads=4)
+
+
+def test_default_cache_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("RLSPEC_HOME", str(tmp_path))
+    assert embedded.default_cache_dir() == tmp_path
+    monkeypatch.delenv("RLSPEC_HOME")
+    assert embedded.default_cache_dir().name == "rlspec"
+
+
+def test_build_layout(built):
+    cfg, cache, path, _ = built
+    assert path.parent == cache / "models" and path.name == f"embedded-{cfg.cache_key()}"
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                 "train.jsonl", "test.jsonl", "build_card.json"):
+        assert (path / name).is_file(), name
+    assert not [p for p in (cache / "models").iterdir() if p.name.startswith(".")]  # temp dir moved
+    card = json.loads((path / "build_card.json").read_text())
+    assert card["cache_key"] == cfg.cache_key() and card["params"] > 0
+    assert card["config"]["sft_steps"] == FAST["sft_steps"]
+    for key in ("t0.6_p0.95", "t1.0"):
+        ev = card["eval"][key]
+        assert ev["n"] == FAST["n_eval"] and 0 <= ev["accuracy"] <= 1 and ev["mean_tokens"] > 0
+    rows = [json.loads(line) for line in (path / "test.jsonl").read_text().splitlines()]
+    assert len(rows) == FAST["n_test"] and set(rows[0]) == {"question", "answer", "level", "uid"}
+    _, test = tasks.make_splits(cfg.seed, cfg.n_train, cfg.n_test, cfg.levels)
+    assert rows == tasks.rows(test)
+
+
+def test_loads_with_auto_classes_and_template(built):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, _, path, _ = built
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    assert model.generation_config.eos_token_id == im_end
+    assert model.generation_config.pad_token_id == tok.pad_token_id
+    msgs = [{"role": "user", "content": "What is 2 + 3?"}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": "x"}], tokenize=False)
+    assert full.endswith("<|im_start|>assistant\nx<|im_end|>\n")
+    # digits are single tokens; think tags are atomic and survive skip_special_tokens decoding
+    ids = tok("12 + 345 = 357\n</think>", add_special_tokens=False)["input_ids"]
+    assert [t for t in tok.convert_ids_to_tokens(ids) if any(c.isdigit() for c in t)] == list("12345357")
+    assert tok.convert_tokens_to_ids("</think>") in ids
+    assert "</think>" in tok.decode(ids + [im_end], skip_special_tokens=True)
+    with torch.no_grad():
+        out = model(torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])).logits
+    assert out.shape[-1] >= len(tok) and torch.isfinite(out).all()
+
+
+def test_cache_hit_does_not_rebuild(built, monkeypatch):
+    cfg, cache, path, first_seconds = built
+    mtime = os.path.getmtime(path / "model.safetensors")
+
+    def boom(*a, **k):
+        raise AssertionError("rebuilt although cached")
+
+    monkeypatch.setattr(embedded, "build_embedded_model", boom)
+    assert get_embedded_model_path(EmbeddedModelConfig.tiny(**FAST), cache_dir=cache, progress=False) == path
+    assert os.path.getmtime(path / "model.safetensors") == mtime
+
+
+def test_summarize_hand_computed():
+    recs = [
+        {"level": 1, "tokens": 10, "truncated": False, "correct": True, "well_formed": True, "rechecks": 0},
+        {"level": 1, "tokens": 30, "truncated": False, "correct": False, "well_formed": True, "rechecks": 2},
+        {"level": 2, "tokens": 20, "truncated": True, "correct": True, "well_formed": False, "rechecks": 2},
+        {"level": 2, "tokens": 40, "truncated": False, "correct": True, "well_formed": True, "rechecks": 3},
+    ]
+    s = embedded.summarize(recs)
+    assert s["accuracy"] == 0.75 and s["well_formed"] == 0.75 and s["truncated"] == 0.25
+    assert s["mean_tokens"] == 25.0 and s["max_tokens"] == 40 and s["frac_zero_rechecks"] == 0.25
+    assert s["by_rechecks"]["2"] == {"frac": 0.5, "mean_tokens": 25.0}
+    assert s["by_level"]["2"] == {"n": 2, "accuracy": 1.0, "mean_tokens": 30.0}
+
+
+def test_lr_schedule():
+    cfg = EmbeddedModelConfig(sft_steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
+    assert embedded._lr_at(0, cfg) == pytest.approx(1e-4)
+    assert embedded._lr_at(9, cfg) == pytest.approx(1e-3)
+    assert embedded._lr_at(10, cfg) == pytest.approx(1e-3)
+    assert embedded._lr_at(100, cfg) == pytest.approx(1e-4)
+    assert embedded._lr_at(55, cfg) == pytest.approx(1e-4 + 0.9e-3 * 0.5)
