@@ -107,7 +107,7 @@ class TrainerConfig:
     mini_batch_size: Optional[int] = None  # prompts per optimizer step; None = prompts_per_step (1 update)
     micro_batch_size: int = 32  # responses per forward/backward (gradient accumulation)
     ppo_epochs: int = 1
-    lr: float = 2e-5
+    lr: float = 5e-5
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0

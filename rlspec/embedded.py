@@ -39,7 +39,7 @@ import torch
 from rlspec import tasks
 from rlspec.errors import ConfigError, ModelLoadError
 
-BUILD_VERSION = "2"  # bump when the build recipe changes in a way the config does not capture
+BUILD_VERSION = "3"  # bump when the build recipe changes in a way the config does not capture
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
 PAD_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_end|>"
 GENERATION_PROMPT = "<|im_start|>assistant\n<think>\n"
@@ -71,8 +71,9 @@ class EmbeddedModelConfig:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     max_position_embeddings: int = 1024
-    # SFT (small batches: this run is step-bound, not data-bound)
-    sft_steps: int = 6000
+    # SFT (small batches: this run is step-bound, not data-bound). 5000 steps: ~270 s on an idle
+    # 2-core machine, ~52% test accuracy at T=0.6 with ~2x the tokens a zero-re-check answer needs.
+    sft_steps: int = 5000
     batch_size: int = 8
     lr: float = 3e-3
     min_lr_ratio: float = 0.05
@@ -81,7 +82,12 @@ class EmbeddedModelConfig:
     grad_clip: float = 1.0
     # curriculum: the first ``plain_frac`` of the solution steps train on zero-recheck solutions
     # (short, so copying and arithmetic are learnt at lower cost); the rest on 0..max_rechecks.
-    plain_frac: float = 0.5
+    plain_frac: float = 0.6
+    # re-check count of the later solution steps: 0 with probability ``recheck_p0``, else uniform
+    # over 1..max_rechecks. Zero re-checks are already plentiful from the plain phase (the model
+    # ends up stopping after 0 re-checks far more often than this), so a small value here keeps
+    # the over-thinking strong while 0 stays common at temperature 1.
+    recheck_p0: float = 0.15
     # interleaved arithmetic-fact drill batches (share of all steps, tokens per drill sequence)
     drill_frac: float = 0.3
     drill_seq_len: int = 96
@@ -101,9 +107,9 @@ class EmbeddedModelConfig:
             raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.sft_steps < 1 or self.batch_size < 1:
             raise ConfigError("sft_steps and batch_size must be >= 1")
-        if not (0 <= self.plain_frac <= 1 and 0 <= self.drill_frac < 1):
-            raise ConfigError(f"plain_frac must be in [0, 1] and drill_frac in [0, 1), got "
-                              f"{self.plain_frac} and {self.drill_frac}")
+        if not (0 <= self.plain_frac <= 1 and 0 <= self.drill_frac < 1 and 0 <= self.recheck_p0 <= 1):
+            raise ConfigError(f"plain_frac and recheck_p0 must be in [0, 1] and drill_frac in [0, 1), got "
+                              f"{self.plain_frac}, {self.recheck_p0} and {self.drill_frac}")
 
     @classmethod
     def tiny(cls, **overrides: Any) -> "EmbeddedModelConfig":
@@ -200,13 +206,14 @@ def prompt_text(tokenizer, problem: tasks.MathProblem) -> str:
 
 
 def build_threads() -> int:
-    """Torch threads used by the build: ``$RLSPEC_BUILD_THREADS``, default 1.
+    """Torch threads used by the build: ``$RLSPEC_BUILD_THREADS``, default ``min(2, cores)``.
 
-    One thread is the default because on a 2-core machine shared with any other busy process,
-    2 threads were measured up to 30x slower than 1 for these small matrices (thread barriers
-    wait on the busy core); on an idle machine 2 threads gain little at this model size.
+    Two threads were measured 1.6x faster than one on an idle 2-core machine; more threads gain
+    little for these small matrices. On a machine shared with other busy processes, set
+    ``RLSPEC_BUILD_THREADS=1``: there 2 threads were measured up to 30x slower than 1 (thread
+    barriers wait on the busy core). The build is deterministic whatever the thread count.
     """
-    raw = os.environ.get("RLSPEC_BUILD_THREADS", "1")
+    raw = os.environ.get("RLSPEC_BUILD_THREADS", str(min(2, os.cpu_count() or 1)))
     try:
         n = int(raw)
     except ValueError:
@@ -325,11 +332,12 @@ def _sft_batches(cfg: EmbeddedModelConfig, train: list[tasks.MathProblem], token
     """Deterministic SFT batches: level-balanced worked solutions plus interleaved fact drills.
 
     Solution batches: each example is a fresh worked solution (random re-check count and wording)
-    of a train problem drawn level-uniformly; the first ``plain_frac`` of them use zero re-checks;
+    of a train problem drawn level-uniformly; the first ``plain_frac`` of them use zero re-checks,
+    the rest 0 with probability ``recheck_p0`` else uniform 1..max_rechecks;
     length-bucketed; loss on completion tokens only (labels -100 on prompt and padding).
     Drill batches (a ``drill_frac`` share, spread evenly): packed sequences of the single-step
     facts of the train split ("12*4=48" per line), loss on the results only -- dense, cheap
-    arithmetic practice. Returns a list of ``(input_ids, labels)`` tensors.
+    arithmetic practice -- followed by the same block verbatim, loss on every token (copy practice). Returns a list of ``(input_ids, labels)`` tensors.
     """
     rng = random.Random(f"rlspec-embedded-sft-{cfg.seed}")
     n_drill = int(round(cfg.drill_frac * cfg.sft_steps))
@@ -342,8 +350,7 @@ def _sft_batches(cfg: EmbeddedModelConfig, train: list[tasks.MathProblem], token
     probs = [rng.choice(by_level[rng.choice(levels)]) for _ in range(n)]
     prompts = [prompt_text(tokenizer, p) for p in probs]
     n_plain = int(cfg.plain_frac * n_sol_steps) * cfg.batch_size
-    comps = [tasks.worked_solution(p, rng, 0 if j < n_plain else tasks.sample_num_rechecks(rng, cfg.max_rechecks))
-             for j, p in enumerate(probs)]
+    comps = [tasks.worked_solution(p, rng, 0 if j < n_plain else _num_rechecks(rng, cfg)) for j, p in enumerate(probs)]
     p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     c_ids = tokenizer(comps, add_special_tokens=False)["input_ids"]
     examples = [(a, b + [eos_id]) for a, b in zip(p_ids, c_ids)]
@@ -373,17 +380,22 @@ def _sft_batches(cfg: EmbeddedModelConfig, train: list[tasks.MathProblem], token
         k = len(ids) - 1 - ids[::-1].index(eq_id)
         fact_labels.append([-100] * (k + 1) + ids[k + 1 :])
     drills = []
+    half = cfg.drill_seq_len // 2
     for _ in range(n_drill):
         rows, lab_rows = [], []
         for _ in range(cfg.batch_size):
             seq: list[int] = []
             lab: list[int] = []
-            while len(seq) < cfg.drill_seq_len:
+            while len(seq) < half:
                 j = rng.randrange(len(fact_ids))
                 seq += fact_ids[j]
                 lab += fact_labels[j]
-            rows.append(seq[: cfg.drill_seq_len])
-            lab_rows.append(lab[: cfg.drill_seq_len])
+            seq, lab = seq[:half], lab[:half]
+            # the block again, verbatim: every token of the repeat is predictable by copying, which
+            # trains the induction (copy) circuits the worked solutions and re-checks rely on
+            rest = cfg.drill_seq_len - half
+            rows.append(seq + seq[:rest])
+            lab_rows.append(lab + seq[:rest])
         drills.append((torch.tensor(rows), torch.tensor(lab_rows)))
     merged, d = [], 0
     for j in range(cfg.sft_steps):  # spread the drill batches evenly over the run
@@ -393,6 +405,12 @@ def _sft_batches(cfg: EmbeddedModelConfig, train: list[tasks.MathProblem], token
         else:
             merged.append(out.pop(0) if out else drills[d])
     return merged
+
+
+def _num_rechecks(rng: random.Random, cfg: EmbeddedModelConfig) -> int:
+    if cfg.max_rechecks == 0 or rng.random() < cfg.recheck_p0:
+        return 0
+    return rng.randint(1, cfg.max_rechecks)
 
 
 def _lr_at(step: int, cfg: EmbeddedModelConfig) -> float:

@@ -9,7 +9,9 @@ the problem and the fix (exit code 2).
 from __future__ import annotations
 
 import difflib
+import json
 import sys
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -166,6 +168,7 @@ def run(cfg: RLSpecConfig, resolved: dict[str, Any]) -> dict[str, Any]:
 
     from rlspec.tracking import MetricsLogger
 
+    started = time.time()
     console = Console()
     console.print(Syntax(OmegaConf.to_yaml(OmegaConf.create(resolved)), "yaml", theme="ansi_dark"))
     run_dir = prepare_run_dir(cfg, resolved)
@@ -189,7 +192,12 @@ def run(cfg: RLSpecConfig, resolved: dict[str, Any]) -> dict[str, Any]:
         summary = trainer.fit()
     finally:
         logger.close()
+    # wall time of this process (an embedded-model build on first use included); a resumed run
+    # reports only its own part
+    summary["wall_seconds"] = round(time.time() - started, 1)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(console, summary, run_dir)
+    console.print(f"wall time: {summary['wall_seconds']:.0f} s (this process)")
     return summary
 
 

@@ -123,3 +123,28 @@ def test_lr_schedule():
     assert embedded._lr_at(10, cfg) == pytest.approx(1e-3)
     assert embedded._lr_at(100, cfg) == pytest.approx(1e-4)
     assert embedded._lr_at(55, cfg) == pytest.approx(1e-4 + 0.9e-3 * 0.5)
+
+
+def test_build_is_deterministic_across_thread_counts(built, tmp_path, monkeypatch):
+    """Same config -> same weights, whatever RLSPEC_BUILD_THREADS is (the issue asks for a
+    deterministic build for a seed)."""
+    from safetensors.torch import load_file
+
+    cfg, _, path, _ = built
+    monkeypatch.setenv("RLSPEC_BUILD_THREADS", "2" if torch.get_num_threads() == 1 else "1")
+    embedded.build_embedded_model(cfg, tmp_path / "again", progress=False)
+    first, second = load_file(path / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    assert (path / "test.jsonl").read_text() == (tmp_path / "again" / "test.jsonl").read_text()
+
+
+def test_build_threads_env(monkeypatch):
+    monkeypatch.setenv("RLSPEC_BUILD_THREADS", "3")
+    assert embedded.build_threads() == 3
+    monkeypatch.setenv("RLSPEC_BUILD_THREADS", "zero")
+    with pytest.raises(ConfigError, match="RLSPEC_BUILD_THREADS"):
+        embedded.build_threads()
+    monkeypatch.delenv("RLSPEC_BUILD_THREADS")
+    assert 1 <= embedded.build_threads() <= 2
