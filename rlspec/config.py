@@ -106,6 +106,12 @@ class TrainerConfig:
     gen_batch_size: Optional[int] = None  # prompts per generation chunk (dynamic sampling); None = prompts_per_step
     mini_batch_size: Optional[int] = None  # prompts per optimizer step; None = prompts_per_step (1 update)
     micro_batch_size: int = 32  # responses per forward/backward (gradient accumulation)
+    # padded-token budget of a micro-batch (verl's use_dynamic_bsz + ppo_max_token_len_per_gpu):
+    # length-sorted responses are packed into micro-batches of at most this many padded tokens
+    # (and at most micro_batch_size rows), so short responses are not padded to the longest one.
+    # The loss is normalised per mini-batch, so the gradient is the same whatever the split.
+    # null: fixed micro_batch_size only.
+    micro_batch_tokens: Optional[int] = 4096
     ppo_epochs: int = 1
     lr: float = 5e-5
     weight_decay: float = 0.0
@@ -144,6 +150,8 @@ class TrainerConfig:
             f"set trainer.mini_batch_size to a divisor of {self.prompts_per_step}",
         )
         _require(self.micro_batch_size >= 1, "trainer.micro_batch_size", "must be >= 1")
+        _require(self.micro_batch_tokens is None or self.micro_batch_tokens >= 1, "trainer.micro_batch_tokens",
+                 f"must be >= 1 or null, got {self.micro_batch_tokens}")
         _require(self.ppo_epochs >= 1, "trainer.ppo_epochs", "must be >= 1")
         _require(self.lr > 0, "trainer.lr", f"must be > 0, got {self.lr}")
         _require(len(self.betas) == 2, "trainer.betas", "must be a list of two floats, e.g. [0.9,0.999]")

@@ -301,10 +301,28 @@ class GRPOTrainer:
         return token_logprobs_and_entropy(logits, t["response"], self.cfg.rollout.temperature, with_entropy)
 
     def _micro_batches(self, batch: TrainBatch, members: list[int]) -> list[list[int]]:
-        # sort by total length so each micro-batch pads little
+        """Split ``members`` into micro-batches, sorted by total length so each pads little.
+
+        At most ``micro_batch_size`` rows each and, when ``micro_batch_tokens`` is set, at most
+        that many padded tokens (rows x (longest prompt + longest response)), as verl's dynamic
+        batch size. A single row longer than the budget forms its own micro-batch.
+        """
         ordered = sorted(members, key=lambda i: len(batch.prompt_ids[i]) + len(batch.response_ids[i]))
-        size = self.tc.micro_batch_size
-        return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+        size, budget = self.tc.micro_batch_size, self.tc.micro_batch_tokens
+        micros: list[list[int]] = []
+        current: list[int] = []
+        p_max = r_max = 0
+        for i in ordered:
+            p, r = max(p_max, len(batch.prompt_ids[i])), max(r_max, len(batch.response_ids[i]))
+            if current and (len(current) >= size or (budget and (len(current) + 1) * (p + r) > budget)):
+                micros.append(current)
+                current = []
+                p, r = len(batch.prompt_ids[i]), len(batch.response_ids[i])
+            current.append(i)
+            p_max, r_max = p, r
+        if current:
+            micros.append(current)
+        return micros
 
     def recompute_old_logprobs(self, batch: TrainBatch) -> None:
         with torch.no_grad():

@@ -54,14 +54,33 @@ def test_gradient_accumulation_equals_one_big_batch(make_trainer):
     start_model = copy.deepcopy(trainer.model.state_dict())
     start_opt = copy.deepcopy(trainer.optimizer.state_dict())
     results = []
-    for micro in (16, 3):
+    # one big micro-batch, fixed-size micro-batches, and a padded-token budget (dynamic bsz)
+    for micro, budget in ((16, None), (3, None), (16, 160)):
         trainer.model.load_state_dict(start_model)
         trainer.optimizer.load_state_dict(start_opt)
         trainer.tc.micro_batch_size = micro
+        trainer.tc.micro_batch_tokens = budget
         trainer.update_policy(batch, step=1)
         results.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
-    for key in results[0]:
-        torch.testing.assert_close(results[0][key], results[1][key], atol=2e-6, rtol=1e-4)
+    for other in results[1:]:
+        for key in results[0]:
+            torch.testing.assert_close(results[0][key], other[key], atol=2e-6, rtol=1e-4)
+
+
+def test_token_budget_micro_batches(make_trainer):
+    trainer = make_trainer()
+    timing = {"rollout": 0.0, "reward": 0.0, "generated_tokens": 0.0}
+    kept, _, _ = trainer.collect_rollouts(1, timing)
+    batch = trainer.build_batch(kept)
+    members = list(range(batch.size))
+    trainer.tc.micro_batch_size, trainer.tc.micro_batch_tokens = 1000, 160
+    micros = trainer._micro_batches(batch, members)
+    assert sorted(i for m in micros for i in m) == members  # every response exactly once
+    for m in micros:
+        padded = len(m) * (max(len(batch.prompt_ids[i]) for i in m) + max(len(batch.response_ids[i]) for i in m))
+        assert padded <= 160 or len(m) == 1, (len(m), padded)
+    trainer.tc.micro_batch_tokens = None
+    assert len(trainer._micro_batches(batch, members)) == 1
 
 
 def test_dynamic_sampling_keeps_only_informative_groups(make_trainer):
