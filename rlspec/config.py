@@ -62,6 +62,53 @@ class DataConfig:
 
 
 @dataclass
+class LengthScheduleConfig:
+    """A per-step schedule of the maximum rollout length (SIRI, ThinkPrune).
+
+    ``name`` is a registered schedule (:data:`rlspec.trainers.schedules.LENGTH_SCHEDULES`:
+    ``constant``, ``siri_cosine``, ``siri_stair``, ``siri_stair_cosine``, ``staged``) and
+    ``kwargs`` its arguments; ``name=null`` keeps ``rollout.max_response_length`` fixed.
+    """
+
+    name: Optional[str] = None
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TruncationConfig:
+    """Per-response truncation after sampling (DA-DLER's difficulty-aware lengths).
+
+    ``name``: ``difficulty_aware`` or null. Responses longer than their limit are cut to it
+    (finish reason ``length``) and re-scored on the clipped text, so the policy trains on exactly
+    what a rollout capped at that limit would have produced.
+    """
+
+    name: Optional[str] = None
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name is not None:
+            _choice(self.name, "rollout.truncation.name", ("difficulty_aware",))
+
+
+@dataclass
+class BudgetConfig:
+    """Budget-conditioned rollouts (:mod:`rlspec.rollout.budgets`): ``hbpo`` (a budget prefill per
+    subgroup; kwargs ``budgets``, ``template``) or ``l1`` (a target length in the prompt; kwargs
+    ``low``, ``high``, ``template``). ``name=null``: plain prompts."""
+
+    name: Optional[str] = None
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name is not None:
+            _choice(self.name, "rollout.budget.name", ("hbpo", "l1"))
+            from rlspec.rollout.budgets import check_budget_kwargs
+
+            check_budget_kwargs(self.name, self.kwargs)
+
+
+@dataclass
 class RolloutConfig:
     """Sampling of training rollouts (TRL: ``num_generations``, ``max_completion_length``)."""
 
@@ -73,6 +120,9 @@ class RolloutConfig:
     top_k: int = 0
     stop_strings: List[str] = field(default_factory=list)
     max_batch_size: int = 256  # concurrent sequences in the engine
+    length_schedule: LengthScheduleConfig = field(default_factory=LengthScheduleConfig)
+    truncation: TruncationConfig = field(default_factory=TruncationConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     def __post_init__(self) -> None:
         _require(self.n >= 1, "rollout.n", f"must be >= 1, got {self.n}")
@@ -156,7 +206,9 @@ class TrainerConfig:
         _require(self.lr > 0, "trainer.lr", f"must be > 0, got {self.lr}")
         _require(len(self.betas) == 2, "trainer.betas", "must be a list of two floats, e.g. [0.9,0.999]")
         _choice(self.lr_schedule, "trainer.lr_schedule", ("constant", "cosine"))
-        _choice(self.adv_estimator, "trainer.adv_estimator", ("grpo", "dr_grpo", "batch_norm"))
+        from rlspec.trainers.advantages import ADVANTAGE_ESTIMATORS
+
+        _choice(self.adv_estimator, "trainer.adv_estimator", tuple(ADVANTAGE_ESTIMATORS.names()))
         _choice(
             self.loss_agg_mode,
             "trainer.loss_agg_mode",
@@ -247,6 +299,26 @@ class EvalConfig:
 
 
 @dataclass
+class HbpoConfig:
+    """HBPO (arXiv 2507.15844) constants and the paper/code switch, shared by its budget prefill,
+    reward (``reward.terms.hbpo``) and advantage (``trainer.adv_estimator=hbpo``).
+
+    ``variant=paper``: prefill "within", piecewise f1/f2 reward, 0 for wrong answers, intra
+    advantage added once. ``variant=code`` (ZJU-REAL/HBPO): prefill "with", ``min(f1, f2)`` for
+    every correct answer, -1 for format errors, intra advantage added twice.
+    """
+
+    variant: str = "paper"
+    l_max: int = 4096  # L_max of the cosine (the training context)
+    beta: float = 4.0
+    alpha: Optional[float] = None  # deviation weight; None = 1 / l_max (the released code)
+
+    def __post_init__(self) -> None:
+        _choice(self.variant, "hbpo.variant", ("paper", "code"))
+        _require(self.l_max >= 1, "hbpo.l_max", "must be >= 1")
+
+
+@dataclass
 class RLSpecConfig:
     run_name: str = "default"
     run_dir: str = "runs/default"
@@ -257,6 +329,7 @@ class RLSpecConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    hbpo: HbpoConfig = field(default_factory=HbpoConfig)
     recipe_notes: str = ""  # free text a recipe uses to say what it reproduces
 
     def __post_init__(self) -> None:

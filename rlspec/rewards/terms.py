@@ -45,6 +45,9 @@ class RewardBatch:
     group_ids: list[int]  # which prompt-group each completion belongs to
     step: int = 0
     columns: dict[str, list] = field(default_factory=dict)  # other dataset columns (e.g. "level")
+    # run-long state of stateful terms (HAPO's per-prompt history), one entry per term name; the
+    # trainer keeps it across steps and saves it in checkpoints, so it must stay JSON-like
+    state: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.completions)

@@ -16,8 +16,10 @@ All maths lives in :mod:`rlspec.trainers.advantages`, :mod:`rlspec.trainers.loss
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,14 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from rlspec.checkpoint import find_latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from rlspec.checkpoint import (
+    find_latest_checkpoint,
+    load_trainer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    step_dir_name,
+)
 from rlspec.config import RLSpecConfig
 from rlspec.data import PromptSampler
 from rlspec.errors import RLSpecError, TrainingError
@@ -35,6 +44,7 @@ from rlspec.rewards import RewardBatch, compute_rewards
 from rlspec.rollout.base import FINISH_LENGTH, RolloutEngine, SamplingParams
 from rlspec.tracking import MetricsLogger, plot_training_curves, truncate_jsonl
 from rlspec.trainers.advantages import compute_advantages
+from rlspec.trainers.schedules import length_at, siri_phase_ends
 from rlspec.trainers.losses import (
     LossNormalizer,
     aggregate_loss,
@@ -65,6 +75,9 @@ class Group:
     rewards: list[float]
     correct: list[bool]
     per_term: dict[str, list[float]] = field(default_factory=dict)
+    # budget-conditioned rollouts (HBPO prefill, L1 target): each response's own prompt and budget
+    response_prompt_ids: list[list[int]] | None = None
+    budgets: list[int] | None = None
 
 
 @dataclass
@@ -77,6 +90,7 @@ class TrainBatch:
     rewards: torch.Tensor  # [B]
     group_index: torch.Tensor  # [B] long
     advantages: torch.Tensor  # [B]
+    budgets: torch.Tensor | None = None  # [B] float, budget-conditioned rollouts only
 
     @property
     def size(self) -> int:
@@ -123,6 +137,11 @@ class GRPOTrainer:
         self.run_dir = Path(run_dir)
         self.logger = logger
         self.reward_terms = {name: dict(term) for name, term in reward_terms.items()}
+        if "hbpo" in self.reward_terms:  # one source for HBPO's constants: the `hbpo` config section
+            kwargs = dict(self.reward_terms["hbpo"].get("kwargs") or {})
+            for key in ("variant", "l_max", "beta", "alpha"):
+                kwargs.setdefault(key, getattr(cfg.hbpo, key))
+            self.reward_terms["hbpo"]["kwargs"] = kwargs
         self.global_step = 0
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.sampler = PromptSampler(len(self.train_rows), seed=self.tc.seed, shuffle=cfg.data.shuffle)
@@ -137,6 +156,9 @@ class GRPOTrainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.eval_history: dict[int, dict[str, float]] = {}
+        self.reward_state: dict[str, Any] = {}  # stateful reward terms (HAPO history), checkpointed
+        self.checkpoint_tags: dict[str, list[str]] = {}  # tag (e.g. "siri-low") -> checkpoint dir names
+        self.max_length_at(0)  # a bad length schedule fails at start, not at step N
 
     # ------------------------------------------------------------------ schedule
     def _lr_factor(self, step: int) -> float:
@@ -149,10 +171,18 @@ class GRPOTrainer:
         return 1.0
 
     # ------------------------------------------------------------------ 1. generate + 2. score
+    def max_length_at(self, step: int) -> int:
+        """The rollout cap of 0-based ``step``: ``rollout.length_schedule`` if set (SIRI,
+        ThinkPrune), else ``rollout.max_response_length``."""
+        sched = self.cfg.rollout.length_schedule
+        if sched.name is None:
+            return self.cfg.rollout.max_response_length
+        return length_at(sched.name, step, sched.kwargs)
+
     def _sampling_params(self, seed: int) -> SamplingParams:
         rc = self.cfg.rollout
         return SamplingParams(
-            max_new_tokens=rc.max_response_length,
+            max_new_tokens=self.max_length_at(self.global_step),
             temperature=rc.temperature,
             top_p=rc.top_p,
             top_k=rc.top_k,
@@ -160,10 +190,31 @@ class GRPOTrainer:
             seed=seed,
         )
 
+    def _rollout_prompts(self, row_indices: list[int], seed: int) -> tuple[list[list[int]], list[int] | None]:
+        """The prompt of every rollout (``P * n``, prompt-major) and its budget, if any."""
+        n = self.cfg.rollout.n
+        budget = self.cfg.rollout.budget
+        prompts = [self.train_prompt_ids[i] for i in row_indices]
+        if budget.name is None:
+            return [p for p in prompts for _ in range(n)], None
+        from rlspec.rollout import budgets as bp
+
+        kwargs = dict(budget.kwargs)
+        if budget.name == "hbpo":
+            template = kwargs.get("template") or bp.HBPO_TEMPLATES[self.cfg.hbpo.variant]
+            out = bp.hbpo_budgeted_prompts(prompts, n, kwargs.get("budgets", [512, 1024, 2048, 2560]),
+                                           self.tokenizer, template)
+        else:  # l1
+            out = bp.l1_budgeted_prompts(
+                [self.train_rows[i]["question"] for i in row_indices], n, self.tokenizer, self.cfg.data.instruction,
+                kwargs.get("low", 100), kwargs.get("high", 4000), kwargs.get("template") or bp.L1_TEMPLATE,
+                random.Random(seed),
+            )
+        return out.prompt_ids, out.budgets
+
     def _generate_groups(self, row_indices: list[int], seed: int, timing: dict[str, float]) -> list[Group]:
         n = self.cfg.rollout.n
-        prompts = [self.train_prompt_ids[i] for i in row_indices]
-        repeated = [p for p in prompts for _ in range(n)]  # [P * n]
+        repeated, budgets = self._rollout_prompts(row_indices, seed)  # [P * n]
         t0 = time.perf_counter()
         result = self.engine.generate(repeated, self._sampling_params(seed))
         timing["rollout"] += time.perf_counter() - t0
@@ -175,6 +226,8 @@ class GRPOTrainer:
             for key in rows[0]
             if key not in ("question", "answer")
         }
+        if budgets is not None:
+            columns["budget" if self.cfg.rollout.budget.name == "hbpo" else "target_length"] = budgets
         batch = RewardBatch(
             prompts=[row["question"] for row in rows],
             completions=texts,
@@ -182,16 +235,16 @@ class GRPOTrainer:
             finish_reasons=result.finish_reasons,
             answers=[row["answer"] for row in rows],
             correct=[],
-            group_ids=[g for g in range(len(prompts)) for _ in range(n)],
+            group_ids=[g for g in range(len(row_indices)) for _ in range(n)],
             step=self.global_step,
             columns=columns,
+            state=self.reward_state,
         )
-        rewards, per_term, correct = compute_rewards(
-            batch,
-            self.reward_terms,
-            require_think_close=self.cfg.reward.require_think_close,
-            timeout_s=self.cfg.reward.grader_timeout_s,
-        )
+        rewards, per_term, correct = self._score(batch)
+        if self.cfg.rollout.truncation.name is not None:
+            batch, result = self._truncate(batch, result, correct)
+            texts = batch.completions
+            rewards, per_term, correct = self._score(batch)
         timing["reward"] += time.perf_counter() - t0
         timing["generated_tokens"] += sum(len(r) for r in result.response_ids)
         groups = []
@@ -200,7 +253,7 @@ class GRPOTrainer:
             groups.append(
                 Group(
                     row_index=row_index,
-                    prompt_ids=prompts[g],
+                    prompt_ids=self.train_prompt_ids[row_index],
                     response_ids=result.response_ids[sl],
                     old_logprobs=result.response_logprobs[sl],
                     finish_reasons=result.finish_reasons[sl],
@@ -208,9 +261,49 @@ class GRPOTrainer:
                     rewards=rewards[sl],
                     correct=correct[sl],
                     per_term={k: v[sl] for k, v in per_term.items()},
+                    response_prompt_ids=repeated[sl] if budgets is not None else None,
+                    budgets=budgets[sl] if budgets is not None else None,
                 )
             )
         return groups
+
+    def _score(self, batch: RewardBatch) -> tuple[list[float], dict[str, list[float]], list[bool]]:
+        batch.correct = []  # (re-)grade: the completions may have been clipped
+        return compute_rewards(
+            batch,
+            self.reward_terms,
+            require_think_close=self.cfg.reward.require_think_close,
+            timeout_s=self.cfg.reward.grader_timeout_s,
+        )
+
+    def _truncate(self, batch: RewardBatch, result: Any, correct: list[bool]) -> tuple[RewardBatch, Any]:
+        """Cut responses longer than their per-response limit (``rollout.truncation``) and
+        return the clipped batch and rollout result (finish reason ``length``), to be re-scored.
+
+        Cutting after sampling yields exactly the tokens a rollout capped at the limit would
+        have sampled (the prefix distribution does not depend on the cap); only compute is spent.
+        """
+        from rlspec.rewards.length import difficulty_aware_truncation_lengths
+
+        kwargs = dict(self.cfg.rollout.truncation.kwargs)
+        kwargs.setdefault("default_length", self.max_length_at(self.global_step))
+        limits = difficulty_aware_truncation_lengths(correct, batch.group_ids, **kwargs)
+        ids, logprobs, reasons = [], [], []
+        for i, limit in enumerate(limits):
+            r = result.response_ids[i]
+            if len(r) > limit:
+                ids.append(r[:limit])
+                logprobs.append(result.response_logprobs[i][:limit])
+                reasons.append(FINISH_LENGTH)
+            else:
+                ids.append(r)
+                logprobs.append(result.response_logprobs[i])
+                reasons.append(result.finish_reasons[i])
+        clipped = dataclasses.replace(result, response_ids=ids, response_logprobs=logprobs, finish_reasons=reasons)
+        texts = decode_responses(self.tokenizer, ids, self.eos_ids)
+        batch = dataclasses.replace(batch, completions=texts, completion_ids=ids, finish_reasons=reasons,
+                                    correct=[], columns={**batch.columns, "truncation_limit": limits})
+        return batch, clipped
 
     def _informative(self, group: Group) -> bool:
         """DAPO dynamic sampling keeps groups whose metric is not all-equal (0 < #correct < n)."""
@@ -236,10 +329,12 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ 3. advantage
     def build_batch(self, groups: list[Group]) -> TrainBatch:
-        prompt_ids, response_ids, old_logprobs, rewards, group_index = [], [], [], [], []
+        prompt_ids, response_ids, old_logprobs, rewards, group_index, budgets = [], [], [], [], [], []
         for g, group in enumerate(groups):
             for i in range(len(group.response_ids)):
-                prompt_ids.append(group.prompt_ids)
+                prompt_ids.append(group.response_prompt_ids[i] if group.response_prompt_ids else group.prompt_ids)
+                if group.budgets is not None:
+                    budgets.append(float(group.budgets[i]))
                 response_ids.append(group.response_ids[i])
                 old_logprobs.append(group.old_logprobs[i])
                 rewards.append(group.rewards[i])
@@ -247,14 +342,25 @@ class GRPOTrainer:
         rewards_t = torch.tensor(rewards, dtype=torch.float32)  # [B]
         group_t = torch.tensor(group_index, dtype=torch.long)  # [B]
         lengths = torch.tensor([len(r) for r in response_ids], dtype=torch.float32)  # [B]
+        budgets_t = torch.tensor(budgets, dtype=torch.float32) if len(budgets) == len(response_ids) else None  # [B]
+        extra: dict[str, Any] = {}
+        if budgets_t is not None:
+            extra["budgets"] = budgets_t
+            if self.cfg.rollout.budget.name == "hbpo":  # HBPO's budget baseline f2(b), Eq. 4
+                from rlspec.rewards.length import hbpo_f2
+
+                h = self.cfg.hbpo
+                extra["f2_baseline"] = torch.tensor([hbpo_f2(b, beta=h.beta, l_max=h.l_max) for b in budgets])
+                extra["variant"] = h.variant
         advantages = compute_advantages(
             self.tc.adv_estimator,
             rewards_t,
             group_t,
             norm_by_std=self.tc.norm_adv_by_std,
             response_lengths=lengths if self.tc.adv_token_weighted else None,
+            extra=extra,
         )
-        return TrainBatch(prompt_ids, response_ids, old_logprobs, rewards_t, group_t, advantages)
+        return TrainBatch(prompt_ids, response_ids, old_logprobs, rewards_t, group_t, advantages, budgets_t)
 
     # ------------------------------------------------------------------ 4. loss
     def _micro_tensors(self, batch: TrainBatch, idx: list[int]) -> dict[str, torch.Tensor]:
@@ -422,6 +528,7 @@ class GRPOTrainer:
         t_step = time.perf_counter()
         kept, generated, chunks = self.collect_rollouts(step, timing)  # 1-2. generate + score
         metrics = self._rollout_metrics(generated, kept, chunks)
+        metrics["rollout/max_length"] = float(self.max_length_at(step - 1))
         t_train = time.perf_counter()
         if kept:
             batch = self.build_batch(kept)  # 3. advantage
@@ -529,6 +636,8 @@ class GRPOTrainer:
             "sampler": self.sampler.state_dict(),
             "rng": rng_state(),
             "eval_history": self.eval_history,
+            "checkpoint_tags": self.checkpoint_tags,
+            "reward_state": copy.deepcopy(self.reward_state),
             "seed": self.tc.seed,
         }
 
@@ -539,17 +648,37 @@ class GRPOTrainer:
         self.sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         self.eval_history = dict(state.get("eval_history", {}))
+        self.checkpoint_tags = {k: list(v) for k, v in state.get("checkpoint_tags", {}).items()}
+        self.reward_state.clear()  # in place: reward batches hold a reference
+        self.reward_state.update(copy.deepcopy(state.get("reward_state", {})))
 
-    def save(self) -> Path:
-        return save_checkpoint(
+    def save(self, tag: str | None = None) -> Path:
+        """Checkpoint the current step. A ``tag`` (e.g. SIRI's ``siri-low``) marks the checkpoint
+        and protects it from rotation; tags are listed in ``checkpoints/tags.json``."""
+        name = step_dir_name(self.global_step)
+        if tag is not None and name not in self.checkpoint_tags.setdefault(tag, []):
+            self.checkpoint_tags[tag].append(name)
+        protected = tuple(n for names in self.checkpoint_tags.values() for n in names)
+        path = save_checkpoint(
             self.run_dir,
             self.global_step,
             self.model,
             self.tokenizer,
             self.state_dict(),
-            meta={"run_name": self.cfg.run_name},
+            meta={"run_name": self.cfg.run_name, "tags": sorted(t for t, ns in self.checkpoint_tags.items() if name in ns)},
             keep=self.tc.save_total_limit,
+            protected=protected,
         )
+        if self.checkpoint_tags:
+            (path.parent / "tags.json").write_text(json.dumps(self.checkpoint_tags, indent=2))
+        return path
+
+    def _phase_tag(self, step: int) -> str | None:
+        """SIRI: ``siri-low`` / ``siri-high`` at the end of a compression / expansion phase."""
+        sched = self.cfg.rollout.length_schedule
+        if sched.name and sched.name.startswith("siri"):
+            return siri_phase_ends(step, int(sched.kwargs["period"]))
+        return None
 
     def maybe_resume(self) -> Path | None:
         """Apply ``trainer.resume``: ``auto`` (latest complete checkpoint if any), ``disable``, or a path."""
@@ -591,8 +720,9 @@ class GRPOTrainer:
                 metrics.update(self.evaluate(step))
             if log:
                 log.log(metrics, step=step)
-            if (self.tc.save_every and step % self.tc.save_every == 0) or step == self.tc.steps:
-                self.save()
+            tag = self._phase_tag(step)
+            if tag or (self.tc.save_every and step % self.tc.save_every == 0) or step == self.tc.steps:
+                self.save(tag)
         if ec.at_end and self.tc.steps not in self.eval_history:
             metrics = self.evaluate(self.tc.steps)
             if log:

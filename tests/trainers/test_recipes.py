@@ -1,0 +1,99 @@
+"""Every recipe runs end to end for a couple of steps; schedule, truncation and tag hooks."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_OVERRIDES, compose_config
+from rlspec.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutResult
+from rlspec.train import build_trainer, group_options
+from rlspec.trainers.schedules import length_at
+
+# tiny-model sizes for the recipes whose lengths are set for the embedded default
+TINY_RECIPE_OVERRIDES = {
+    "siri": ["rollout.length_schedule.kwargs={l_max: 96, l_min: 48, period: 2}"],
+    "thinkprune": ["rollout.length_schedule.kwargs={lengths: [96, 64, 48], boundaries: [1, 2]}"],
+    "dler_da": ["rollout.truncation.kwargs={tiers: [[0.5, 48]], default_length: 96}"],
+}
+
+
+@pytest.fixture()
+def make_trainer(tiny_model_path, tmp_path):
+    def _make(*overrides):
+        cfg = compose_config([*TINY_OVERRIDES, f"run_dir={tmp_path}", *overrides])
+        return build_trainer(cfg, tmp_path)
+
+    return _make
+
+
+@pytest.mark.parametrize("recipe", group_options("recipe"))
+def test_every_recipe_runs_two_steps(make_trainer, recipe):
+    trainer = make_trainer(f"+recipe={recipe}", "eval.at_start=false", "eval.at_end=false",
+                           *TINY_RECIPE_OVERRIDES.get(recipe, []))
+    for step in (1, 2):
+        metrics = trainer.train_step()
+        assert trainer.global_step == step
+        assert metrics["response_length/max"] <= metrics["rollout/max_length"]
+        assert all(v == v for k, v in metrics.items() if k.startswith(("reward/", "actor/pg_loss"))), metrics
+    assert trainer.save().is_dir()
+
+
+def test_length_schedule_sets_each_steps_cap_and_is_logged(make_trainer):
+    kwargs = {"l_max": 96, "l_min": 32, "period": 4}
+    trainer = make_trainer("+recipe=siri", "trainer.steps=3", "eval.at_start=false", "eval.at_end=false",
+                           "rollout.length_schedule.kwargs={l_max: 96, l_min: 32, period: 4}")
+    caps = []
+    for _ in range(3):
+        metrics = trainer.train_step()
+        caps.append(metrics["rollout/max_length"])
+        assert metrics["response_length/max"] <= metrics["rollout/max_length"]
+    assert caps == [length_at("siri_cosine", t, kwargs) for t in range(3)] == [96, 64, 32]
+
+
+def test_bad_schedule_fails_at_start(make_trainer):
+    from rlspec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="rollout.length_schedule"):
+        make_trainer("+recipe=siri", "rollout.length_schedule.kwargs={l_max: 96, l_min: 128, period: 4}")
+
+
+def test_siri_phase_checkpoints_are_tagged_and_kept(make_trainer):
+    trainer = make_trainer("+recipe=siri", "trainer.steps=4", "trainer.save_every=0", "trainer.save_total_limit=1",
+                           "eval.at_start=false", "eval.at_end=false",
+                           "rollout.length_schedule.kwargs={l_max: 96, l_min: 48, period: 2}")
+    trainer.fit()
+    root = trainer.run_dir / "checkpoints"
+    tags = json.loads((root / "tags.json").read_text())
+    assert tags == {"siri-low": ["step_000001", "step_000003"], "siri-high": ["step_000002", "step_000004"]}
+    for names in tags.values():
+        for name in names:  # protected from rotation despite save_total_limit=1
+            assert (root / name / "model" / "config.json").is_file(), name
+    assert json.loads((root / "step_000003" / "meta.json").read_text())["tags"] == ["siri-low"]
+
+
+def test_difficulty_aware_truncation_cuts_easy_groups_and_rescores(make_trainer):
+    trainer = make_trainer("+recipe=dler_da", "rollout.n=2", "rollout.truncation.kwargs={tiers: [[0.5, 3]], default_length: 96}")
+    tok = trainer.tokenizer
+    right = tok("</think>\nThe answer is \\boxed{7}.", add_special_tokens=False)["input_ids"] + trainer.eos_ids[:1]
+    wrong = tok("</think>\nThe answer is \\boxed{8}.", add_special_tokens=False)["input_ids"] + trainer.eos_ids[:1]
+    # group 0: both correct (easy: rho = 1 -> limit 3); group 1: one correct (rho = 0.5 -> easy too);
+    # group 2: none correct (hard: limit 96, nothing cut)
+    responses = [right, right, right, wrong, wrong, wrong]
+    result = RolloutResult(prompt_ids=[[1]] * 6, response_ids=[list(r) for r in responses],
+                           response_logprobs=[torch.zeros(len(r)) for r in responses],
+                           finish_reasons=[FINISH_STOP] * 6)
+    from rlspec.rewards import RewardBatch
+
+    batch = RewardBatch(prompts=["q"] * 6, completions=[tok.decode(r) for r in responses],
+                        completion_ids=result.response_ids, finish_reasons=result.finish_reasons,
+                        answers=["7"] * 6, correct=[], group_ids=[0, 0, 1, 1, 2, 2])
+    _, _, correct = trainer._score(batch)
+    assert correct == [True, True, True, False, False, False]
+    clipped_batch, clipped = trainer._truncate(batch, result, correct)
+    assert [len(r) for r in clipped.response_ids] == [3, 3, 3, 3, len(wrong), len(wrong)]
+    assert clipped.finish_reasons == [FINISH_LENGTH] * 4 + [FINISH_STOP] * 2
+    assert [len(lp) for lp in clipped.response_logprobs] == [3, 3, 3, 3, len(wrong), len(wrong)]
+    rewards, _, correct_after = trainer._score(clipped_batch)
+    assert correct_after == [False] * 6  # the clipped text has no answer
+    assert rewards == [0.0] * 6
