@@ -97,3 +97,53 @@ def test_difficulty_aware_truncation_cuts_easy_groups_and_rescores(make_trainer)
     rewards, _, correct_after = trainer._score(clipped_batch)
     assert correct_after == [False] * 6  # the clipped text has no answer
     assert rewards == [0.0] * 6
+
+
+def test_hapo_history_is_checkpointed_and_restored(make_trainer):
+    trainer = make_trainer("+recipe=hapo", "trainer.steps=2", "eval.at_start=false", "eval.at_end=false")
+    trainer.train_step()
+    history = trainer.reward_state.get("hapo")
+    assert history is not None and "min_correct_length" in history
+    trainer.save()
+    resumed = make_trainer("+recipe=hapo", "trainer.steps=2", "eval.at_start=false", "eval.at_end=false")
+    assert resumed.maybe_resume() is not None
+    assert resumed.reward_state == trainer.reward_state
+    # the reward batches of the resumed run see the restored history (same dict object)
+    resumed.train_step()
+    assert resumed.reward_state["hapo"]["min_correct_length"].keys() >= history["min_correct_length"].keys()
+
+
+def test_hapo_term_uses_and_updates_the_history():
+    from rlspec.rewards import RewardBatch, compute_rewards
+
+    state: dict = {}
+
+    def batch(lengths, correct):
+        return RewardBatch(prompts=["q"] * len(lengths), completions=["x"] * len(lengths),
+                           completion_ids=[[1] * n for n in lengths], finish_reasons=["stop"] * len(lengths),
+                           answers=["1"] * len(lengths), correct=list(correct), group_ids=[0] * len(lengths),
+                           columns={"uid": ["p1"] * len(lengths)}, state=state)
+
+    terms = {"hapo": {"weight": 1.0, "kwargs": {}}}
+    _, raw, _ = compute_rewards(batch([10, 20], [True, False]), terms)
+    assert raw["hapo"] == [0.0, 0.0]  # no history yet
+    assert state["hapo"]["min_correct_length"] == {"p1": 10}
+    _, raw, _ = compute_rewards(batch([10, 5, 30], [True, True, False]), terms)
+    # h = 10: L=10 -> cos(pi/2) = 0; L=5 -> cos(pi/4); wrong L=30 >= 2h -> min(0, -1) = -1
+    assert raw["hapo"] == pytest.approx([0.0, 0.7071067811865476, -1.0])
+    assert state["hapo"]["min_correct_length"] == {"p1": 5}
+
+
+def test_hbpo_rollouts_carry_budgets_into_reward_and_advantage(make_trainer):
+    trainer = make_trainer("+recipe=hbpo", "rollout.budget.kwargs={budgets: [16, 64]}", "hbpo.l_max=96")
+    timing = {"rollout": 0.0, "reward": 0.0, "generated_tokens": 0.0}
+    kept, generated, _ = trainer.collect_rollouts(1, timing)
+    group = generated[0]
+    assert group.budgets == [16, 16, 64, 64]
+    prefill = trainer.tokenizer.decode(group.response_prompt_ids[2][len(group.prompt_ids):])
+    assert prefill == " I will answer the question within 64 tokens.\n"
+    assert trainer.reward_terms["hbpo"]["kwargs"] == {"variant": "paper", "l_max": 96, "beta": 4.0, "alpha": None}
+    batch = trainer.build_batch(generated)
+    assert batch.budgets.tolist() == [float(b) for g in generated for b in g.budgets]
+    assert batch.prompt_ids[2] == group.response_prompt_ids[2]
+    assert torch.isfinite(batch.advantages).all()
