@@ -580,6 +580,14 @@ class GRPOTrainer:
         }
         for name in generated[0].per_term if generated else []:
             metrics[f"reward/{name}"] = _mean([v for g in generated for v in g.per_term[name]])
+        if self.cfg.rollout.budget.name == "hbpo":  # does each budget subgroup answer within its budget?
+            by_budget: dict[int, list[tuple[int, bool]]] = {}
+            for g in generated:
+                for b, r, c in zip(g.budgets or [], g.response_ids, g.correct):
+                    by_budget.setdefault(int(b), []).append((len(r), c))
+            for b, items in sorted(by_budget.items()):
+                metrics[f"budget/{b}/response_length_mean"] = _mean([n for n, _ in items])
+                metrics[f"budget/{b}/acc"] = _mean([float(c) for _, c in items])
         return metrics
 
     def _write_completions(self, step: int, groups: list[Group], per_step: int = 4) -> None:

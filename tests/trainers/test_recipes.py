@@ -147,3 +147,11 @@ def test_hbpo_rollouts_carry_budgets_into_reward_and_advantage(make_trainer):
     assert batch.budgets.tolist() == [float(b) for g in generated for b in g.budgets]
     assert batch.prompt_ids[2] == group.response_prompt_ids[2]
     assert torch.isfinite(batch.advantages).all()
+
+
+def test_hbpo_logs_per_budget_lengths(make_trainer):
+    trainer = make_trainer("+recipe=hbpo", "rollout.budget.kwargs={budgets: [16, 64]}", "hbpo.l_max=96")
+    metrics = trainer.train_step()
+    for b in (16, 64):
+        assert metrics[f"budget/{b}/response_length_mean"] > 0
+        assert 0.0 <= metrics[f"budget/{b}/acc"] <= 1.0
