@@ -76,9 +76,10 @@ class LengthScheduleConfig:
 
 @dataclass
 class TruncationConfig:
-    """Per-response truncation after sampling (DA-DLER's difficulty-aware lengths).
+    """Per-response truncation after sampling: DA-DLER's difficulty-aware lengths or PALU's
+    per-question budgets.
 
-    ``name``: ``difficulty_aware`` or null. Responses longer than their limit are cut to it
+    ``name``: ``difficulty_aware``, ``palu`` or null. Responses longer than their limit are cut to it
     (finish reason ``length``) and re-scored on the clipped text, so the policy trains on exactly
     what a rollout capped at that limit would have produced.
     """
@@ -88,7 +89,7 @@ class TruncationConfig:
 
     def __post_init__(self) -> None:
         if self.name is not None:
-            _choice(self.name, "rollout.truncation.name", ("difficulty_aware",))
+            _choice(self.name, "rollout.truncation.name", ("difficulty_aware", "palu"))
 
 
 @dataclass

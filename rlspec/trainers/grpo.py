@@ -37,7 +37,7 @@ from rlspec.checkpoint import (
 )
 from rlspec.config import RLSpecConfig
 from rlspec.data import PromptSampler
-from rlspec.errors import RLSpecError, TrainingError
+from rlspec.errors import ConfigError, RLSpecError, TrainingError
 from rlspec.evals.heldout import EvalSettings, evaluate
 from rlspec.models import decode_responses
 from rlspec.rewards import RewardBatch, compute_rewards
@@ -245,6 +245,8 @@ class GRPOTrainer:
             batch, result = self._truncate(batch, result, correct)
             texts = batch.completions
             rewards, per_term, correct = self._score(batch)
+            if self.cfg.rollout.truncation.name == "palu":
+                self._record_palu(batch, correct)
         timing["reward"] += time.perf_counter() - t0
         timing["generated_tokens"] += sum(len(r) for r in result.response_ids)
         groups = []
@@ -276,6 +278,60 @@ class GRPOTrainer:
             timeout_s=self.cfg.reward.grader_timeout_s,
         )
 
+    def _truncation_limits(self, batch: RewardBatch, correct: list[bool]) -> list[int]:
+        """Per-response length limits of ``rollout.truncation`` (one per completion).
+
+        * ``difficulty_aware`` (DA-DLER, arXiv 2510.15110 Sec. 3.5): from the group's correctness
+          ratio on the full-length rollouts (tiers of ``kwargs.tiers``).
+        * ``palu`` (arXiv 2510.10168): each question's budget, updated from its previous visit's
+          pass rate and correct lengths (:func:`rlspec.rewards.length.palu_update_budget`).
+        """
+        from rlspec.rewards.length import difficulty_aware_truncation_lengths, palu_update_budget
+
+        trunc = self.cfg.rollout.truncation
+        kwargs = dict(trunc.kwargs)
+        cap = self.max_length_at(self.global_step)
+        if trunc.name == "difficulty_aware":
+            kwargs.setdefault("default_length", cap)
+            return difficulty_aware_truncation_lengths(correct, batch.group_ids, **kwargs)
+        # palu: budgets in the checkpointed run state, keyed like HAPO's history
+        unknown = sorted(set(kwargs) - {"C", "tau", "min_budget"})
+        if unknown:
+            raise ConfigError(f"unknown key(s) {unknown} in rollout.truncation.kwargs for palu; it takes C, tau, min_budget")
+        records = self.reward_state.setdefault("palu", {})
+        limits = []
+        for uid in self._prompt_uids(batch):
+            rec = records.get(uid)
+            if rec is None:
+                limits.append(cap)
+            else:
+                limits.append(palu_update_budget(min(rec["budget"], cap), cap, rec["pass_rate"], rec["correct_lengths"],
+                                                 kwargs.get("C", 0.8), kwargs.get("tau", 0.5),
+                                                 min_budget=kwargs.get("min_budget", 1)))
+        return limits
+
+    @staticmethod
+    def _prompt_uids(batch: RewardBatch) -> list[str]:
+        uid_col = batch.columns.get("uid")
+        if uid_col is not None and None not in uid_col:
+            return [str(u) for u in uid_col]
+        return list(batch.prompts)
+
+    def _record_palu(self, batch: RewardBatch, correct: list[bool]) -> None:
+        """PALU: remember each question's budget, pass rate and correct lengths for its next visit."""
+        limits = batch.columns["truncation_limit"]
+        per_uid: dict[str, dict[str, Any]] = {}
+        for uid, limit, ids, c in zip(self._prompt_uids(batch), limits, batch.completion_ids, correct):
+            rec = per_uid.setdefault(uid, {"budget": int(limit), "n": 0, "correct": 0, "correct_lengths": []})
+            rec["n"] += 1
+            if c:
+                rec["correct"] += 1
+                rec["correct_lengths"].append(len(ids))
+        records = self.reward_state.setdefault("palu", {})
+        for uid, rec in per_uid.items():
+            records[uid] = {"budget": rec["budget"], "pass_rate": rec["correct"] / rec["n"],
+                            "correct_lengths": rec["correct_lengths"]}
+
     def _truncate(self, batch: RewardBatch, result: Any, correct: list[bool]) -> tuple[RewardBatch, Any]:
         """Cut responses longer than their per-response limit (``rollout.truncation``) and
         return the clipped batch and rollout result (finish reason ``length``), to be re-scored.
@@ -283,11 +339,7 @@ class GRPOTrainer:
         Cutting after sampling yields exactly the tokens a rollout capped at the limit would
         have sampled (the prefix distribution does not depend on the cap); only compute is spent.
         """
-        from rlspec.rewards.length import difficulty_aware_truncation_lengths
-
-        kwargs = dict(self.cfg.rollout.truncation.kwargs)
-        kwargs.setdefault("default_length", self.max_length_at(self.global_step))
-        limits = difficulty_aware_truncation_lengths(correct, batch.group_ids, **kwargs)
+        limits = self._truncation_limits(batch, correct)
         ids, logprobs, reasons = [], [], []
         for i, limit in enumerate(limits):
             r = result.response_ids[i]

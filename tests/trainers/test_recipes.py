@@ -155,3 +155,23 @@ def test_hbpo_logs_per_budget_lengths(make_trainer):
     for b in (16, 64):
         assert metrics[f"budget/{b}/response_length_mean"] > 0
         assert 0.0 <= metrics[f"budget/{b}/acc"] <= 1.0
+
+
+def test_palu_budgets_shrink_only_after_a_high_pass_rate(make_trainer):
+    from rlspec.rewards import RewardBatch
+
+    trainer = make_trainer("+recipe=palu", "rollout.n=4")
+    trainer.reward_state["palu"] = {
+        "easy": {"budget": 96, "pass_rate": 1.0, "correct_lengths": [10, 20, 30, 40]},
+        "hard": {"budget": 50, "pass_rate": 0.5, "correct_lengths": [10]},
+    }
+    batch = RewardBatch(prompts=["q"] * 6, completions=["x"] * 6, completion_ids=[[1]] * 6,
+                        finish_reasons=["stop"] * 6, answers=["1"] * 6, correct=[], group_ids=[0, 0, 1, 1, 2, 2],
+                        columns={"uid": ["easy", "easy", "hard", "hard", "new", "new"]})
+    # easy: 96 - floor(Q1.0 - Q0.5) = 96 - floor(40 - 25) = 81; hard: pass rate < 0.8 -> L_max 96; new: 96
+    assert trainer._truncation_limits(batch, [True] * 6) == [81, 81, 96, 96, 96, 96]
+    batch.columns["truncation_limit"] = [81, 81, 96, 96, 96, 96]
+    batch.completion_ids = [[1] * 5, [1] * 7, [1] * 3, [1] * 4, [1], [1]]
+    trainer._record_palu(batch, [True, False, False, False, True, True])
+    assert trainer.reward_state["palu"]["easy"] == {"budget": 81, "pass_rate": 0.5, "correct_lengths": [5]}
+    assert trainer.reward_state["palu"]["new"]["pass_rate"] == 1.0
