@@ -13,7 +13,7 @@ from typing import Mapping
 
 import torch
 
-__all__ = ["update_selective_merge", "top_k_mask"]
+__all__ = ["update_selective_merge", "top_k_mask", "merge_checkpoints"]
 
 
 def _keep_count(top_k: float, n: int) -> int:
@@ -143,3 +143,85 @@ def update_selective_merge(
         out_dtype = torch.promote_types(b.dtype, tuned[key].dtype)
         merged[key] = (b.to(delta.dtype) + scale * delta * masks[key]).to(out_dtype)
     return {key: merged[key] for key in base}  # keep base's key order
+
+
+# ---------------------------------------------------------------------------------- command line
+def merge_checkpoints(base: str, tuned: str, out: str, top_k: float = 0.25, scale: float = 0.7,
+                      per_tensor: bool = True) -> None:
+    """Merge two HF causal-LM directories (same architecture) into ``out`` (tokenizer from
+    ``tuned``, else ``base``).
+
+    ``tuned`` may be a run's checkpoint (``runs/NAME/checkpoints/step_N``; its ``model/`` dir is
+    used). Written atomically: a temporary directory renamed into place.
+    """
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlspec.errors import ModelLoadError
+
+    def resolve(path: str) -> Path:
+        p = Path(path).expanduser()
+        if (p / "model" / "config.json").is_file():
+            p = p / "model"
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"{path} is not a save_pretrained model directory (no config.json); "
+                                 f"give a model dir or a run checkpoint dir")
+        return p
+
+    base_dir, tuned_dir = resolve(base), resolve(tuned)
+    base_model = AutoModelForCausalLM.from_pretrained(base_dir)
+    tuned_model = AutoModelForCausalLM.from_pretrained(tuned_dir)
+    if type(base_model) is not type(tuned_model):
+        raise ModelLoadError(f"cannot merge a {type(tuned_model).__name__} into a {type(base_model).__name__}")
+    merged = update_selective_merge(base_model.state_dict(), tuned_model.state_dict(), top_k, scale, per_tensor)
+    tuned_model.load_state_dict(merged)
+    out_dir = Path(out).expanduser()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        tuned_model.save_pretrained(tmp)
+        tok_dir = tuned_dir if (tuned_dir / "tokenizer_config.json").is_file() else base_dir
+        AutoTokenizer.from_pretrained(tok_dir).save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m rlspec.merging base=DIR tuned=DIR out=DIR [top_k=0.25] [scale=0.7] [per_tensor=true]``."""
+    import sys
+
+    from rlspec.errors import ConfigError, RLSpecError
+
+    args = dict(top_k="0.25", scale="0.7", per_tensor="true")
+    try:
+        for arg in sys.argv[1:] if argv is None else argv:
+            key, sep, value = arg.partition("=")
+            if not sep or key not in ("base", "tuned", "out", "top_k", "scale", "per_tensor"):
+                raise ConfigError(f"unknown argument {arg!r}; usage: python -m rlspec.merging base=DIR tuned=DIR "
+                                  f"out=DIR [top_k=0.25] [scale=0.7] [per_tensor=true]")
+            args[key] = value
+        missing = [k for k in ("base", "tuned", "out") if k not in args]
+        if missing:
+            raise ConfigError(f"missing {', '.join(m + '=DIR' for m in missing)}")
+        try:
+            top_k, scale = float(args["top_k"]), float(args["scale"])
+        except ValueError:
+            raise ConfigError(f"top_k and scale must be numbers, got {args['top_k']!r} and {args['scale']!r}") from None
+        merge_checkpoints(args["base"], args["tuned"], args["out"], top_k, scale,
+                          args["per_tensor"].lower() in ("1", "true", "yes"))
+    except (RLSpecError, ValueError) as err:
+        print(f"rlspec: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"merged model written to {args['out']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -104,3 +104,37 @@ def test_bad_inputs(tuned, msg):
 def test_bad_top_k(top_k):
     with pytest.raises(ValueError, match=r"top_k must be a fraction in \(0, 1\]"):
         update_selective_merge({"w": torch.zeros(2)}, {"w": torch.ones(2)}, top_k=top_k)
+
+
+def test_merge_checkpoints_cli_on_hf_dirs(tiny_model_path, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rlspec.merging import main
+
+    tuned = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(torch.linspace(-1, 1, p.numel()).reshape(p.shape))
+    tuned.save_pretrained(tmp_path / "tuned")
+    main([f"base={tiny_model_path}", f"tuned={tmp_path / 'tuned'}", f"out={tmp_path / 'merged'}",
+          "top_k=0.5", "scale=0.5"])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path).state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
+    name = "model.layers.0.mlp.up_proj.weight"
+    delta = merged[name] - base[name]
+    kept = delta != 0
+    assert kept.float().mean().item() == pytest.approx(0.5, abs=0.01)
+    full = torch.linspace(-1, 1, delta.numel()).reshape(delta.shape)
+    torch.testing.assert_close(delta[kept], 0.5 * full[kept], atol=1e-6, rtol=1e-5)
+    assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
+
+
+def test_merge_cli_errors(tmp_path, capsys):
+    from rlspec.merging import main
+
+    with pytest.raises(SystemExit):
+        main([f"base={tmp_path}", f"tuned={tmp_path}", f"out={tmp_path / 'o'}"])
+    assert "not a save_pretrained model directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bogus=1"])
+    assert "unknown argument" in capsys.readouterr().err
