@@ -218,6 +218,7 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         result = self.engine.generate(repeated, self._sampling_params(seed))
         timing["rollout"] += time.perf_counter() - t0
+        timing["generated_tokens"] += sum(len(r) for r in result.response_ids)  # before any truncation
         t0 = time.perf_counter()
         texts = decode_responses(self.tokenizer, result.response_ids, self.eos_ids)
         rows = [self.train_rows[i] for i in row_indices for _ in range(n)]
@@ -248,7 +249,6 @@ class GRPOTrainer:
             if self.cfg.rollout.truncation.name == "palu":
                 self._record_palu(batch, correct)
         timing["reward"] += time.perf_counter() - t0
-        timing["generated_tokens"] += sum(len(r) for r in result.response_ids)
         groups = []
         for g, row_index in enumerate(row_indices):
             sl = slice(g * n, (g + 1) * n)
