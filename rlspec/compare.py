@@ -79,6 +79,9 @@ def comparison_rows(summaries: dict[str, dict[str, Any]]) -> tuple[dict[str, Any
     """
     from rlspec.evals.efficiency import aes
 
+    for name, s in summaries.items():
+        if not s.get("start") or not s.get("end"):
+            raise RLSpecError(f"recipe {name!r} has no start or end evaluation (trainer.steps must be >= 1)")
     starts = {name: s["start"] for name, s in summaries.items()}
     first = next(iter(starts.values()))
     for name, start in starts.items():

@@ -317,6 +317,8 @@ class HbpoConfig:
     def __post_init__(self) -> None:
         _choice(self.variant, "hbpo.variant", ("paper", "code"))
         _require(self.l_max >= 1, "hbpo.l_max", "must be >= 1")
+        _require(self.beta > 0, "hbpo.beta", f"must be > 0, got {self.beta}")
+        _require(self.alpha is None or self.alpha >= 0, "hbpo.alpha", f"must be >= 0 or null (= 1/l_max), got {self.alpha}")
 
 
 @dataclass

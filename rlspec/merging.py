@@ -215,8 +215,10 @@ def main(argv: list[str] | None = None) -> None:
             top_k, scale = float(args["top_k"]), float(args["scale"])
         except ValueError:
             raise ConfigError(f"top_k and scale must be numbers, got {args['top_k']!r} and {args['scale']!r}") from None
-        merge_checkpoints(args["base"], args["tuned"], args["out"], top_k, scale,
-                          args["per_tensor"].lower() in ("1", "true", "yes"))
+        flag = args["per_tensor"].lower()
+        if flag not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"per_tensor must be true or false, got {args['per_tensor']!r}")
+        merge_checkpoints(args["base"], args["tuned"], args["out"], top_k, scale, flag in ("true", "1", "yes"))
     except (RLSpecError, ValueError) as err:
         print(f"rlspec: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -27,10 +27,10 @@ term               correctness weight          why
 ``grpo_lambda``    **0** (replaces it)         TLMRE on selected groups, plain 0/1 elsewhere
 =================  ==========================  ===============================================
 
-Not registered (they need more than a batch): HAPO (per-prompt history across steps:
-:class:`HapoHistory`), HBPO (the budget ``b`` of each rollout), DA-DLER (changes the rollout
-itself: :func:`difficulty_aware_truncation_lengths` is used by ``rollout.truncation``) and PALU
-(per-prompt budgets updated between epochs: :func:`palu_update_budget`).
+HAPO (per-prompt history across steps: :class:`HapoHistory`) and HBPO (the budget ``b`` of each
+rollout) are registered as ``hapo`` and ``hbpo`` in :mod:`rlspec.rewards.budgeted`; DA-DLER and
+PALU change the rollout itself (:func:`difficulty_aware_truncation_lengths`,
+:func:`palu_update_budget`, used by the trainer's ``rollout.truncation``).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from rlspec.data import PromptSampler
 from rlspec.errors import ConfigError, RLSpecError, TrainingError
 from rlspec.evals.heldout import EvalSettings, evaluate
 from rlspec.models import decode_responses
-from rlspec.rewards import RewardBatch, compute_rewards
+from rlspec.rewards import RewardBatch, compute_rewards, grade_batch
 from rlspec.rollout.base import FINISH_LENGTH, RolloutEngine, SamplingParams
 from rlspec.tracking import MetricsLogger, plot_training_curves, truncate_jsonl
 from rlspec.trainers.advantages import compute_advantages
@@ -138,10 +138,13 @@ class GRPOTrainer:
         self.logger = logger
         self.reward_terms = {name: dict(term) for name, term in reward_terms.items()}
         if "hbpo" in self.reward_terms:  # one source for HBPO's constants: the `hbpo` config section
-            kwargs = dict(self.reward_terms["hbpo"].get("kwargs") or {})
-            for key in ("variant", "l_max", "beta", "alpha"):
-                kwargs.setdefault(key, getattr(cfg.hbpo, key))
-            self.reward_terms["hbpo"]["kwargs"] = kwargs
+            if self.reward_terms["hbpo"].get("kwargs"):
+                raise ConfigError("set HBPO's constants in the `hbpo` section (hbpo.variant, hbpo.l_max, hbpo.beta, "
+                                  "hbpo.alpha), not in reward.terms.hbpo.kwargs: the prefill and advantage use them too")
+            self.reward_terms["hbpo"]["kwargs"] = {k: getattr(cfg.hbpo, k) for k in ("variant", "l_max", "beta", "alpha")}
+        if self.tc.adv_estimator in ("hbpo", "hbpo_code") and cfg.rollout.budget.name != "hbpo":
+            raise ConfigError(f"trainer.adv_estimator={self.tc.adv_estimator} needs rollout.budget.name=hbpo "
+                              f"(the budget subgroups it normalises over); recipe=hbpo sets both")
         self.global_step = 0
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.sampler = PromptSampler(len(self.train_rows), seed=self.tc.seed, shuffle=cfg.data.shuffle)
@@ -159,6 +162,7 @@ class GRPOTrainer:
         self.reward_state: dict[str, Any] = {}  # stateful reward terms (HAPO history), checkpointed
         self.checkpoint_tags: dict[str, list[str]] = {}  # tag (e.g. "siri-low") -> checkpoint dir names
         self.max_length_at(0)  # a bad length schedule fails at start, not at step N
+        self._check_rollout_hooks()
 
     # ------------------------------------------------------------------ schedule
     def _lr_factor(self, step: int) -> float:
@@ -178,6 +182,40 @@ class GRPOTrainer:
         if sched.name is None:
             return self.cfg.rollout.max_response_length
         return length_at(sched.name, step, sched.kwargs)
+
+    def _check_rollout_hooks(self) -> None:
+        """Try the budget and truncation hooks once on the first training prompt, so a bad
+        ``rollout.budget`` / ``rollout.truncation`` setting fails at start with its key named."""
+        rc = self.cfg.rollout
+        if rc.budget.name is not None and self.train_rows:
+            try:
+                self._rollout_prompts([0], 0)
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"rollout.budget.kwargs: {err}") from None
+        trunc = rc.truncation
+        if trunc.name is None:
+            return
+        cap = self.max_length_at(0)
+        probe = RewardBatch(prompts=["q"] * 2, completions=["x"] * 2, completion_ids=[[1], [1]],
+                            finish_reasons=["stop"] * 2, answers=["1"] * 2, correct=[], group_ids=[0, 0],
+                            columns={"uid": ["probe", "probe"]}, state={})
+        saved = self.reward_state.pop("palu", None)
+        try:
+            if trunc.name == "palu":
+                self.reward_state["palu"] = {"probe": {"budget": cap, "pass_rate": 1.0, "correct_lengths": [1, 2]}}
+            limits = self._truncation_limits(probe, [True, False])
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"rollout.truncation.kwargs ({trunc.name}): {err}") from None
+        finally:
+            self.reward_state.pop("palu", None)
+            if saved is not None:
+                self.reward_state["palu"] = saved
+        if trunc.name == "difficulty_aware":
+            tiers = trunc.kwargs.get("tiers", ())
+            too_long = [t for t in tiers if int(t[1]) > cap]
+            if too_long or limits[0] > cap:
+                raise ConfigError(f"rollout.truncation.kwargs: tier lengths {too_long or limits[:1]} exceed the rollout "
+                                  f"cap {cap} (rollout.max_response_length); a truncation length must be <= the cap")
 
     def _sampling_params(self, seed: int) -> SamplingParams:
         rc = self.cfg.rollout
@@ -241,13 +279,17 @@ class GRPOTrainer:
             columns=columns,
             state=self.reward_state,
         )
-        rewards, per_term, correct = self._score(batch)
         if self.cfg.rollout.truncation.name is not None:
-            batch, result = self._truncate(batch, result, correct)
+            # the limits need only the full-length rollouts' correctness (DA-DLER) or nothing
+            # (PALU): grade without the reward terms, so stateful terms score each batch once
+            full_correct = [] if self.cfg.rollout.truncation.name == "palu" else grade_batch(
+                texts, batch.answers, require_think_close=self.cfg.reward.require_think_close,
+                timeout_s=self.cfg.reward.grader_timeout_s)
+            batch, result = self._truncate(batch, result, full_correct)
             texts = batch.completions
-            rewards, per_term, correct = self._score(batch)
-            if self.cfg.rollout.truncation.name == "palu":
-                self._record_palu(batch, correct)
+        rewards, per_term, correct = self._score(batch)
+        if self.cfg.rollout.truncation.name == "palu":
+            self._record_palu(batch, correct)
         timing["reward"] += time.perf_counter() - t0
         groups = []
         for g, row_index in enumerate(row_indices):

@@ -14,7 +14,7 @@ from rlspec.trainers.schedules import length_at
 TINY_RECIPE_OVERRIDES = {
     "siri": ["rollout.length_schedule.kwargs={l_max: 96, l_min: 48, period: 2}"],
     "thinkprune": ["rollout.length_schedule.kwargs={lengths: [96, 64, 48], boundaries: [1, 2]}"],
-    "dler_da": ["rollout.truncation.kwargs={tiers: [[0.5, 48]], default_length: 96}"],
+    "dler_da": ["rollout.truncation.kwargs={tiers: [[0.5, 48]]}"],
 }
 
 
@@ -73,7 +73,7 @@ def test_siri_phase_checkpoints_are_tagged_and_kept(make_trainer):
 
 
 def test_difficulty_aware_truncation_cuts_easy_groups_and_rescores(make_trainer):
-    trainer = make_trainer("+recipe=dler_da", "rollout.n=2", "rollout.truncation.kwargs={tiers: [[0.5, 3]], default_length: 96}")
+    trainer = make_trainer("+recipe=dler_da", "rollout.n=2", "rollout.truncation.kwargs={tiers: [[0.5, 3]]}")
     tok = trainer.tokenizer
     right = tok("</think>\nThe answer is \\boxed{7}.", add_special_tokens=False)["input_ids"] + trainer.eos_ids[:1]
     wrong = tok("</think>\nThe answer is \\boxed{8}.", add_special_tokens=False)["input_ids"] + trainer.eos_ids[:1]
@@ -175,3 +175,17 @@ def test_palu_budgets_shrink_only_after_a_high_pass_rate(make_trainer):
     trainer._record_palu(batch, [True, False, False, False, True, True])
     assert trainer.reward_state["palu"]["easy"] == {"budget": 81, "pass_rate": 0.5, "correct_lengths": [5]}
     assert trainer.reward_state["palu"]["new"]["pass_rate"] == 1.0
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["+recipe=dler_da", "rollout.truncation.kwargs={tiers: [[0.5, 500]]}"], "exceed the rollout cap"),
+    (["+recipe=dler_da", "rollout.truncation.kwargs={tiers: [[1.5, 50]]}"], "rollout.truncation.kwargs"),
+    (["+recipe=palu", "rollout.truncation.kwargs={C: 2.0, tau: 0.5}"], "rollout.truncation.kwargs"),
+    (["+recipe=hbpo", "rollout.n=6", "rollout.budget.kwargs={budgets: [16, 32, 48, 64]}"], "rollout.n=6"),
+    (["+recipe=grpo", "trainer.adv_estimator=hbpo"], "rollout.budget.name=hbpo"),
+])
+def test_bad_rollout_hook_settings_fail_at_start(make_trainer, overrides, key):
+    from rlspec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[")):
+        make_trainer(*overrides)
