@@ -140,16 +140,18 @@ def pareto_plot(base: dict[str, Any], rows: list[dict[str, Any]], path: Path) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.scatter([base["mean_tokens"]], [100 * base["accuracy"]], marker="*", s=160, color="black", label="base")
-    for r in rows:
-        ax.scatter([r["mean_tokens"]], [100 * r["accuracy"]], s=50)
-        ax.annotate(r["recipe"], (r["mean_tokens"], 100 * r["accuracy"]), textcoords="offset points", xytext=(5, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    ax.scatter([base["mean_tokens"]], [100 * base["accuracy"]], marker="*", s=180, color="black", label="base")
+    colors = plt.get_cmap("tab20").colors
+    markers = "osD^vP<>Xh"
+    for i, r in enumerate(rows):  # a legend entry per recipe: labels in a cluster stay readable
+        ax.scatter([r["mean_tokens"]], [100 * r["accuracy"]], s=55, color=colors[i % len(colors)],
+                   marker=markers[i % len(markers)], label=r["recipe"], edgecolors="black", linewidths=0.4)
     ax.set_xlabel("mean response tokens (held-out)")
     ax.set_ylabel("accuracy, pass@1 (%)")
     ax.set_title("accuracy vs tokens (up and left is better)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
