@@ -61,8 +61,7 @@ def hapo_term(batch: RewardBatch, w: float = 1.0) -> list[float]:
     history = HapoHistory()
     if "hapo" in batch.state:
         history.load_state_dict(batch.state["hapo"])
-    uid_col = batch.columns.get("uid")
-    uids = [str(u) for u in uid_col] if uid_col is not None and None not in uid_col else list(batch.prompts)
+    uids = batch.prompt_uids()
     lengths = [len(ids) for ids in batch.completion_ids]
     rewards = hapo_length_rewards(uids, lengths, batch.correct, history, w)
     history.update(uids, lengths, batch.correct)

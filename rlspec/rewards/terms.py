@@ -67,6 +67,14 @@ class RewardBatch:
     def __len__(self) -> int:
         return len(self.completions)
 
+    def prompt_uids(self) -> list[str]:
+        """A stable id of each completion's prompt (keys of run-long per-prompt state such as
+        HAPO's history or PALU's budgets): the dataset's ``uid`` column, else the question text."""
+        uid_col = self.columns.get("uid")
+        if uid_col is not None and None not in uid_col:
+            return [str(u) for u in uid_col]
+        return list(self.prompts)
+
 
 # ----------------------------------------------------------------------------------------------
 # Built-in terms

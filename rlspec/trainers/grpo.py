@@ -195,27 +195,30 @@ class GRPOTrainer:
         trunc = rc.truncation
         if trunc.name is None:
             return
+        from rlspec.rewards.length import difficulty_aware_truncation_lengths, palu_update_budget
+
         cap = self.max_length_at(0)
-        probe = RewardBatch(prompts=["q"] * 2, completions=["x"] * 2, completion_ids=[[1], [1]],
-                            finish_reasons=["stop"] * 2, answers=["1"] * 2, correct=[], group_ids=[0, 0],
-                            columns={"uid": ["probe", "probe"]}, state={})
-        saved = self.reward_state.pop("palu", None)
         try:
             if trunc.name == "palu":
-                self.reward_state["palu"] = {"probe": {"budget": cap, "pass_rate": 1.0, "correct_lengths": [1, 2]}}
-            limits = self._truncation_limits(probe, [True, False])
+                palu_update_budget(cap, cap, 1.0, [1, 2], **self._palu_kwargs())
+                return
+            kwargs = {"default_length": cap, **trunc.kwargs}
+            difficulty_aware_truncation_lengths([True, False], [0, 0], **kwargs)
         except (ValueError, TypeError) as err:
             raise ConfigError(f"rollout.truncation.kwargs ({trunc.name}): {err}") from None
-        finally:
-            self.reward_state.pop("palu", None)
-            if saved is not None:
-                self.reward_state["palu"] = saved
-        if trunc.name == "difficulty_aware":
-            tiers = trunc.kwargs.get("tiers", ())
-            too_long = [t for t in tiers if int(t[1]) > cap]
-            if too_long or limits[0] > cap:
-                raise ConfigError(f"rollout.truncation.kwargs: tier lengths {too_long or limits[:1]} exceed the rollout "
-                                  f"cap {cap} (rollout.max_response_length); a truncation length must be <= the cap")
+        lengths = [int(t[1]) for t in kwargs.get("tiers", ())] + [int(kwargs["default_length"])]
+        too_long = [n for n in lengths if n > cap]
+        if too_long:
+            raise ConfigError(f"rollout.truncation.kwargs: truncation lengths {too_long} exceed the rollout "
+                              f"cap {cap} (rollout.max_response_length); a truncation length must be <= the cap")
+
+    def _palu_kwargs(self) -> dict[str, Any]:
+        """``C``, ``tau``, ``min_budget`` of ``rollout.truncation.kwargs`` (PALU), with the paper's defaults."""
+        kwargs = dict(self.cfg.rollout.truncation.kwargs)
+        unknown = sorted(set(kwargs) - {"C", "tau", "min_budget"})
+        if unknown:
+            raise ConfigError(f"unknown key(s) {unknown} in rollout.truncation.kwargs for palu; it takes C, tau, min_budget")
+        return {"C": kwargs.get("C", 0.8), "tau": kwargs.get("tau", 0.5), "min_budget": kwargs.get("min_budget", 1)}
 
     def _sampling_params(self, seed: int) -> SamplingParams:
         rc = self.cfg.rollout
@@ -337,33 +340,23 @@ class GRPOTrainer:
             kwargs.setdefault("default_length", cap)
             return difficulty_aware_truncation_lengths(correct, batch.group_ids, **kwargs)
         # palu: budgets in the checkpointed run state, keyed like HAPO's history
-        unknown = sorted(set(kwargs) - {"C", "tau", "min_budget"})
-        if unknown:
-            raise ConfigError(f"unknown key(s) {unknown} in rollout.truncation.kwargs for palu; it takes C, tau, min_budget")
+        palu = self._palu_kwargs()
         records = self.reward_state.setdefault("palu", {})
         limits = []
-        for uid in self._prompt_uids(batch):
+        for uid in batch.prompt_uids():
             rec = records.get(uid)
             if rec is None:
                 limits.append(cap)
             else:
                 limits.append(palu_update_budget(min(rec["budget"], cap), cap, rec["pass_rate"], rec["correct_lengths"],
-                                                 kwargs.get("C", 0.8), kwargs.get("tau", 0.5),
-                                                 min_budget=kwargs.get("min_budget", 1)))
+                                                 **palu))
         return limits
-
-    @staticmethod
-    def _prompt_uids(batch: RewardBatch) -> list[str]:
-        uid_col = batch.columns.get("uid")
-        if uid_col is not None and None not in uid_col:
-            return [str(u) for u in uid_col]
-        return list(batch.prompts)
 
     def _record_palu(self, batch: RewardBatch, correct: list[bool]) -> None:
         """PALU: remember each question's budget, pass rate and correct lengths for its next visit."""
         limits = batch.columns["truncation_limit"]
         per_uid: dict[str, dict[str, Any]] = {}
-        for uid, limit, ids, c in zip(self._prompt_uids(batch), limits, batch.completion_ids, correct):
+        for uid, limit, ids, c in zip(batch.prompt_uids(), limits, batch.completion_ids, correct):
             rec = per_uid.setdefault(uid, {"budget": int(limit), "n": 0, "correct": 0, "correct_lengths": []})
             rec["n"] += 1
             if c:
