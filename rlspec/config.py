@@ -209,7 +209,8 @@ class TrainerConfig:
         _choice(self.lr_schedule, "trainer.lr_schedule", ("constant", "cosine"))
         from rlspec.trainers.advantages import ADVANTAGE_ESTIMATORS
 
-        _choice(self.adv_estimator, "trainer.adv_estimator", tuple(ADVANTAGE_ESTIMATORS.names()))
+        # brpo: per-segment thinking advantages from budget-truncated summaries (anytime.enable)
+        _choice(self.adv_estimator, "trainer.adv_estimator", (*ADVANTAGE_ESTIMATORS.names(), "brpo"))
         _choice(
             self.loss_agg_mode,
             "trainer.loss_agg_mode",
@@ -322,6 +323,46 @@ class HbpoConfig:
 
 
 @dataclass
+class AnytimeConfig:
+    """AnytimeReasoner (arXiv 2505.13438; code sail-sg/AnytimeReasoner): the thinking is cut at
+    budgets, ``n_summary`` summaries are sampled at each cut and scored, the thinking tokens get
+    BRPO advantages per segment and the summaries their own (decoupled) advantages.
+
+    Code defaults: 4 budgets (``max_response_length // 4 * i``), 4 summaries of <= 118 tokens,
+    ``linear`` prior, ``brpo`` summaries and variance reduction; the cut and finished texts below
+    are the code's (R1's "**Final Answer**" lead-in); a recipe for another model family sets the
+    text that model writes after ``</think>``. ``trainer.adv_estimator`` must be ``brpo``.
+    """
+
+    enable: bool = False
+    budgets: Optional[List[int]] = None  # None: n_budgets equal steps up to rollout.max_response_length
+    n_budgets: int = 4
+    n_summary: int = 4
+    summary_max_tokens: int = 118
+    prior: str = "linear"  # uniform | linear | base
+    summary_method: str = "brpo"  # brpo | grpo (only the last budget's summaries get an advantage)
+    variance_reduction: str = "brpo"  # brpo | v1only | v2only | none
+    cut_text: str = "...\n\n...\n\n</think>\n\n**Final Answer**\n"
+    finished_text: str = "\n\n**Final Answer**\n"
+
+    def __post_init__(self) -> None:
+        from rlspec.trainers.advantages import BRPO_PRIORS, BRPO_SUMMARY_METHODS, BRPO_VARIANCE_REDUCTION
+
+        _choice(self.prior, "anytime.prior", BRPO_PRIORS)
+        _choice(self.summary_method, "anytime.summary_method", BRPO_SUMMARY_METHODS)
+        _choice(self.variance_reduction, "anytime.variance_reduction", BRPO_VARIANCE_REDUCTION)
+        _require(self.n_budgets >= 1, "anytime.n_budgets", "must be >= 1")
+        _require(self.n_summary >= 1, "anytime.n_summary", "must be >= 1")
+        _require(self.summary_max_tokens >= 1, "anytime.summary_max_tokens", "must be >= 1")
+        if self.budgets is not None:
+            _require(len(self.budgets) >= 1 and all(b > 0 for b in self.budgets)
+                     and list(self.budgets) == sorted(set(self.budgets)), "anytime.budgets",
+                     f"must be strictly increasing positive token counts, got {list(self.budgets)}")
+        _require("</think>" in self.cut_text, "anytime.cut_text",
+                 f"must close the thinking with </think>, got {self.cut_text!r}")
+
+
+@dataclass
 class RLSpecConfig:
     run_name: str = "default"
     run_dir: str = "runs/default"
@@ -333,11 +374,31 @@ class RLSpecConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     hbpo: HbpoConfig = field(default_factory=HbpoConfig)
+    anytime: AnytimeConfig = field(default_factory=AnytimeConfig)
     recipe_notes: str = ""  # free text a recipe uses to say what it reproduces
 
     def __post_init__(self) -> None:
         _require(bool(self.reward.terms) or self.reward.custom.path is not None, "reward.terms",
                  "no reward term is configured; choose reward=correctness or set reward.custom.path")
+        brpo = self.trainer.adv_estimator == "brpo"
+        if self.anytime.enable != brpo:
+            raise ConfigError(
+                "anytime.enable=true needs trainer.adv_estimator=brpo and the reverse (BRPO advantages come from "
+                "the budget-truncated summaries); use +recipe=anytime"
+            )
+        if self.anytime.enable:
+            budgets = self.anytime.budgets or []
+            _require(not budgets or budgets[-1] <= self.rollout.max_response_length, "anytime.budgets",
+                     f"the last budget ({budgets[-1] if budgets else 0}) must be <= rollout.max_response_length="
+                     f"{self.rollout.max_response_length}")
+            others = [k for k, on in (("rollout.truncation.name", self.rollout.truncation.name),
+                                      ("rollout.budget.name", self.rollout.budget.name),
+                                      ("reward.custom.path", self.reward.custom.path),
+                                      ("rollout.length_schedule.name", self.rollout.length_schedule.name))
+                      if on]
+            others += [f"reward.terms.{t}" for t in self.reward.terms if t != "correctness"]
+            _require(not others, "anytime.enable", f"scores summaries by correctness only (paper Sec. 3); "
+                     f"unset {', '.join(others)}")
 
 
 def schema_keys(cls: type = RLSpecConfig, prefix: str = "") -> dict[str, Any]:

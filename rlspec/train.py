@@ -159,6 +159,7 @@ def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: Any = None):
         run_dir=run_dir,
         reward_terms=build_reward_terms(cfg.reward),
         logger=logger,
+        start_model_path=str(model_path),
     )
 
 

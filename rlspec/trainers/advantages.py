@@ -227,10 +227,36 @@ def hbpo_code_advantages(
     )
 
 
+BRPO_PRIORS = ("uniform", "linear", "base")
+BRPO_VARIANCE_REDUCTION = ("brpo", "v1only", "v2only", "none")
+BRPO_SUMMARY_METHODS = ("brpo", "grpo")
+
+
+def brpo_prior(budgets: list[int] | tuple[int, ...], kind: str) -> torch.Tensor:
+    """AnytimeReasoner's budget prior ``p_B`` over the cuts (arXiv 2505.13438 Sec. 3; code
+    ``set_training_split_plan``): ``uniform`` ``1/S``, ``linear`` ``b_s / sum b``, ``base`` all mass
+    on the last cut. Returns ``[S]`` float64 summing to 1.
+
+    >>> brpo_prior([2000, 4000, 6000, 8000], "linear").tolist()
+    [0.1, 0.2, 0.3, 0.4]
+    """
+    if kind not in BRPO_PRIORS:
+        raise ConfigError(f"anytime.prior={kind!r} is not valid; choose one of: {', '.join(BRPO_PRIORS)}")
+    b = torch.tensor([float(x) for x in budgets], dtype=torch.float64)
+    if kind == "uniform":
+        return torch.full_like(b, 1.0 / b.numel())
+    if kind == "linear":
+        return b / b.sum()
+    out = torch.zeros_like(b)
+    out[-1] = 1.0
+    return out
+
+
 def brpo_returns_and_baseline(
     rewards_per_cut: torch.Tensor,
     prior: torch.Tensor,
     group_index: torch.Tensor,
+    variance_reduction: str = "brpo",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """AnytimeReasoner / BRPO thinking-policy returns, baseline and advantages (arXiv 2505.13438).
 
@@ -251,7 +277,10 @@ def brpo_returns_and_baseline(
     to an empty past at the first cut.) The ``2^k`` ratio does not depend on where ``k`` starts.
     As in the code, the prior is normalised to sum to 1, and a group of one response has
     ``V2 = 0``. ``A[:, s]`` is the advantage of the thinking tokens between cut ``s-1`` and
-    cut ``s``.
+    cut ``s`` (see :func:`brpo_token_advantages`).
+
+    ``variance_reduction`` (the code's ablation switch): ``brpo`` (above), ``v1only`` (``V = V1``),
+    ``v2only`` (``V = V2``: the GRPO-like group baseline) or ``none`` (``V = 0``).
 
     Args:
         rewards_per_cut: ``[B, S]`` float, ``r_s`` of each response at each cut.
@@ -295,8 +324,98 @@ def brpo_returns_and_baseline(
     v1 = past_wr / past_w * tail_p  # [B, S]; 0 at s = 0
 
     s_idx = torch.arange(s_cuts, dtype=torch.float64)  # [S]
-    baseline = (s_idx * v1 + (s_cuts - s_idx) * v2) / s_cuts  # [B, S]
+    if variance_reduction == "brpo":
+        baseline = (s_idx * v1 + (s_cuts - s_idx) * v2) / s_cuts  # [B, S]
+    elif variance_reduction == "v1only":
+        baseline = v1
+    elif variance_reduction == "v2only":
+        baseline = v2
+    elif variance_reduction == "none":
+        baseline = torch.zeros_like(returns)
+    else:
+        raise ConfigError(f"anytime.variance_reduction={variance_reduction!r} is not valid; "
+                          f"choose one of: {', '.join(BRPO_VARIANCE_REDUCTION)}")
     return returns.float(), baseline.float(), (returns - baseline).float()
+
+
+def brpo_token_advantages(cut_advantages: torch.Tensor, cut_positions: list[int], thinking_length: int) -> torch.Tensor:
+    """Spread one response's per-cut thinking advantages over its thinking tokens.
+
+    AnytimeReasoner code (``compute_token_level_advantage``): tokens in ``[c_{s-1}, c_s)`` get
+    ``A_s`` (``c_{-1} = 0``), one constant per segment -- ``G_s`` is already a return-to-go. Cuts at
+    or past the end of the thinking collapse onto its length; the last segment (ending at the
+    thinking's end, ``</think>`` included) takes the advantage of the *first* such cut, and later
+    cuts map to no token (their rewards still enter the earlier returns).
+
+    Args:
+        cut_advantages: ``[S]`` ``A_s`` of this response.
+        cut_positions: ``[S]`` non-decreasing token positions ``c_s = min(b_s, thinking_length)``.
+        thinking_length: tokens of the thinking (the trainable sequence).
+
+    Returns ``[thinking_length]`` float32.
+
+    >>> brpo_token_advantages(torch.tensor([1., 2., 3.]), [2, 3, 3], 3)
+    tensor([1., 1., 2.])
+    """
+    if cut_advantages.dim() != 1 or cut_advantages.numel() != len(cut_positions):
+        raise ValueError(f"brpo: {cut_advantages.numel()} cut advantages for {len(cut_positions)} cut positions")
+    out = torch.zeros(thinking_length, dtype=torch.float32)
+    start = 0
+    for a, c in zip(cut_advantages.tolist(), cut_positions):
+        if c < start or c > thinking_length:
+            raise ValueError(f"brpo: cut positions must be non-decreasing and <= {thinking_length}, got {cut_positions}")
+        out[start:c] = a
+        start = c
+    if start != thinking_length:
+        raise ValueError(f"brpo: the last cut ({start}) must end the thinking ({thinking_length} tokens)")
+    return out
+
+
+def brpo_summary_advantages(
+    scores: torch.Tensor,
+    pool_index: torch.Tensor,
+    *,
+    method: str = "brpo",
+    cut_index: torch.Tensor | None = None,
+    num_cuts: int | None = None,
+    group_index: torch.Tensor | None = None,
+    n_summary: int = 1,
+) -> torch.Tensor:
+    """Advantages of the summary policy (AnytimeReasoner, decoupled from the thinking policy).
+
+    ``method=brpo`` with ``n_summary > 1``: ``score - mean`` of the summaries that share a pool
+    (the same rollout and the same cut position; the code pools collapsed cuts), no std. With
+    ``n_summary == 1`` the baseline is the group mean over the rollouts of the prompt at the same
+    cut (code ``compute_summary_advantage``). ``method=grpo``: only summaries of the last cut get
+    that advantage; the others get 0 (still in the loss, as in the code).
+
+    Args:
+        scores: ``[M]`` 0/1 score of each summary.
+        pool_index: ``[M]`` long, summaries with equal ids share the mean baseline (``n_summary > 1``).
+        cut_index / num_cuts: ``[M]`` the budget slot of each summary and ``S`` (``method=grpo``).
+        group_index: ``[M]`` the prompt of each summary (``n_summary == 1``).
+
+    >>> brpo_summary_advantages(torch.tensor([1., 0., 1., 1.]), torch.tensor([0, 0, 1, 1]), n_summary=2)
+    tensor([ 0.5000, -0.5000,  0.0000,  0.0000])
+    """
+    if method not in BRPO_SUMMARY_METHODS:
+        raise ConfigError(f"anytime.summary_method={method!r} is not valid; choose one of: {', '.join(BRPO_SUMMARY_METHODS)}")
+    if scores.numel() == 0:
+        return scores.float()
+    if n_summary > 1:
+        ids = pool_index
+    else:
+        if group_index is None or cut_index is None:
+            raise ValueError("brpo summaries: n_summary == 1 needs group_index and cut_index (group baseline)")
+        ids = group_index * (int(cut_index.max()) + 1) + cut_index
+    _, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+    sums = torch.zeros(counts.numel(), dtype=torch.float64).index_add_(0, inverse, scores.double())
+    adv = (scores.double() - (sums / counts)[inverse]).float()
+    if method == "grpo":
+        if cut_index is None or num_cuts is None:
+            raise ValueError("brpo summaries: method=grpo needs cut_index and num_cuts")
+        adv = torch.where(cut_index == num_cuts - 1, adv, torch.zeros_like(adv))
+    return adv
 
 
 _STANDARD_ARGS = ("rewards", "group_index", "norm_by_std", "response_lengths")

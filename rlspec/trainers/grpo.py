@@ -78,6 +78,20 @@ class Group:
     # budget-conditioned rollouts (HBPO prefill, L1 target): each response's own prompt and budget
     response_prompt_ids: list[list[int]] | None = None
     budgets: list[int] | None = None
+    # AnytimeReasoner: per-token thinking advantages, the summary rows and the score at each cut
+    token_advantages: list[torch.Tensor] | None = None
+    summaries: "SummaryRows | None" = None
+    cut_scores: list[list[float]] | None = None  # [n][S]
+
+
+@dataclass
+class SummaryRows:
+    """AnytimeReasoner's summaries of one group: extra trainable rows with their own advantage."""
+
+    prompt_ids: list[list[int]]  # prompt + thinking up to the cut + the closing text
+    response_ids: list[list[int]]
+    old_logprobs: list[torch.Tensor]
+    advantages: list[float]
 
 
 @dataclass
@@ -91,6 +105,10 @@ class TrainBatch:
     group_index: torch.Tensor  # [B] long
     advantages: torch.Tensor  # [B]
     budgets: torch.Tensor | None = None  # [B] float, budget-conditioned rollouts only
+    # rows of each group (the n rollouts, then any AnytimeReasoner summary rows), for mini-batches
+    group_rows: list[list[int]] = field(default_factory=list)
+    num_primary: int = -1  # rows [0, num_primary) are rollouts, the rest summaries (-1: all rollouts)
+    token_advantages: list[torch.Tensor] | None = None  # [B] of [len(response)]: per-token advantages
 
     @property
     def size(self) -> int:
@@ -123,8 +141,10 @@ class GRPOTrainer:
         run_dir: str | Path,
         reward_terms: Mapping[str, Mapping[str, Any]],
         logger: MetricsLogger | None = None,
+        start_model_path: str | None = None,
     ) -> None:
         self.cfg = cfg
+        self.start_model_path = start_model_path  # recorded in summary.json (export's merge.base=start)
         self.tc = cfg.trainer
         self.model = model
         self.tokenizer = tokenizer
@@ -163,6 +183,19 @@ class GRPOTrainer:
         self.checkpoint_tags: dict[str, list[str]] = {}  # tag (e.g. "siri-low") -> checkpoint dir names
         self.max_length_at(0)  # a bad length schedule fails at start, not at step N
         self._check_rollout_hooks()
+        self.anytime_budgets: list[int] = []
+        if cfg.anytime.enable:
+            from rlspec.rollout.anytime import default_budgets
+            from rlspec.trainers.advantages import brpo_prior
+
+            at = cfg.anytime
+            self.anytime_budgets = list(at.budgets or default_budgets(cfg.rollout.max_response_length, at.n_budgets))
+            self.anytime_prior = brpo_prior(self.anytime_budgets, at.prior)
+            encode = lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+            self.anytime_cut_ids, self.anytime_finished_ids = encode(at.cut_text), encode(at.finished_text)
+            self.think_close_id = tokenizer.convert_tokens_to_ids("</think>")
+            if self.think_close_id is None or self.think_close_id == tokenizer.unk_token_id:
+                raise ConfigError("anytime.enable needs a tokenizer with a single </think> token (the thinking stops at it)")
 
     # ------------------------------------------------------------------ schedule
     def _lr_factor(self, step: int) -> float:
@@ -223,11 +256,12 @@ class GRPOTrainer:
     def _sampling_params(self, seed: int) -> SamplingParams:
         rc = self.cfg.rollout
         return SamplingParams(
-            max_new_tokens=self.max_length_at(self.global_step),
+            max_new_tokens=self.anytime_budgets[-1] if self.anytime_budgets else self.max_length_at(self.global_step),
             temperature=rc.temperature,
             top_p=rc.top_p,
             top_k=rc.top_k,
-            stop_strings=tuple(rc.stop_strings),
+            # AnytimeReasoner samples the thinking only; answers come from the forced summaries
+            stop_strings=tuple(rc.stop_strings) + (("</think>",) if self.anytime_budgets else ()),
             seed=seed,
         )
 
@@ -254,6 +288,8 @@ class GRPOTrainer:
         return out.prompt_ids, out.budgets
 
     def _generate_groups(self, row_indices: list[int], seed: int, timing: dict[str, float]) -> list[Group]:
+        if self.anytime_budgets:
+            return self._generate_anytime_groups(row_indices, seed, timing)
         n = self.cfg.rollout.n
         repeated, budgets = self._rollout_prompts(row_indices, seed)  # [P * n]
         t0 = time.perf_counter()
@@ -312,6 +348,94 @@ class GRPOTrainer:
                     budgets=budgets[sl] if budgets is not None else None,
                 )
             )
+        return groups
+
+    def _generate_anytime_groups(self, row_indices: list[int], seed: int, timing: dict[str, float]) -> list[Group]:
+        """AnytimeReasoner (arXiv 2505.13438): thinking, summaries at every budget cut, BRPO advantages.
+
+        1. sample the thinking up to the last budget (stops at ``</think>``);
+        2. at each cut sample ``n_summary`` summaries per budget slot and score them 0/1;
+        3. ``r_s`` = mean summary score at budget ``s``; thinking tokens get the per-segment BRPO
+           advantages, summaries ``score - mean`` of their pool (or the group, ``n_summary=1``).
+        """
+        from rlspec.rollout.anytime import plan_summaries
+        from rlspec.trainers.advantages import brpo_returns_and_baseline, brpo_summary_advantages, brpo_token_advantages
+
+        at, n, S = self.cfg.anytime, self.cfg.rollout.n, len(self.anytime_budgets)
+        prompts = [self.train_prompt_ids[i] for i in row_indices for _ in range(n)]  # [P * n]
+        rows = [self.train_rows[i] for i in row_indices for _ in range(n)]
+        t0 = time.perf_counter()
+        thinking = self.engine.generate(prompts, self._sampling_params(seed))
+        plan = plan_summaries(prompts, thinking.response_ids, self.anytime_budgets, think_close_id=self.think_close_id,
+                              eos_ids=self.eos_ids, cut_ids=self.anytime_cut_ids,
+                              finished_ids=self.anytime_finished_ids)
+        per_request = [at.n_summary * len(req.slots) for req in plan.requests]
+        summary_prompts = [req.prompt_ids for req, k in zip(plan.requests, per_request) for _ in range(k)]
+        rc = self.cfg.rollout
+        summaries = self.engine.generate(summary_prompts, SamplingParams(
+            max_new_tokens=at.summary_max_tokens, temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k,
+            stop_strings=tuple(rc.stop_strings), seed=derive_seed(seed, 1))) if summary_prompts else None
+        timing["rollout"] += time.perf_counter() - t0
+        timing["generated_tokens"] += sum(len(r) for r in thinking.response_ids)
+        t0 = time.perf_counter()
+        # score: a summary counts if it answers correctly and does not reopen/close the thinking
+        summary_texts = decode_responses(self.tokenizer, summaries.response_ids, self.eos_ids) if summaries else []
+        if summaries:
+            timing["generated_tokens"] += sum(len(r) for r in summaries.response_ids)
+        owners = [req for req, k in zip(plan.requests, per_request) for _ in range(k)]
+        graded = grade_batch(summary_texts, [rows[req.response]["answer"] for req in owners],
+                             require_think_close=False, timeout_s=self.cfg.reward.grader_timeout_s)
+        scores = [float(ok and "</think>" not in text) for ok, text in zip(graded, summary_texts)]
+        # r_s: mean of the n_summary scores filling budget slot s (0 for a thinking that ended with EOS)
+        cut_scores = torch.zeros(len(prompts), S, dtype=torch.float64)  # [P*n, S]
+        slot_of: list[int] = []  # the budget slot each summary fills
+        pos = 0
+        for req, k in zip(plan.requests, per_request):
+            for j, s in enumerate(req.slots):
+                chunk = scores[pos + j * at.n_summary : pos + (j + 1) * at.n_summary]
+                cut_scores[req.response, s] = sum(chunk) / len(chunk)
+                slot_of += [s] * at.n_summary
+            pos += k
+        group_t = torch.arange(len(row_indices)).repeat_interleave(n)  # [P*n]
+        _, _, cut_adv = brpo_returns_and_baseline(cut_scores, self.anytime_prior, group_t, at.variance_reduction)
+        token_adv = [brpo_token_advantages(cut_adv[i], plan.cuts[i], len(thinking.response_ids[i]))
+                     for i in range(len(prompts))]
+        pools = torch.tensor([req.pool for req in owners], dtype=torch.long)
+        summary_adv = brpo_summary_advantages(
+            torch.tensor(scores, dtype=torch.float32), pools, method=at.summary_method,
+            cut_index=torch.tensor(slot_of, dtype=torch.long), num_cuts=S,
+            group_index=torch.tensor([req.response // n for req in owners], dtype=torch.long), n_summary=at.n_summary,
+        ).tolist()
+        timing["reward"] += time.perf_counter() - t0
+        thinking_texts = decode_responses(self.tokenizer, thinking.response_ids, self.eos_ids)
+        last_summary = {}  # response -> text of its first summary at the last budget (for logs)
+        for m, (req, s) in enumerate(zip(owners, slot_of)):
+            if s == S - 1 and req.response not in last_summary:
+                last_summary[req.response] = self.tokenizer.decode(req.prompt_ids[len(prompts[req.response]) + req.cut:]) \
+                    + summary_texts[m]
+        groups = []
+        for g, row_index in enumerate(row_indices):
+            sl = range(g * n, (g + 1) * n)
+            members = [m for m, req in enumerate(owners) if req.response // n == g]
+            final = [float(cut_scores[i, S - 1]) for i in sl]
+            groups.append(Group(
+                row_index=row_index,
+                prompt_ids=self.train_prompt_ids[row_index],
+                response_ids=[thinking.response_ids[i] for i in sl],
+                old_logprobs=[thinking.response_logprobs[i] for i in sl],
+                finish_reasons=[thinking.finish_reasons[i] for i in sl],
+                texts=[thinking_texts[i] + last_summary.get(i, "") for i in sl],
+                rewards=final,  # mean summary score at the full budget
+                correct=[r > 0.5 for r in final],
+                token_advantages=[token_adv[i] for i in sl],
+                summaries=SummaryRows(
+                    prompt_ids=[owners[m].prompt_ids for m in members],
+                    response_ids=[summaries.response_ids[m] for m in members],
+                    old_logprobs=[summaries.response_logprobs[m] for m in members],
+                    advantages=[summary_adv[m] for m in members],
+                ),
+                cut_scores=[cut_scores[i].tolist() for i in sl],
+            ))
         return groups
 
     def _score(self, batch: RewardBatch) -> tuple[list[float], dict[str, list[float]], list[bool]]:
@@ -416,6 +540,8 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ 3. advantage
     def build_batch(self, groups: list[Group]) -> TrainBatch:
+        if groups and groups[0].token_advantages is not None:
+            return self._build_anytime_batch(groups)
         prompt_ids, response_ids, old_logprobs, rewards, group_index, budgets = [], [], [], [], [], []
         for g, group in enumerate(groups):
             for i in range(len(group.response_ids)):
@@ -447,7 +573,38 @@ class GRPOTrainer:
             response_lengths=lengths if self.tc.adv_token_weighted else None,
             extra=extra,
         )
-        return TrainBatch(prompt_ids, response_ids, old_logprobs, rewards_t, group_t, advantages, budgets_t)
+        n = self.cfg.rollout.n
+        return TrainBatch(prompt_ids, response_ids, old_logprobs, rewards_t, group_t, advantages, budgets_t,
+                          group_rows=[list(range(g * n, (g + 1) * n)) for g in range(len(groups))])
+
+    def _build_anytime_batch(self, groups: list[Group]) -> TrainBatch:
+        """The thinking rows (per-token BRPO advantages) of every group, then its summary rows."""
+        prompt_ids, response_ids, old_logprobs, rewards, group_index, token_adv = [], [], [], [], [], []
+        group_rows: list[list[int]] = [[] for _ in groups]
+        for g, group in enumerate(groups):
+            for i in range(len(group.response_ids)):
+                group_rows[g].append(len(response_ids))
+                prompt_ids.append(group.prompt_ids)
+                response_ids.append(group.response_ids[i])
+                old_logprobs.append(group.old_logprobs[i])
+                rewards.append(group.rewards[i])
+                group_index.append(g)
+                token_adv.append(group.token_advantages[i])
+        num_primary = len(response_ids)
+        for g, group in enumerate(groups):
+            rows = group.summaries
+            for p, r, lp, a in zip(rows.prompt_ids, rows.response_ids, rows.old_logprobs, rows.advantages):
+                group_rows[g].append(len(response_ids))
+                prompt_ids.append(p)
+                response_ids.append(r)
+                old_logprobs.append(lp)
+                rewards.append(float("nan"))  # summaries carry advantages, not rewards
+                group_index.append(g)
+                token_adv.append(torch.full((len(r),), float(a)))
+        advantages = torch.stack([a.mean() if a.numel() else torch.tensor(0.0) for a in token_adv])  # [B]
+        return TrainBatch(prompt_ids, response_ids, old_logprobs, torch.tensor(rewards, dtype=torch.float32),
+                          torch.tensor(group_index, dtype=torch.long), advantages, None, group_rows=group_rows,
+                          num_primary=num_primary, token_advantages=token_adv)
 
     # ------------------------------------------------------------------ 4. loss
     def _micro_tensors(self, batch: TrainBatch, idx: list[int]) -> dict[str, torch.Tensor]:
@@ -475,9 +632,19 @@ class GRPOTrainer:
             "response": response,
             "mask": mask,
             "old_logprobs": old,
-            "advantages": batch.advantages[idx],
+            "advantages": self._micro_advantages(batch, idx, r_len),
             "r_len": torch.tensor(r_len),
         }
+
+    @staticmethod
+    def _micro_advantages(batch: TrainBatch, idx: list[int], r_len: int) -> torch.Tensor:
+        """``[b]`` per-response advantages, or ``[b, R]`` when the batch has per-token ones."""
+        if batch.token_advantages is None:
+            return batch.advantages[idx]
+        out = torch.zeros((len(idx), r_len), dtype=torch.float32)  # [b, R]
+        for row, i in enumerate(idx):
+            out[row, : batch.token_advantages[i].numel()] = batch.token_advantages[i]
+        return out
 
     def _response_logprobs(
         self, model: torch.nn.Module, t: dict[str, torch.Tensor], with_entropy: bool
@@ -528,8 +695,7 @@ class GRPOTrainer:
     def update_policy(self, batch: TrainBatch, step: int) -> dict[str, float]:
         """PPO epochs x mini-batches (one optimizer step each) x micro-batches (accumulated)."""
         tc = self.tc
-        n = self.cfg.rollout.n
-        num_groups = batch.size // n
+        num_groups = len(batch.group_rows)
         mini_groups = tc.mini_batch_size or tc.prompts_per_step
         sums: dict[str, float] = {}
         token_total = 0.0
@@ -539,11 +705,13 @@ class GRPOTrainer:
         for _epoch in range(tc.ppo_epochs):
             order = torch.randperm(num_groups, generator=shuffle).tolist()
             for start in range(0, num_groups, mini_groups):
-                members = [g * n + j for g in order[start : start + mini_groups] for j in range(n)]
+                members = [i for g in order[start : start + mini_groups] for i in batch.group_rows[g]]
                 lengths = [len(batch.response_ids[i]) for i in members]
+                # sequences = rollouts: AnytimeReasoner's summaries belong to their rollout's tree
+                primary = len(members) if batch.num_primary < 0 else sum(i < batch.num_primary for i in members)
                 normalizer = LossNormalizer(
                     num_tokens=float(max(sum(lengths), 1)),
-                    num_seqs=float(len(members)),
+                    num_seqs=float(max(primary, 1)),
                     max_response_length=float(self.cfg.rollout.max_response_length),
                 )
                 self.optimizer.zero_grad(set_to_none=True)
@@ -667,6 +835,12 @@ class GRPOTrainer:
         }
         for name in generated[0].per_term if generated else []:
             metrics[f"reward/{name}"] = _mean([v for g in generated for v in g.per_term[name]])
+        if self.anytime_budgets:  # AnytimeReasoner: summary accuracy at every budget cut
+            cut_scores = [row for g in generated for row in (g.cut_scores or [])]
+            for s, b in enumerate(self.anytime_budgets):
+                metrics[f"anytime/score_at_{b}"] = _mean([row[s] for row in cut_scores])
+            metrics["anytime/avg_score"] = _mean([sum(row) / len(row) for row in cut_scores])
+            metrics["anytime/summaries"] = float(sum(len(g.summaries.response_ids) for g in generated if g.summaries))
         if self.cfg.rollout.budget.name == "hbpo":  # does each budget subgroup answer within its budget?
             by_budget: dict[int, list[tuple[int, bool]]] = {}
             for g in generated:
@@ -832,7 +1006,8 @@ class GRPOTrainer:
     def summary(self) -> dict[str, Any]:
         start = self.eval_history.get(0)
         end = self.eval_history.get(self.tc.steps)
-        out: dict[str, Any] = {"run_name": self.cfg.run_name, "steps": self.global_step, "start": start, "end": end}
+        out: dict[str, Any] = {"run_name": self.cfg.run_name, "steps": self.global_step, "start": start, "end": end,
+                               "model_path": self.start_model_path}
         if start and end:
             out["accuracy_change_points"] = 100 * (end["eval/accuracy"] - start["eval/accuracy"])
             out["token_change_percent"] = 100 * (end["eval/mean_tokens"] / start["eval/mean_tokens"] - 1)

@@ -198,3 +198,64 @@ def test_brpo_input_errors():
         brpo_returns_and_baseline(r, torch.zeros(3), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"rewards_per_cut must have shape \[B, S\]"):
         brpo_returns_and_baseline(torch.zeros(3), torch.ones(3), torch.zeros(3, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------- AnytimeReasoner extras
+def test_brpo_prior_formulas():
+    from rlspec.trainers.advantages import brpo_prior
+
+    # code set_training_split_plan with 8k and 4 budgets
+    assert brpo_prior([2000, 4000, 6000, 8000], "uniform").tolist() == [0.25] * 4
+    torch.testing.assert_close(brpo_prior([2000, 4000, 6000, 8000], "linear"),
+                               torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64))
+    assert brpo_prior([2000, 4000, 6000, 8000], "base").tolist() == [0.0, 0.0, 0.0, 1.0]
+    with pytest.raises(ConfigError, match="anytime.prior='lin'"):
+        brpo_prior([1, 2], "lin")
+
+
+def test_brpo_variance_reduction_options():
+    # same numbers as test_brpo_hand_computed_three_cuts: V1_a = [0, 0, 1/3], V2 = [.65, .65, .5]
+    rewards = torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
+    prior, groups = torch.tensor([0.2, 0.3, 0.5]), torch.tensor([4, 4])
+    G, V, _ = brpo_returns_and_baseline(rewards, prior, groups, "v2only")
+    torch.testing.assert_close(V, torch.tensor([[0.65, 0.65, 0.5], [0.65, 0.65, 0.5]]))
+    _, V, _ = brpo_returns_and_baseline(rewards, prior, groups, "v1only")
+    torch.testing.assert_close(V, torch.tensor([[0.0, 0.0, 1 / 3], [0.0, 0.0, 0.0]]))
+    _, V, A = brpo_returns_and_baseline(rewards, prior, groups, "none")
+    assert V.abs().sum() == 0 and torch.equal(A, G)
+    with pytest.raises(ConfigError, match="anytime.variance_reduction"):
+        brpo_returns_and_baseline(rewards, prior, groups, "v3")
+
+
+def test_brpo_token_advantages_segments_and_collapsed_cuts():
+    from rlspec.trainers.advantages import brpo_token_advantages
+
+    # budgets 2/4/6 on a 5-token thinking: cuts [2, 4, 5]; segments [0,2) A0, [2,4) A1, [4,5) A2
+    out = brpo_token_advantages(torch.tensor([0.5, -1.0, 2.0]), [2, 4, 5], 5)
+    assert out.tolist() == [0.5, 0.5, -1.0, -1.0, 2.0]
+    # thinking ended at 3 tokens: cuts [2, 3, 3]; the last segment takes A of the first collapsed cut
+    out = brpo_token_advantages(torch.tensor([0.5, -1.0, 2.0]), [2, 3, 3], 3)
+    assert out.tolist() == [0.5, 0.5, -1.0]
+    with pytest.raises(ValueError, match="must end the thinking"):
+        brpo_token_advantages(torch.tensor([1.0, 2.0]), [1, 2], 3)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        brpo_token_advantages(torch.tensor([1.0, 2.0]), [2, 1], 2)
+
+
+def test_brpo_summary_advantages():
+    from rlspec.trainers.advantages import brpo_summary_advantages
+
+    scores = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0])
+    pools = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])  # two pools of 4 summaries: means .25 and .75
+    adv = brpo_summary_advantages(scores, pools, n_summary=4)
+    torch.testing.assert_close(adv, torch.tensor([0.75, -0.25, -0.25, -0.25, 0.25, 0.25, 0.25, -0.75]))
+    # grpo method: only the last cut's summaries keep an advantage
+    cut = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    adv = brpo_summary_advantages(scores, pools, method="grpo", cut_index=cut, num_cuts=2, n_summary=4)
+    torch.testing.assert_close(adv, torch.tensor([0.0, 0.0, 0.0, 0.0, 0.25, 0.25, 0.25, -0.75]))
+    # n_summary = 1: baseline = the group's mean at the same cut (rollouts 0,1 of prompt 0; 2,3 of prompt 1)
+    s1 = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    adv = brpo_summary_advantages(s1, torch.arange(4), cut_index=torch.zeros(4, dtype=torch.long),
+                                  group_index=torch.tensor([0, 0, 1, 1]), n_summary=1)
+    torch.testing.assert_close(adv, torch.tensor([0.5, -0.5, 0.0, 0.0]))
+    assert brpo_summary_advantages(torch.zeros(0), torch.zeros(0, dtype=torch.long), n_summary=4).numel() == 0

@@ -189,3 +189,72 @@ def test_bad_rollout_hook_settings_fail_at_start(make_trainer, overrides, key):
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[")):
         make_trainer(*overrides)
+
+
+class _ScriptedEngine:
+    """Returns scripted responses per generate() call and records the prompts it was given."""
+
+    def __init__(self, *results):
+        self.results = list(results)
+        self.prompts: list[list[list[int]]] = []
+        self.params = []
+
+    def generate(self, prompt_ids, params):
+        self.prompts.append([list(p) for p in prompt_ids])
+        self.params.append(params)
+        responses = self.results.pop(0)
+        assert len(responses) == len(prompt_ids)
+        return RolloutResult(prompt_ids=[list(p) for p in prompt_ids], response_ids=[list(r) for r in responses],
+                             response_logprobs=[torch.zeros(len(r)) for r in responses],
+                             finish_reasons=[FINISH_STOP] * len(responses))
+
+    def update_weights(self):
+        pass
+
+
+def test_anytime_step_hand_computed(make_trainer):
+    """AnytimeReasoner on one prompt, n=2, budgets [2, 4], 2 summaries per slot, linear prior.
+
+    r0 thinks 4 tokens without closing (cuts 2, 4); r1 closes after 3 (cuts 2, 3).
+    Summary scores: r0 slot 0 [0, 0], slot 1 [1, 0]; r1 slot 0 [1, 1], slot 1 [1, 1]
+    -> r = [[0, .5], [1, 1]]; p = [1/3, 2/3]; G = [[1/3, 1/3], [1, 2/3]]; V2 = [2/3, 1/2]
+    V1 (s=1) = r_0 * p_1 = [0, 2/3]; V = [[2/3, (0 + .5)/2], [2/3, (2/3 + .5)/2]]
+    A = [[-1/3, 1/12], [1/3, 1/12]]; summary advantages: score - pool mean -> only r0 slot 1 is +-.5.
+    """
+    trainer = make_trainer("+recipe=anytime", "rollout.n=2", "trainer.prompts_per_step=1",
+                           "anytime.budgets=[2,4]", "anytime.n_summary=2", "eval.at_start=false", "eval.at_end=false")
+    tok = trainer.tokenizer
+    close = tok.convert_tokens_to_ids("</think>")
+    think = tok("We need", add_special_tokens=False)["input_ids"][:1] * 4
+    r0, r1 = think[:4], think[:2] + [close]
+    trainer.sampler = type("OneRow", (), {"take": lambda self, k: [0] * k, "state_dict": lambda self: {}})()
+    gold = trainer.train_rows[0]["answer"]
+    say = lambda a: tok(f"The answer is \\boxed{{{a}}}.", add_special_tokens=False)["input_ids"] + trainer.eos_ids[:1]  # noqa: E731
+    right, wrong = say(gold), say(f"{gold}1")
+    engine = _ScriptedEngine([r0, r1], [wrong, wrong, right, wrong, right, right, right, right])
+    trainer.engine = engine
+    metrics = trainer.train_step()
+    prompt = trainer.train_prompt_ids[0]
+    cut, fin = trainer.anytime_cut_ids, trainer.anytime_finished_ids
+    assert engine.params[0].max_new_tokens == 4 and "</think>" in engine.params[0].stop_strings
+    assert engine.params[1].max_new_tokens == 32 and "</think>" not in engine.params[1].stop_strings
+    # summary prompts: r0 cut at 2 and 4 (cut text), r1 cut at 2 (cut text) and its own end (finished text)
+    assert engine.prompts[1] == [prompt + r0[:2] + cut] * 2 + [prompt + r0 + cut] * 2 + \
+        [prompt + r1[:2] + cut] * 2 + [prompt + r1 + fin] * 2
+    assert metrics["anytime/score_at_2"] == pytest.approx(0.5)  # (0 + 1) / 2
+    assert metrics["anytime/score_at_4"] == pytest.approx(0.75)  # (.5 + 1) / 2
+    assert metrics["acc/mean"] == pytest.approx(0.5)  # r1 correct at the full budget, r0 at 0.5 is not
+    assert metrics["anytime/summaries"] == 8
+    engine.results = [[r0, r1], [wrong, wrong, right, wrong, right, right, right, right]]
+    kept, _, _ = trainer.collect_rollouts(2, {"rollout": 0.0, "reward": 0.0, "generated_tokens": 0.0})
+    batch = trainer.build_batch(kept)
+    assert batch.num_primary == 2 and batch.group_rows == [list(range(10))]
+    torch.testing.assert_close(batch.token_advantages[0], torch.tensor([-1 / 3, -1 / 3, 1 / 12, 1 / 12]))
+    torch.testing.assert_close(batch.token_advantages[1], torch.tensor([1 / 3, 1 / 3, 1 / 12]))
+    summary_adv = [float(a[0]) for a in batch.token_advantages[2:]]
+    assert summary_adv == pytest.approx([0, 0, 0.5, -0.5, 0, 0, 0, 0])
+    assert [len(a) for a in batch.token_advantages[2:]] == [len(wrong), len(wrong), len(right), len(wrong)] + \
+        [len(right)] * 4
+    # the loss sees per-token advantages: [b, R] with zeros on padding
+    t = trainer._micro_tensors(batch, [0, 1])
+    assert t["advantages"].shape == (2, 4) and float(t["advantages"][1, 3]) == 0.0
