@@ -271,7 +271,7 @@ def build_embedded_model(cfg: EmbeddedModelConfig, out_dir: str | os.PathLike, p
 
             model.generation_config = GenerationConfig(
                 eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None, do_sample=True,
-                temperature=0.6, top_p=0.95, max_new_tokens=cfg.eval_max_new_tokens,
+                temperature=0.6, top_p=0.95, top_k=0, max_new_tokens=cfg.eval_max_new_tokens,
             )
             model.save_pretrained(out)
             tokenizer.save_pretrained(out)
