@@ -92,6 +92,11 @@ class Backend(Protocol):
 # ------------------------------------------------------------------------------------ fast path
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
 def _rope_type(config) -> str:
     params = getattr(config, "rope_parameters", None) or {}
     if isinstance(params, dict) and "rope_type" in params:
@@ -441,6 +446,7 @@ class LlamaFastBackend:
             shape = (num_slots, self.num_kv_heads, max_len, self.head_dim)
             zeros = dict(dtype=self.dtype, device=self.device)  # zeros: stale NaNs would leak via 0*NaN
             self._kv = [(torch.zeros(shape, **zeros), torch.zeros(shape, **zeros)) for _ in self.layers]
+        self.num_slots, self.max_len = num_slots, max_len
         self.n = 0
         self.lens: list[int] = []  # tokens in the cache per row (host copy)
         self.pos = torch.zeros(0, dtype=torch.long, device=self.device)  # same, on device
@@ -474,6 +480,21 @@ class LlamaFastBackend:
         self.pos = pos + 1
         self.lens = [x + 1 for x in self.lens]
         return self.logits(hidden), (hidden if want_hidden else None)
+
+    def move_cache_columns(self, rows: list[int], src: list[int], dst: list[int]) -> None:
+        """Copy cache columns ``src`` to ``dst`` of rows ``rows`` (an accepted draft-tree path moved
+        next to its root; all sources are read before any destination is written)."""
+        r = torch.tensor(rows, dtype=torch.long, device=self.device)
+        s_cols = torch.tensor(src, dtype=torch.long, device=self.device)
+        d_cols = torch.tensor(dst, dtype=torch.long, device=self.device)
+        for k_cache, v_cache in self._kv:
+            k_cache[r, :, d_cols] = k_cache[r, :, s_cols].clone()
+            v_cache[r, :, d_cols] = v_cache[r, :, s_cols].clone()
+
+    def set_lengths(self, lens: list[int]) -> None:
+        """Set the cached tokens per row (after a speculative step accepted a different number each)."""
+        self.lens = [int(x) for x in lens]
+        self.pos = torch.tensor(self.lens, dtype=torch.long, device=self.device)
 
     def remove(self, rows: list[int]) -> list[int]:
         n = self.n
@@ -664,6 +685,10 @@ class NativeEngine:
             that parameters changed (version counters); ``False`` reads every weight in place.
         prefill_tokens: padded-token budget of one prefill forward (prompts are admitted in
             chunks of at most this many tokens; at least one prompt per chunk).
+        speculative: optional :class:`~rlspec.rollout.spec_decode.SpeculativeSettings`; with a
+            drafter (:meth:`set_drafter`) the fast path switches to lossless speculative decoding
+            on the long tail (see :mod:`rlspec.rollout.spec_decode`). The output distribution,
+            the returned log-probs and hidden states are the target's either way.
 
     Results do not depend on how ``max_batch_size`` splits the prompts beyond floating-point
     rounding; sampling is reproducible for a given ``SamplingParams.seed`` and inputs.
@@ -680,6 +705,7 @@ class NativeEngine:
         fast_path: bool | None = None,
         fuse_weights: bool = True,
         prefill_tokens: int = 8192,
+        speculative=None,
     ) -> None:
         if max_batch_size < 1:
             raise ConfigError(f"rollout max_batch_size must be >= 1, got {max_batch_size}")
@@ -716,6 +742,21 @@ class NativeEngine:
                         "Set fast_path to null/None (auto) or False."
                     ) from None
         self.last_backend: str | None = None  # "fast" or "generic": which path the last call used
+        self._spec_stats = None
+        self.speculative = speculative  # SpeculativeSettings or None
+        self.drafter = None
+        self.bandit = None
+        if speculative is not None:
+            from rlspec.rollout.bandit import DraftShapeBandit
+
+            self.bandit = DraftShapeBandit(dict(speculative.bandit))  # kept across calls: it learns
+        self._sd_backoff: dict[int, int] = {}  # batch-size bucket -> calls left before SD is tried again
+        self._sd_penalty: dict[int, int] = {}  # bucket -> current backoff length (doubles on each loss)
+
+    def set_drafter(self, drafter) -> None:
+        """Use ``drafter`` (an :class:`~rlspec.rollout.drafter.EagleDrafter` of this model) for
+        speculative decoding from the next ``generate`` call on (``None`` turns it off)."""
+        self.drafter = drafter
 
     # -- RolloutEngine ----------------------------------------------------------------------
 
@@ -759,6 +800,7 @@ class NativeEngine:
         finish: list[str] = [FINISH_LENGTH] * n_req
         hidden_steps: list[tuple[torch.Tensor, list[int]]] = []
         steps = 0
+        self._spec_stats = None
         if n_req:
             mode = _eval_mode(self.model) if backend is self.generic else contextlib.nullcontext()
             with torch.inference_mode(), mode:
@@ -774,6 +816,8 @@ class NativeEngine:
             "prompt_tokens": float(sum(len(p) for p in prompts)),
             "decode_steps": float(steps),
         }
+        if self._spec_stats is not None:
+            stats.update(self._spec_stats.as_stats())
         result_kw = dict(
             prompt_ids=prompts,
             response_ids=responses,
@@ -833,6 +877,14 @@ class NativeEngine:
     ) -> int:
         num_slots = min(self.max_batch_size, len(prompts))
         max_len = max(len(p) for p in prompts) + params.max_new_tokens
+        spec = None
+        self._spec_stats = None
+        if self.speculative is not None and self.drafter is not None and backend is self.fast:
+            from rlspec.rollout.spec_decode import SpecStats, SpeculativeDecoder
+
+            spec = SpeculativeDecoder(backend, self.drafter, params, self.bandit, generator)
+            self._spec_stats = SpecStats()
+            max_len += spec.cache_slack(self.bandit)  # draft-tree columns past a row's length
         backend.begin(num_slots, max_len)
         waiting = deque(range(len(prompts)))
         rows: list[int] = []  # request index of each active row
@@ -842,27 +894,53 @@ class NativeEngine:
         window = self._stop_window(params) if stops else 0
         decode_text = self.tokenizer.decode if stops else None
         steps = 0
+        in_sd = False
+        calm_steps = 0  # consecutive decode steps with <= threshold rows and nothing waiting
+        plain_rates: list[float] = []  # tokens/s of the calm plain steps just before the switch
+        sd_rates: list[float] = []
+        sd_bucket = None
+
+        def append(r: int, t: int, lp: float) -> bool:
+            """Append token ``t`` to request ``r``; True when the request is finished."""
+            resp = responses[r]
+            resp.append(t)
+            logprobs[r].append(lp)
+            if t in eos or (stops and any(s in decode_text(resp[-window:], skip_special_tokens=False) for s in stops)):
+                finish[r] = FINISH_STOP
+                return True
+            return len(resp) >= max_new  # FINISH_LENGTH (the default)
 
         def consume(logits: torch.Tensor, hidden: torch.Tensor | None, reqs: list[int]) -> tuple[torch.Tensor, list]:
             tokens, lps = sample_next_tokens(logits, params, generator)
             if hidden is not None:
                 hidden_steps.append((hidden, list(reqs)))
             host = torch.stack((tokens.to(torch.float64), lps.to(torch.float64))).tolist()
-            done = []
-            for i, (r, t, lp) in enumerate(zip(reqs, host[0], host[1])):
-                t = int(t)
-                resp = responses[r]
-                resp.append(t)
-                logprobs[r].append(lp)
-                if t in eos:
-                    finish[r] = FINISH_STOP
-                    done.append(i)
-                elif stops and any(s in decode_text(resp[-window:], skip_special_tokens=False) for s in stops):
-                    finish[r] = FINISH_STOP
-                    done.append(i)
-                elif len(resp) >= max_new:
-                    done.append(i)  # FINISH_LENGTH (the default)
+            done = [i for i, (r, t, lp) in enumerate(zip(reqs, host[0], host[1])) if append(r, int(t), lp)]
             return tokens, done
+
+        def speculative_step() -> tuple[torch.Tensor, list]:
+            outs = spec.step(cur, self._spec_stats)
+            done, kept, new_cur, kept_hidden, kept_reqs = [], [], [], [], []
+            for i, (r, (emitted, lps, hid, _last)) in enumerate(zip(rows, outs)):
+                lp_host = lps.tolist()
+                k = 0
+                finished = False
+                for t, lp in zip(emitted, lp_host):
+                    k += 1
+                    if append(r, t, lp):
+                        finished = True
+                        break
+                kept.append(k)
+                new_cur.append(emitted[-1])
+                if want_hidden:
+                    kept_hidden.append(hid[:k])
+                    kept_reqs += [r] * k
+                if finished:
+                    done.append(i)
+            if want_hidden and kept_hidden:
+                hidden_steps.append((torch.cat(kept_hidden), kept_reqs))
+            spec.commit(kept)
+            return torch.tensor(new_cur, dtype=torch.long, device=self.device), done
 
         try:
             while True:
@@ -879,9 +957,59 @@ class NativeEngine:
                     if waiting:
                         continue
                     break
-                logits, hidden = backend.decode(cur, want_hidden)
+                if spec is not None and not in_sd:  # TLT's long-tail switch, with hysteresis
+                    calm = not waiting and (self.speculative.mode == "always" or len(rows) <= self.speculative.threshold)
+                    calm_steps = calm_steps + 1 if calm else 0
+                    if not calm:
+                        plain_rates.clear()
+                    if calm and (self.speculative.mode == "always" or calm_steps >= self.speculative.warmup_checks):
+                        sd_bucket = self.bandit.bucket_of(len(rows))
+                        skip = self._sd_backoff.get(sd_bucket, 0)
+                        if skip and self.speculative.mode == "adaptive":
+                            self._sd_backoff[sd_bucket] = skip - 1  # SD lost here recently: plain this call
+                            spec = None
+                        else:
+                            t_switch = time.perf_counter()
+                            spec.start([prompts[r] + responses[r] for r in rows], cur)
+                            self._spec_stats.switch_seconds += time.perf_counter() - t_switch
+                            in_sd = True
                 steps += 1
+                if in_sd:
+                    t_sd = time.perf_counter()
+                    before = sum(len(responses[r]) for r in rows)
+                    cur, done = speculative_step()
+                    sd_rates.append((sum(len(responses[r]) for r in rows) - before) / max(time.perf_counter() - t_sd, 1e-9))
+                    if (self.speculative.mode == "adaptive" and len(sd_rates) == self.speculative.probe_steps
+                            and plain_rates and _median(sd_rates) < _median(plain_rates)):
+                        # "never slower than plain": this batch-size bucket decodes faster without SD;
+                        # back to plain for this call and skip SD there for 1, 2, 4, ... calls
+                        penalty = min(2 * self._sd_penalty.get(sd_bucket, 0) or 1, 64)
+                        self._sd_penalty[sd_bucket] = penalty
+                        self._sd_backoff[sd_bucket] = penalty
+                        self._spec_stats.reverted = 1
+                        in_sd = False
+                        spec.abandon()
+                        spec = None
+                    elif self.speculative.mode == "adaptive" and len(sd_rates) == self.speculative.probe_steps:
+                        self._sd_penalty[sd_bucket] = 0  # SD wins here: keep it
+                    if done:
+                        order = backend.remove(done)
+                        if spec is not None:
+                            spec.remove(done, order)
+                        rows = [rows[i] for i in order]
+                        cur = cur[torch.tensor(order, dtype=torch.long, device=cur.device)]
+                    continue
+                t_plain = time.perf_counter()
+                n_rows = len(rows)
+                logits, hidden = backend.decode(cur, want_hidden)
                 cur, done = consume(logits, hidden, rows)
+                if self._spec_stats is not None:
+                    elapsed = time.perf_counter() - t_plain
+                    self._spec_stats.plain_steps += 1
+                    self._spec_stats.plain_tokens += n_rows
+                    self._spec_stats.plain_seconds += elapsed
+                    if calm_steps:
+                        plain_rates.append(n_rows / max(elapsed, 1e-9))
                 if done:
                     rows, cur = self._drop(backend, rows, cur, done)
         finally:
