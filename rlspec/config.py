@@ -110,6 +110,34 @@ class BudgetConfig:
 
 
 @dataclass
+class SpeculativeConfig:
+    """Lossless speculative decoding on the long tail (TLT, arXiv 2511.16665;
+    :mod:`rlspec.rollout.spec_decode`). ``drafter_path``: an :class:`~rlspec.rollout.drafter.EagleDrafter`
+    directory for this model (``python -m rlspec.rollout.drafter model=... out=...`` warms one up);
+    null with the embedded default builds and caches one next to the model."""
+
+    enable: bool = False
+    mode: str = "adaptive"  # adaptive (long-tail switch, reverts if slower) | always
+    threshold: int = 32  # SD once unfinished rows <= threshold ...
+    warmup_checks: int = 10  # ... for this many consecutive decode steps
+    probe_steps: int = 8  # adaptive: SD steps measured before comparing with plain decoding
+    drafter_path: Optional[str] = None
+    drafter_warmup_steps: int = 300  # offline warm-up of the embedded default's drafter
+    bandit: Dict[str, Any] = field(default_factory=dict)  # rlspec.rollout.bandit keys (policy, arms, ...)
+
+    def __post_init__(self) -> None:
+        from rlspec.rollout.spec_decode import SpeculativeSettings
+
+        SpeculativeSettings(mode=self.mode, threshold=self.threshold, warmup_checks=self.warmup_checks,
+                            probe_steps=self.probe_steps, bandit=dict(self.bandit))
+        _require(self.drafter_warmup_steps >= 1, "rollout.speculative.drafter_warmup_steps", "must be >= 1")
+        if self.bandit:
+            from rlspec.rollout.bandit import BanditConfig
+
+            BanditConfig.from_dict(dict(self.bandit))
+
+
+@dataclass
 class RolloutConfig:
     """Sampling of training rollouts (TRL: ``num_generations``, ``max_completion_length``)."""
 
@@ -124,6 +152,7 @@ class RolloutConfig:
     length_schedule: LengthScheduleConfig = field(default_factory=LengthScheduleConfig)
     truncation: TruncationConfig = field(default_factory=TruncationConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
         _require(self.n >= 1, "rollout.n", f"must be >= 1, got {self.n}")

@@ -601,3 +601,48 @@ class _Progress(contextlib.AbstractContextManager):
     def log(self, msg: str) -> None:
         if self._p is not None:
             self._p.console.log(msg)
+
+
+# ---------------------------------------------------------------------------------- drafter
+
+
+DRAFTER_VERSION = "1"  # bump when the drafter warm-up recipe changes
+
+
+def get_embedded_drafter_path(model_dir: Path, model, tokenizer, prompts: Sequence[Sequence[int]], steps: int,
+                              num_prompts: int = 256, progress: bool = True) -> Path:
+    """The EAGLE drafter of the embedded model in ``model_dir``, warmed up once on the model's own
+    generations (TLT's offline warm-up, :func:`rlspec.rollout.drafter.warmup_drafter`) and cached
+    beside it as ``<model_dir>-drafter-<steps>-v<DRAFTER_VERSION>/`` (built under a file lock in a
+    temporary directory, moved into place atomically)."""
+    from filelock import FileLock
+
+    from rlspec.rollout.drafter import warmup_drafter
+
+    final = model_dir.parent / f"{model_dir.name}-drafter-{steps}-v{DRAFTER_VERSION}"
+    if (final / "drafter_config.json").is_file():
+        return final
+    with FileLock(str(final) + ".lock"):
+        if (final / "drafter_config.json").is_file():
+            return final
+        log = print if progress else (lambda *a, **k: None)
+        log(f"warming up the embedded model's drafter ({steps} steps on its own generations) into {final}")
+        prev = torch.get_num_threads()
+        torch.set_num_threads(build_threads())
+        try:
+            drafter, metrics = warmup_drafter(model, tokenizer, [list(p) for p in prompts[:num_prompts]], steps,
+                                              max_new_tokens=512, log=log)
+        finally:
+            torch.set_num_threads(prev)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+        try:
+            drafter.save(tmp / "drafter")
+            after = metrics.get("eval_after") or {}
+            (tmp / "drafter" / "warmup.json").write_text(json.dumps(
+                {"steps": steps, "eval_before": metrics.get("eval_before"), "eval_after": after}, indent=2, default=str))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp / "drafter", final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -122,6 +122,27 @@ def build_prompt_ids(tokenizer: Any, rows: list[dict[str, Any]], instruction: st
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
+def load_drafter(cfg: RLSpecConfig, model: Any, tokenizer: Any, model_path: Any, train_rows: list[dict[str, Any]]):
+    """The EAGLE drafter for ``rollout.speculative``: ``drafter_path``, or for the embedded default
+    one warmed up on the model's own generations and cached beside it (built once)."""
+    from rlspec.errors import ModelLoadError
+    from rlspec.rollout.drafter import EagleDrafter
+
+    sc = cfg.rollout.speculative
+    if sc.drafter_path:
+        return EagleDrafter.load(Path(sc.drafter_path).expanduser(), model)
+    if cfg.model.path is not None:
+        raise ModelLoadError(
+            f"rollout.speculative.enable=true needs a drafter for {cfg.model.path}: warm one up with "
+            f"`python -m rlspec.rollout.drafter model={cfg.model.path} out=DIR` and set rollout.speculative.drafter_path=DIR"
+        )
+    from rlspec.embedded import get_embedded_drafter_path
+
+    prompts = build_prompt_ids(tokenizer, train_rows, cfg.data.instruction)
+    return EagleDrafter.load(get_embedded_drafter_path(Path(model_path), model, tokenizer, prompts,
+                                                       sc.drafter_warmup_steps), model)
+
+
 def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: Any = None):
     """Load model, tokenizer, data, engine and rewards, and wire them into a trainer."""
     from rlspec.data import load_split
@@ -143,9 +164,20 @@ def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: Any = None):
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     model = load_causal_lm(model_path, cfg.model.dtype, cfg.model.trust_remote_code).eval()
     eos_ids = eos_token_ids(model, tokenizer)
+    sc = cfg.rollout.speculative
+    spec_kwargs: dict[str, Any] = {}
+    if sc.enable:
+        from rlspec.rollout.spec_decode import SpeculativeSettings
+
+        spec_kwargs["speculative"] = SpeculativeSettings(mode=sc.mode, threshold=sc.threshold,
+                                                         warmup_checks=sc.warmup_checks, probe_steps=sc.probe_steps,
+                                                         bandit=dict(sc.bandit))
     engine = make_engine(
-        cfg.rollout.engine, model, tokenizer, eos_token_ids=eos_ids, max_batch_size=cfg.rollout.max_batch_size
+        cfg.rollout.engine, model, tokenizer, eos_token_ids=eos_ids, max_batch_size=cfg.rollout.max_batch_size,
+        **spec_kwargs,
     )
+    if sc.enable:
+        engine.set_drafter(load_drafter(cfg, model, tokenizer, model_path, train_rows))
     return GRPOTrainer(
         cfg,
         model=model,

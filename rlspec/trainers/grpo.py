@@ -295,6 +295,7 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         result = self.engine.generate(repeated, self._sampling_params(seed))
         timing["rollout"] += time.perf_counter() - t0
+        self._record_engine_stats(result.stats)
         timing["generated_tokens"] += sum(len(r) for r in result.response_ids)  # before any truncation
         t0 = time.perf_counter()
         texts = decode_responses(self.tokenizer, result.response_ids, self.eos_ids)
@@ -366,6 +367,7 @@ class GRPOTrainer:
         rows = [self.train_rows[i] for i in row_indices for _ in range(n)]
         t0 = time.perf_counter()
         thinking = self.engine.generate(prompts, self._sampling_params(seed))
+        self._record_engine_stats(thinking.stats)
         plan = plan_summaries(prompts, thinking.response_ids, self.anytime_budgets, think_close_id=self.think_close_id,
                               eos_ids=self.eos_ids, cut_ids=self.anytime_cut_ids,
                               finished_ids=self.anytime_finished_ids)
@@ -437,6 +439,12 @@ class GRPOTrainer:
                 cut_scores=[cut_scores[i].tolist() for i in sl],
             ))
         return groups
+
+    def _record_engine_stats(self, stats: Mapping[str, float]) -> None:
+        """Keep the engine's speculative-decoding counters of this step's rollouts (``spec/*``)."""
+        for key, value in stats.items():
+            if key.startswith("spec/"):
+                self._spec_metrics[key] = float(value)
 
     def _score(self, batch: RewardBatch) -> tuple[list[float], dict[str, list[float]], list[bool]]:
         batch.correct = []  # (re-)grade: the completions may have been clipped
@@ -781,9 +789,11 @@ class GRPOTrainer:
         step = self.global_step + 1
         timing = {"rollout": 0.0, "reward": 0.0, "generated_tokens": 0.0}
         t_step = time.perf_counter()
+        self._spec_metrics: dict[str, float] = {}
         kept, generated, chunks = self.collect_rollouts(step, timing)  # 1-2. generate + score
         metrics = self._rollout_metrics(generated, kept, chunks)
         metrics["rollout/max_length"] = float(self.max_length_at(step - 1))
+        metrics.update(self._spec_metrics)  # speculative decoding (rollout.speculative): accept length, arms, ...
         t_train = time.perf_counter()
         if kept:
             batch = self.build_batch(kept)  # 3. advantage
