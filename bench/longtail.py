@@ -1,0 +1,120 @@
+"""Long-tail rollout: plain decoding vs always-on speculative decoding vs the adaptive engine.
+
+One RL-style rollout batch (``--prompts`` prompts x ``--n`` samples, T=1, EOS on, cap
+``--max-new-tokens``): most responses end early and a few long ones form the tail. The same
+prompts and seed go through three engines on the same model:
+
+* ``plain``     -- NativeEngine without speculative decoding;
+* ``always``    -- speculative decoding from the first decode step (``mode=always``);
+* ``adaptive``  -- TLT's switch: speculative once <= ``--threshold`` rows stay unfinished for
+                   ``--warmup-checks`` steps, reverting to plain if it measures SD slower.
+
+Each engine is warmed up once (the adaptive bandit and revert state learn across calls, as in a
+training run), then timed ``--repeats`` times; the median wall time is printed with the ratio
+``plain / engine`` (> 1: faster than plain), the acceptance length and the share of SD steps.
+Output distributions are identical by construction (tests/rollout/test_spec_engine.py), so the
+token counts differ only by sampling noise.
+
+Usage::
+
+    python bench/longtail.py                                   # embedded default + its cached drafter
+    python bench/longtail.py --model DIR --drafter DIR         # any Llama/Qwen2 model and its drafter
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="HF model dir (default: the embedded default)")
+    ap.add_argument("--drafter", default=None, help="EagleDrafter dir (default: the embedded default's, built once)")
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--threshold", type=int, default=8)
+    ap.add_argument("--warmup-checks", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlspec.data import load_split
+    from rlspec.models import eos_token_ids
+    from rlspec.rollout.base import SamplingParams
+    from rlspec.rollout.drafter import EagleDrafter
+    from rlspec.rollout.native import NativeEngine
+    from rlspec.rollout.spec_decode import SpeculativeSettings
+    from rlspec.train import build_prompt_ids
+
+    if args.model is None:
+        from rlspec.embedded import get_embedded_drafter_path, get_embedded_model_path
+
+        model_dir = get_embedded_model_path()
+    else:
+        model_dir = Path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rows = load_split(model_dir, "test", "question", "answer")[: args.prompts]
+    instruction = "Please reason step by step, and put your final answer within \\boxed{}."
+    prompts = [p for p in build_prompt_ids(tokenizer, rows, instruction) for _ in range(args.n)]
+    if args.drafter is None:
+        if args.model is not None:
+            raise SystemExit("--drafter DIR is required with --model (warm one up: python -m rlspec.rollout.drafter)")
+        train = load_split(model_dir, "train", "question", "answer")
+        drafter_dir = get_embedded_drafter_path(model_dir, model, tokenizer, build_prompt_ids(tokenizer, train, instruction), 300)
+    else:
+        drafter_dir = Path(args.drafter)
+    drafter = EagleDrafter.load(drafter_dir, model)
+    eos = eos_token_ids(model, tokenizer)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0, seed=args.seed)
+
+    def engine(mode: str | None) -> NativeEngine:
+        spec = None if mode is None else SpeculativeSettings(mode=mode, threshold=args.threshold,
+                                                              warmup_checks=args.warmup_checks)
+        e = NativeEngine(model, eos, tokenizer=tokenizer, speculative=spec)
+        if spec is not None:
+            e.set_drafter(drafter)
+        return e
+
+    engines = {"plain": engine(None), "always": engine("always"), "adaptive": engine("adaptive")}
+    params_of = {name: params for name in engines}
+    for name, e in engines.items():  # warm-up (and let the adaptive engine learn)
+        e.generate(prompts, params_of[name])
+    times: dict[str, list[float]] = {k: [] for k in engines}
+    stats: dict[str, dict] = {}
+    for _ in range(args.repeats):
+        for name, e in engines.items():
+            t0 = time.perf_counter()
+            out = e.generate(prompts, params_of[name])
+            times[name].append(time.perf_counter() - t0)
+            stats[name] = {**out.stats, "lengths": sorted(len(r) for r in out.response_ids)}
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"model {model_dir.name} ({params_m:.1f}M params), drafter {drafter_dir.name}, "
+          f"{args.prompts} prompts x {args.n}, cap {args.max_new_tokens}, threads {torch.get_num_threads()}")
+    lengths = stats["plain"]["lengths"]
+    print(f"plain response lengths: median {lengths[len(lengths) // 2]}, p90 {lengths[int(0.9 * len(lengths))]}, "
+          f"max {lengths[-1]} (the long tail)")
+    base = statistics.median(times["plain"])
+    print(f"{'engine':<10}{'wall s':>9}{'plain/engine':>14}{'accept len':>12}{'SD steps':>10}{'reverted':>10}")
+    for name in engines:
+        t = statistics.median(times[name])
+        s = stats[name]
+        print(f"{name:<10}{t:>9.2f}{base / t:>14.2f}{s.get('spec/accept_length', 0.0):>12.2f}"
+              f"{s.get('spec/frac_steps_sd', 0.0):>10.2f}{s.get('spec/reverted', 0.0):>10.0f}")
+    print(json.dumps({k: statistics.median(v) for k, v in times.items()}))
+
+
+if __name__ == "__main__":
+    main()
