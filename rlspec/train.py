@@ -77,11 +77,19 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def config_differences(saved: dict[str, Any], current: dict[str, Any],
+                       defaults: dict[str, Any] | None = None) -> list[str]:
+    """Keys whose values differ. A key the saved config lacks and whose current value is its
+    schema default (``defaults``, flattened or nested) is not a difference: it was added by a
+    newer rlspec and changes nothing for the run being resumed."""
     a, b = _flatten("", saved, {}), _flatten("", current, {})
+    d = _flatten("", defaults or {}, {})
+    missing = object()
     diffs = []
     for key in sorted(set(a) | set(b)):
         if any(key == c or (c.endswith(".") and key.startswith(c)) for c in RESUMABLE_CHANGES):
+            continue
+        if key not in a and key in b and d.get(key, missing) == b[key]:
             continue
         if a.get(key) != b.get(key):
             diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
@@ -97,7 +105,8 @@ def prepare_run_dir(cfg: RLSpecConfig, resolved: dict[str, Any]) -> Path:
     saved_path = run_dir / "config.yaml"
     if cfg.trainer.resume == "auto" and find_latest_checkpoint(run_dir) is not None and saved_path.is_file():
         saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
-        diffs = config_differences(saved, resolved)
+        defaults = OmegaConf.to_container(OmegaConf.structured(RLSpecConfig), resolve=False)
+        diffs = config_differences(saved, resolved, defaults)
         if diffs:
             raise ConfigError(
                 f"{run_dir} holds a run with a different config ({'; '.join(diffs[:3])}); "
