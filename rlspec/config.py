@@ -110,6 +110,24 @@ class BudgetConfig:
 
 
 @dataclass
+class OnlineDrafterConfig:
+    """TLT's spot trainer (:mod:`rlspec.rollout.spot_trainer`): train the drafter on the rollouts'
+    own hidden states while the long tail generates; published with the next policy weights."""
+
+    enable: bool = True
+    lr: float = 5e-5  # TLT: 5e-5 offline, 1e-6 online for 7B-32B targets
+    max_steps: int = 200  # per rollout (TLT: 200 per session)
+    batch_size: int = 4  # windows per drafter step (TLT: min(batch, 4))
+    window: int = 512  # tokens per training window (TLT: 512)
+    keep_steps: int = 2  # RL steps of rollouts kept in the buffer (TLT: the last 2)
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "rollout.speculative.online.lr", f"must be > 0, got {self.lr}")
+        for key in ("max_steps", "batch_size", "window", "keep_steps"):
+            _require(getattr(self, key) >= 1, f"rollout.speculative.online.{key}", "must be >= 1")
+
+
+@dataclass
 class SpeculativeConfig:
     """Lossless speculative decoding on the long tail (TLT, arXiv 2511.16665;
     :mod:`rlspec.rollout.spec_decode`). ``drafter_path``: an :class:`~rlspec.rollout.drafter.EagleDrafter`
@@ -124,6 +142,7 @@ class SpeculativeConfig:
     drafter_path: Optional[str] = None
     drafter_warmup_steps: int = 300  # offline warm-up of the embedded default's drafter
     bandit: Dict[str, Any] = field(default_factory=dict)  # rlspec.rollout.bandit keys (policy, arms, ...)
+    online: OnlineDrafterConfig = field(default_factory=OnlineDrafterConfig)
 
     def __post_init__(self) -> None:
         from rlspec.rollout.spec_decode import SpeculativeSettings

@@ -185,8 +185,16 @@ def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: Any = None):
         cfg.rollout.engine, model, tokenizer, eos_token_ids=eos_ids, max_batch_size=cfg.rollout.max_batch_size,
         **spec_kwargs,
     )
+    spot = None
     if sc.enable:
-        engine.set_drafter(load_drafter(cfg, model, tokenizer, model_path, train_rows))
+        drafter = load_drafter(cfg, model, tokenizer, model_path, train_rows)
+        engine.set_drafter(drafter)
+        if sc.online.enable:
+            from rlspec.rollout.spot_trainer import SpotDrafterTrainer
+
+            o = sc.online
+            spot = SpotDrafterTrainer(drafter, lr=o.lr, batch_size=o.batch_size, window=o.window,
+                                      max_steps=o.max_steps, keep_steps=o.keep_steps, seed=cfg.trainer.seed)
     return GRPOTrainer(
         cfg,
         model=model,
@@ -201,6 +209,7 @@ def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: Any = None):
         reward_terms=build_reward_terms(cfg.reward),
         logger=logger,
         start_model_path=str(model_path),
+        spot_trainer=spot,
     )
 
 

@@ -746,6 +746,10 @@ class NativeEngine:
         self.speculative = speculative  # SpeculativeSettings or None
         self.drafter = None
         self.bandit = None
+        # called once per generate() when the long tail starts (<= threshold rows for warmup_checks
+        # decode steps, nothing waiting), with the finished requests' (prompt, response, hidden
+        # states) when hidden states are collected: TLT's spot trainer starts there
+        self.on_long_tail = None
         if speculative is not None:
             from rlspec.rollout.bandit import DraftShapeBandit
 
@@ -895,6 +899,7 @@ class NativeEngine:
         decode_text = self.tokenizer.decode if stops else None
         steps = 0
         in_sd = False
+        long_tail = False
         calm_steps = 0  # consecutive decode steps with <= threshold rows and nothing waiting
         plain_rates: list[float] = []  # tokens/s of the calm plain steps just before the switch
         sd_rates: list[float] = []
@@ -957,15 +962,24 @@ class NativeEngine:
                     if waiting:
                         continue
                     break
-                if spec is not None and not in_sd:  # TLT's long-tail switch, with hysteresis
+                if self.speculative is not None and not long_tail:  # TLT's long-tail switch, with hysteresis
                     calm = not waiting and (self.speculative.mode == "always" or len(rows) <= self.speculative.threshold)
                     calm_steps = calm_steps + 1 if calm else 0
                     if not calm:
                         plain_rates.clear()
                     if calm and (self.speculative.mode == "always" or calm_steps >= self.speculative.warmup_checks):
+                        long_tail = True
+                        if self.on_long_tail is not None:
+                            active = set(rows)
+                            done_reqs = [r for r in range(len(prompts)) if responses[r] and r not in active
+                                         and r not in waiting]
+                            self.on_long_tail(self._finished_samples(prompts, responses, hidden_steps, done_reqs)
+                                              if want_hidden else [])
                         sd_bucket = self.bandit.bucket_of(len(rows))
                         skip = self._sd_backoff.get(sd_bucket, 0)
-                        if skip and self.speculative.mode == "adaptive":
+                        if spec is None:
+                            pass  # no drafter for this call
+                        elif skip and self.speculative.mode == "adaptive":
                             self._sd_backoff[sd_bucket] = skip - 1  # SD lost here recently: plain this call
                             spec = None
                         else:
@@ -1021,6 +1035,20 @@ class NativeEngine:
         rows = [rows[i] for i in order]
         cur = cur[torch.tensor(order, dtype=torch.long, device=cur.device)]
         return rows, cur
+
+    @staticmethod
+    def _finished_samples(prompts, responses, hidden_steps, reqs: list[int]) -> list[tuple]:
+        """``(prompt, response, hidden [len, H])`` of finished requests ``reqs`` mid-generation."""
+        if not reqs or not hidden_steps:
+            return []
+        wanted = set(reqs)
+        parts: dict[int, list[torch.Tensor]] = {r: [] for r in reqs}
+        for h, owners in hidden_steps:
+            idx = [i for i, r in enumerate(owners) if r in wanted]
+            for i in idx:
+                parts[owners[i]].append(h[i])
+        return [(list(prompts[r]), list(responses[r]), torch.stack(parts[r]).clone()) for r in reqs
+                if len(parts[r]) == len(responses[r])]
 
     @staticmethod
     def _collect_hidden(

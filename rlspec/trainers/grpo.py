@@ -142,9 +142,15 @@ class GRPOTrainer:
         reward_terms: Mapping[str, Mapping[str, Any]],
         logger: MetricsLogger | None = None,
         start_model_path: str | None = None,
+        spot_trainer: Any = None,
     ) -> None:
         self.cfg = cfg
         self.start_model_path = start_model_path  # recorded in summary.json (export's merge.base=start)
+        # TLT spot trainer (rollout.speculative.online): trains the engine's drafter during the long tail
+        self.spot = spot_trainer
+        self._spot_added: set[int] = set()
+        if spot_trainer is not None:
+            engine.on_long_tail = self._on_long_tail
         self.tc = cfg.trainer
         self.model = model
         self.tokenizer = tokenizer
@@ -293,7 +299,13 @@ class GRPOTrainer:
         n = self.cfg.rollout.n
         repeated, budgets = self._rollout_prompts(row_indices, seed)  # [P * n]
         t0 = time.perf_counter()
-        result = self.engine.generate(repeated, self._sampling_params(seed))
+        if self.spot is not None:
+            self._spot_added = set()
+            result = self.engine.generate(repeated, self._sampling_params(seed), return_hidden_states=True)
+            self._spec_metrics.update(self.spot.stop(self.global_step + 1))  # preempt + publish with the policy
+            self._buffer_rollout(repeated, result)
+        else:
+            result = self.engine.generate(repeated, self._sampling_params(seed))
         timing["rollout"] += time.perf_counter() - t0
         self._record_engine_stats(result.stats)
         timing["generated_tokens"] += sum(len(r) for r in result.response_ids)  # before any truncation
@@ -439,6 +451,22 @@ class GRPOTrainer:
                 cut_scores=[cut_scores[i].tolist() for i in sl],
             ))
         return groups
+
+    def _on_long_tail(self, finished: list[tuple[list[int], list[int], torch.Tensor]]) -> None:
+        """The engine reached the long tail: buffer the responses finished so far (this step's
+        data, mixed with the previous steps' long ones) and start training the drafter."""
+        step = self.global_step + 1
+        for prompt, response, hidden in finished:
+            if self.spot.buffer.add_response(step, prompt, response, hidden):
+                self._spot_added.add(hash((tuple(prompt), tuple(response))))
+        self.spot.start()
+
+    def _buffer_rollout(self, prompts: list[list[int]], result: Any) -> None:
+        """After the rollout: buffer the responses the long-tail hook did not already add."""
+        step = self.global_step + 1
+        for prompt, response, hidden in zip(prompts, result.response_ids, result.response_hidden_states):
+            if hash((tuple(prompt), tuple(response))) not in self._spot_added:
+                self.spot.buffer.add_response(step, prompt, response, hidden)
 
     def _record_engine_stats(self, stats: Mapping[str, float]) -> None:
         """Keep the engine's speculative-decoding counters of this step's rollouts (``spec/*``)."""

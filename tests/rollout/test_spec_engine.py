@@ -172,3 +172,51 @@ def test_adaptive_switches_on_the_tail_and_reverts_when_slower():
         again = engine.generate([[1, 2]], params)
         assert again.stats["spec/sd_steps"] == 0
     assert math.isfinite(out.stats["spec/accept_length"])
+
+
+def test_long_tail_hook_gets_the_finished_responses_with_hidden_states():
+    model = _model(5, bigram=True)
+    params = SamplingParams(max_new_tokens=30, temperature=0.0)
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10], [0], [3, 3]]
+    free = NativeEngine(model, eos_token_ids=[]).generate(prompts, params).response_ids
+    # an EOS that ends most rows early and never appears in at least one (the tail)
+    eos = next(t for t in range(V) if sum(t in r[:20] for r in free) >= 3 and any(t not in r for r in free))
+    tail = sum(eos not in r for r in free)  # rows that run to the cap
+    engine = _engine(model, EagleDrafter.from_target(model), mode="adaptive", threshold=tail, warmup_checks=2,
+                     eos=[eos])
+    seen = []
+    engine.on_long_tail = seen.append
+    out = engine.generate(prompts, params, return_hidden_states=True)
+    assert len(seen) == 1  # once per call
+    finished = seen[0]
+    assert len(finished) >= 3 and all(len(h) == len(r) for _, r, h in finished)
+    for prompt, response, hidden in finished:  # the same tokens and hidden states as the result
+        i = prompts.index(prompt)
+        assert response == out.response_ids[i] and response[-1] == eos
+        torch.testing.assert_close(hidden, out.response_hidden_states[i])
+
+
+def test_spot_trainer_trains_in_the_background_and_publishes_on_stop():
+    from rlspec.rollout.spot_trainer import SpotDrafterTrainer
+
+    model = _model(6, bigram=False)
+    drafter = EagleDrafter.from_target(model)
+    spot = SpotDrafterTrainer(drafter, lr=1e-3, batch_size=2, window=16, max_steps=10_000)
+    assert spot.stop(1) == {"drafter/steps": 0.0}  # nothing started
+    spot.start()  # empty buffer: nothing to train on, no thread
+    assert spot._thread is None
+    engine = NativeEngine(model, eos_token_ids=[V - 1])
+    result = engine.generate(PROMPTS, SamplingParams(max_new_tokens=20, temperature=1.0, seed=0),
+                             return_hidden_states=True)
+    assert spot.add_rollout(1, result) > 0
+    before = {k: v.clone() for k, v in drafter.fc.state_dict().items()}
+    version = drafter.version
+    spot.start()
+    import time
+
+    time.sleep(0.3)
+    metrics = spot.stop(1)  # preempts the 10k-step run
+    assert 0 < metrics["drafter/steps"] < 10_000
+    assert drafter.version > version and metrics["drafter/version"] == drafter.version
+    assert any(not torch.equal(before[k], v) for k, v in drafter.fc.state_dict().items())  # published
+    assert spot.published_step == 1

@@ -1,0 +1,76 @@
+"""TLT's "spot trainer": online drafter training on idle compute during the rollout's long tail.
+
+Infrastructure only (the loss and optimiser are :class:`~rlspec.rollout.drafter.DrafterTrainer`'s).
+Flow per RL step, as in TLT (arXiv 2511.16665, Sec. 4) minus the bugs found in its code:
+
+* the rollouts' hidden states come for free from the rollout engine
+  (``generate(..., return_hidden_states=True)``); :meth:`SpotDrafterTrainer.add_rollout` puts them
+  in a :class:`~rlspec.rollout.drafter.DrafterBuffer` that keeps the last ``keep_steps`` steps (the
+  previous steps' long sequences mixed with the current step's finished ones);
+* when the engine reports the long tail (:meth:`NativeEngine.on_long_tail`: few rows left, the
+  hardware mostly idle) :meth:`start` trains a private copy of the drafter in a background
+  thread; :meth:`stop` -- called when the rollout ends -- preempts it between two optimizer steps,
+  so the RL step is never delayed by more than one drafter step;
+* the trained weights are published to the engine's drafter (under its lock) at :meth:`stop`,
+  i.e. together with the new policy weights before the next step's rollout (TLT pushes target
+  and drafter together; a drafter left behind the target loses acceptance).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from rlspec.rollout.drafter import DrafterBuffer, DrafterTrainer, EagleDrafter
+
+
+class SpotDrafterTrainer:
+    def __init__(self, drafter: EagleDrafter, *, lr: float = 5e-5, batch_size: int = 4, window: int = 512,
+                 max_steps: int = 200, keep_steps: int = 2, max_samples: int = 10_000, seed: int = 0) -> None:
+        self.drafter = drafter
+        self.buffer = DrafterBuffer(keep_steps=keep_steps, max_samples=max_samples)
+        # publish only at stop(): the engine keeps one drafter version for a whole rollout
+        self.trainer = DrafterTrainer(drafter, lr=lr, batch_size=batch_size, window=window,
+                                      publish_every=10**9, seed=seed)
+        self.max_steps = max_steps
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._result: dict[str, Any] = {}
+        self._started_at: float | None = None
+        self.published_step = 0  # RL step whose rollouts the engine's drafter was last trained on
+
+    def add_rollout(self, step: int, result: Any) -> int:
+        """Buffer the hidden states of a rollout result (``RolloutResultWithHidden``)."""
+        return self.buffer.add_rollout(step, result)
+
+    def start(self) -> None:
+        """Begin training in the background (no-op if already running or nothing is buffered)."""
+        if self._thread is not None or not self.buffer.num_pairs:
+            return
+        self._stop.clear()
+        self._started_at = time.perf_counter()
+
+        def work() -> None:
+            self._result = dict(self.trainer.train(self.buffer, self.max_steps, stop_event=self._stop))
+
+        self._thread = threading.Thread(target=work, name="rlspec-spot-drafter", daemon=True)
+        self._thread.start()
+
+    def stop(self, step: int) -> dict[str, float]:
+        """Preempt the background training (if any), publish its weights, return its metrics."""
+        if self._thread is None:
+            return {"drafter/steps": 0.0}
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        seconds = time.perf_counter() - (self._started_at or time.perf_counter())
+        res = self._result
+        if res.get("steps", 0):
+            self.published_step = step
+        out = {"drafter/steps": float(res.get("steps", 0)), "drafter/train_seconds": seconds,
+               "drafter/version": float(self.drafter.version)}
+        for key in ("loss", "top1"):
+            if isinstance(res.get(key), (int, float)):
+                out[f"drafter/{key}"] = float(res[key])
+        return out
