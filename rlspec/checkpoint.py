@@ -55,10 +55,13 @@ def save_checkpoint(
     meta: dict[str, Any] | None = None,
     keep: int = 2,
     protected: tuple[str, ...] = (),
+    extras: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically, point ``latest`` at it, rotate older ones.
 
     ``keep`` newest step checkpoints are kept; names in ``protected`` are never rotated away.
+    ``extras`` maps a sub-directory name to a function that writes it (inside the same atomic
+    write as the model), e.g. the rollout engine's drafter.
     """
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -71,6 +74,8 @@ def save_checkpoint(
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / "model")
     torch.save(trainer_state, tmp / "trainer_state.pt")
+    for name, write in (extras or {}).items():  # e.g. "drafter": the online-trained EAGLE drafter
+        write(tmp / name)
     (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time(), **(meta or {})}, indent=2))
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it
         shutil.rmtree(final)

@@ -975,10 +975,24 @@ class GRPOTrainer:
             meta={"run_name": self.cfg.run_name, "tags": sorted(t for t, ns in self.checkpoint_tags.items() if name in ns)},
             keep=self.tc.save_total_limit,
             protected=protected,
+            extras=self._checkpoint_extras(),
         )
         if self.checkpoint_tags:
             (path.parent / "tags.json").write_text(json.dumps(self.checkpoint_tags, indent=2))
         return path
+
+    def _checkpoint_extras(self) -> dict[str, Any]:
+        """The engine's EAGLE drafter (rollout.speculative) is saved with the policy: it is trained
+        online, so it is part of the run's state and of the exported model."""
+        drafter = getattr(self.engine, "drafter", None)
+        if drafter is None:
+            return {}
+
+        def write(path: Path) -> None:
+            with drafter.lock:
+                drafter.save(path)
+
+        return {"drafter": write}
 
     def _phase_tag(self, step: int) -> str | None:
         """SIRI: ``siri-low`` / ``siri-high`` at the end of a compression / expansion phase."""
@@ -1005,6 +1019,16 @@ class GRPOTrainer:
 
         saved = AutoModelForCausalLM.from_pretrained(path / "model", dtype=next(self.model.parameters()).dtype)
         self.model.load_state_dict(saved.state_dict())
+        drafter = getattr(self.engine, "drafter", None)
+        if drafter is not None and (path / "drafter").is_dir():  # the online-trained drafter of that step
+            from rlspec.rollout.drafter import EagleDrafter
+
+            restored = EagleDrafter.load(path / "drafter", self.model)
+            with drafter.lock:
+                drafter.load_state_dict(restored.state_dict(), strict=False)
+                drafter.version = restored.version
+            if self.spot is not None:
+                self.spot.trainer.sync_from_drafter()
         self.load_state_dict(state)
         for log_file in ("metrics.jsonl", "completions.jsonl"):
             truncate_jsonl(self.run_dir / log_file, self.global_step)

@@ -258,3 +258,23 @@ def test_anytime_step_hand_computed(make_trainer):
     # the loss sees per-token advantages: [b, R] with zeros on padding
     t = trainer._micro_tensors(batch, [0, 1])
     assert t["advantages"].shape == (2, 4) and float(t["advantages"][1, 3]) == 0.0
+
+
+def test_speculative_run_trains_the_drafter_checkpoints_and_restores_it(make_trainer):
+    """rollout.speculative with the spot trainer: metrics logged, the drafter saved in each
+    checkpoint and restored on resume (it is trained online, so it is run state)."""
+    over = ["rollout.speculative.enable=true", "rollout.speculative.mode=always", "rollout.speculative.drafter_warmup_steps=5",
+            "rollout.speculative.threshold=64", "rollout.speculative.warmup_checks=1", "eval.at_start=false", "eval.at_end=false"]
+    trainer = make_trainer("+recipe=grpo", *over)
+    metrics = trainer.train_step()
+    assert metrics["spec/sd_steps"] > 0 and metrics["spec/accept_length"] >= 1.0
+    assert "drafter/steps" in metrics
+    path = trainer.save()
+    assert (path / "drafter" / "drafter_config.json").is_file()
+    saved = {k: v.clone() for k, v in trainer.engine.drafter.state_dict().items()}
+    resumed = make_trainer("+recipe=grpo", *over)
+    with torch.no_grad():  # make the fresh drafter differ, then resume must bring the saved one back
+        resumed.engine.drafter.fc.weight.add_(1.0)
+    assert resumed.maybe_resume() == path
+    for k, v in resumed.engine.drafter.state_dict().items():
+        torch.testing.assert_close(v, saved[k])
