@@ -16,7 +16,7 @@ answer after ``</think>`` is never used: every budget, the last included, is sco
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 from rlspec.errors import ConfigError
 
@@ -93,3 +93,62 @@ def plan_summaries(
             plan.requests.append(SummaryRequest(i, c, slots, list(prompt) + list(think[:c]) + list(ending),
                                                 pool=len(plan.requests)))
     return plan
+
+
+@dataclass
+class PackedRollout:
+    """One rollout's thinking and all its summaries as a single training sequence (the released
+    code's "tree" packing): ``[thinking | closing text + summary | closing text + summary | ...]``.
+
+    A summary segment sees the prompt, the thinking up to its cut and itself (never the thinking
+    after its cut or another summary); its RoPE positions continue from the cut. Per token (``R``
+    = total length): ``ids``, ``logprobs`` (sampling-time, 0 on the closing texts), ``advantages``,
+    ``loss_mask`` (0 on the closing texts: they were inserted, not sampled), and the attention
+    rule ``seg_start`` / ``seg_cut``: token ``j`` attends to response columns ``k < seg_cut[j]`` and
+    ``seg_start[j] <= k <= j`` (thinking tokens: ``seg_start = seg_cut = 0``, i.e. causal), and
+    ``positions`` (offsets from the prompt's length).
+    """
+
+    ids: list[int]
+    logprobs: "torch.Tensor"
+    advantages: "torch.Tensor"
+    loss_mask: "torch.Tensor"
+    seg_start: "torch.Tensor"
+    seg_cut: "torch.Tensor"
+    positions: "torch.Tensor"
+
+
+def pack_rollout(thinking_ids: Sequence[int], thinking_logprobs, thinking_advantages,
+                 segments: Sequence[tuple[int, Sequence[int], Sequence[int], Any, float]]) -> PackedRollout:
+    """Pack a thinking trace and its summaries; ``segments`` = ``(cut, closing ids, summary ids,
+    summary logprobs [len], advantage)`` each.
+
+    >>> import torch
+    >>> p = pack_rollout([5, 6, 7], torch.zeros(3), torch.ones(3), [(2, [9], [4, 1], torch.zeros(2), -0.5)])
+    >>> p.ids, p.positions.tolist(), p.loss_mask.tolist(), p.seg_start.tolist(), p.seg_cut.tolist()
+    ([5, 6, 7, 9, 4, 1], [0, 1, 2, 2, 3, 4], [1.0, 1.0, 1.0, 0.0, 1.0, 1.0], [0, 0, 0, 3, 3, 3], [0, 0, 0, 2, 2, 2])
+    """
+    import torch
+
+    t = len(thinking_ids)
+    ids = list(thinking_ids)
+    logprobs = [torch.as_tensor(thinking_logprobs, dtype=torch.float32).reshape(-1)]
+    advantages = [torch.as_tensor(thinking_advantages, dtype=torch.float32).reshape(-1)]
+    mask = [torch.ones(t)]
+    seg_start = [torch.zeros(t, dtype=torch.long)]
+    seg_cut = [torch.zeros(t, dtype=torch.long)]
+    positions = [torch.arange(t)]
+    for cut, closing, summary, summary_logprobs, adv in segments:
+        if not closing:
+            raise ConfigError("anytime: the closing text before a summary must not be empty (it carries the "
+                              "prediction of the summary's first token); set anytime.finished_text / cut_text")
+        start, length = len(ids), len(closing) + len(summary)
+        ids += list(closing) + list(summary)
+        logprobs.append(torch.cat([torch.zeros(len(closing)), torch.as_tensor(summary_logprobs, dtype=torch.float32).reshape(-1)]))
+        advantages.append(torch.full((length,), float(adv)))
+        mask.append(torch.cat([torch.zeros(len(closing)), torch.ones(len(summary))]))
+        seg_start.append(torch.full((length,), start, dtype=torch.long))
+        seg_cut.append(torch.full((length,), int(cut), dtype=torch.long))
+        positions.append(int(cut) + torch.arange(length))
+    return PackedRollout(ids, torch.cat(logprobs), torch.cat(advantages), torch.cat(mask).float(), torch.cat(seg_start),
+                         torch.cat(seg_cut), torch.cat(positions))

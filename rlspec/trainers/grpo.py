@@ -78,20 +78,10 @@ class Group:
     # budget-conditioned rollouts (HBPO prefill, L1 target): each response's own prompt and budget
     response_prompt_ids: list[list[int]] | None = None
     budgets: list[int] | None = None
-    # AnytimeReasoner: per-token thinking advantages, the summary rows and the score at each cut
-    token_advantages: list[torch.Tensor] | None = None
-    summaries: "SummaryRows | None" = None
+    # AnytimeReasoner: each rollout packed with its summaries (per-token advantages, tree mask)
+    packed: list[Any] | None = None  # [n] rlspec.rollout.anytime.PackedRollout
     cut_scores: list[list[float]] | None = None  # [n][S]
-
-
-@dataclass
-class SummaryRows:
-    """AnytimeReasoner's summaries of one group: extra trainable rows with their own advantage."""
-
-    prompt_ids: list[list[int]]  # prompt + thinking up to the cut + the closing text
-    response_ids: list[list[int]]
-    old_logprobs: list[torch.Tensor]
-    advantages: list[float]
+    num_summaries: int = 0
 
 
 @dataclass
@@ -105,10 +95,13 @@ class TrainBatch:
     group_index: torch.Tensor  # [B] long
     advantages: torch.Tensor  # [B]
     budgets: torch.Tensor | None = None  # [B] float, budget-conditioned rollouts only
-    # rows of each group (the n rollouts, then any AnytimeReasoner summary rows), for mini-batches
-    group_rows: list[list[int]] = field(default_factory=list)
-    num_primary: int = -1  # rows [0, num_primary) are rollouts, the rest summaries (-1: all rollouts)
-    token_advantages: list[torch.Tensor] | None = None  # [B] of [len(response)]: per-token advantages
+    group_rows: list[list[int]] = field(default_factory=list)  # rows of each group, for mini-batches
+    # AnytimeReasoner's packed rows: per-token advantages, loss mask, tree-attention rule, positions
+    token_advantages: list[torch.Tensor] | None = None  # [B] of [R_i]
+    loss_masks: list[torch.Tensor] | None = None  # [B] of [R_i]; None = every response token
+    seg_start: list[torch.Tensor] | None = None  # [B] of [R_i] (see rlspec.rollout.anytime.PackedRollout)
+    seg_cut: list[torch.Tensor] | None = None
+    positions: list[torch.Tensor] | None = None  # [B] of [R_i], offsets from the prompt length
 
     @property
     def size(self) -> int:
@@ -371,7 +364,7 @@ class GRPOTrainer:
         3. ``r_s`` = mean summary score at budget ``s``; thinking tokens get the per-segment BRPO
            advantages, summaries ``score - mean`` of their pool (or the group, ``n_summary=1``).
         """
-        from rlspec.rollout.anytime import plan_summaries
+        from rlspec.rollout.anytime import pack_rollout, plan_summaries
         from rlspec.trainers.advantages import brpo_returns_and_baseline, brpo_summary_advantages, brpo_token_advantages
 
         at, n, S = self.cfg.anytime, self.cfg.rollout.n, len(self.anytime_budgets)
@@ -427,10 +420,16 @@ class GRPOTrainer:
             if s == S - 1 and req.response not in last_summary:
                 last_summary[req.response] = self.tokenizer.decode(req.prompt_ids[len(prompts[req.response]) + req.cut:]) \
                     + summary_texts[m]
+        segments: list[list[tuple]] = [[] for _ in prompts]  # per rollout: its summaries, in plan order
+        for m, req in enumerate(owners):
+            closing = req.prompt_ids[len(prompts[req.response]) + req.cut:]
+            segments[req.response].append((req.cut, closing, summaries.response_ids[m], summaries.response_logprobs[m],
+                                           summary_adv[m]))
+        packed = [pack_rollout(thinking.response_ids[i], thinking.response_logprobs[i], token_adv[i], segments[i])
+                  for i in range(len(prompts))]
         groups = []
         for g, row_index in enumerate(row_indices):
             sl = range(g * n, (g + 1) * n)
-            members = [m for m, req in enumerate(owners) if req.response // n == g]
             final = [float(cut_scores[i, S - 1]) for i in sl]
             groups.append(Group(
                 row_index=row_index,
@@ -441,14 +440,9 @@ class GRPOTrainer:
                 texts=[thinking_texts[i] + last_summary.get(i, "") for i in sl],
                 rewards=final,  # mean summary score at the full budget
                 correct=[r > 0.5 for r in final],
-                token_advantages=[token_adv[i] for i in sl],
-                summaries=SummaryRows(
-                    prompt_ids=[owners[m].prompt_ids for m in members],
-                    response_ids=[summaries.response_ids[m] for m in members],
-                    old_logprobs=[summaries.response_logprobs[m] for m in members],
-                    advantages=[summary_adv[m] for m in members],
-                ),
+                packed=[packed[i] for i in sl],
                 cut_scores=[cut_scores[i].tolist() for i in sl],
+                num_summaries=sum(len(segments[i]) for i in sl),
             ))
         return groups
 
@@ -576,7 +570,7 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ 3. advantage
     def build_batch(self, groups: list[Group]) -> TrainBatch:
-        if groups and groups[0].token_advantages is not None:
+        if groups and groups[0].packed is not None:
             return self._build_anytime_batch(groups)
         prompt_ids, response_ids, old_logprobs, rewards, group_index, budgets = [], [], [], [], [], []
         for g, group in enumerate(groups):
@@ -614,33 +608,20 @@ class GRPOTrainer:
                           group_rows=[list(range(g * n, (g + 1) * n)) for g in range(len(groups))])
 
     def _build_anytime_batch(self, groups: list[Group]) -> TrainBatch:
-        """The thinking rows (per-token BRPO advantages) of every group, then its summary rows."""
-        prompt_ids, response_ids, old_logprobs, rewards, group_index, token_adv = [], [], [], [], [], []
-        group_rows: list[list[int]] = [[] for _ in groups]
-        for g, group in enumerate(groups):
-            for i in range(len(group.response_ids)):
-                group_rows[g].append(len(response_ids))
-                prompt_ids.append(group.prompt_ids)
-                response_ids.append(group.response_ids[i])
-                old_logprobs.append(group.old_logprobs[i])
-                rewards.append(group.rewards[i])
-                group_index.append(g)
-                token_adv.append(group.token_advantages[i])
-        num_primary = len(response_ids)
-        for g, group in enumerate(groups):
-            rows = group.summaries
-            for p, r, lp, a in zip(rows.prompt_ids, rows.response_ids, rows.old_logprobs, rows.advantages):
-                group_rows[g].append(len(response_ids))
-                prompt_ids.append(p)
-                response_ids.append(r)
-                old_logprobs.append(lp)
-                rewards.append(float("nan"))  # summaries carry advantages, not rewards
-                group_index.append(g)
-                token_adv.append(torch.full((len(r),), float(a)))
-        advantages = torch.stack([a.mean() if a.numel() else torch.tensor(0.0) for a in token_adv])  # [B]
-        return TrainBatch(prompt_ids, response_ids, old_logprobs, torch.tensor(rewards, dtype=torch.float32),
-                          torch.tensor(group_index, dtype=torch.long), advantages, None, group_rows=group_rows,
-                          num_primary=num_primary, token_advantages=token_adv)
+        """One packed row per rollout: its thinking (per-segment BRPO advantages) and summaries."""
+        rows = [(g, group, p) for g, group in enumerate(groups) for p in group.packed]
+        n = self.cfg.rollout.n
+        token_adv = [p.advantages for _, _, p in rows]
+        advantages = torch.stack([(a * p.loss_mask).sum() / p.loss_mask.sum().clamp(min=1)
+                                  for a, (_, _, p) in zip(token_adv, rows)])  # [B] mean over trained tokens
+        rewards = torch.tensor([r for group in groups for r in group.rewards], dtype=torch.float32)
+        return TrainBatch(
+            [group.prompt_ids for _, group, _ in rows], [p.ids for _, _, p in rows], [p.logprobs for _, _, p in rows],
+            rewards, torch.tensor([g for g, _, _ in rows], dtype=torch.long), advantages, None,
+            group_rows=[list(range(g * n, (g + 1) * n)) for g in range(len(groups))], token_advantages=token_adv,
+            loss_masks=[p.loss_mask for _, _, p in rows], seg_start=[p.seg_start for _, _, p in rows],
+            seg_cut=[p.seg_cut for _, _, p in rows], positions=[p.positions for _, _, p in rows],
+        )
 
     # ------------------------------------------------------------------ 4. loss
     def _micro_tensors(self, batch: TrainBatch, idx: list[int]) -> dict[str, torch.Tensor]:
@@ -661,9 +642,14 @@ class GRPOTrainer:
             mask[row, : len(resp)] = 1.0
             old[row, : len(resp)] = batch.old_logprobs[i].float()
         position_ids = (attention.cumsum(-1) - 1).clamp(min=0)  # [b, P+R]
+        attention_mask: torch.Tensor = attention
+        if batch.seg_start is not None:  # AnytimeReasoner's packed rows: tree mask, positions, loss mask
+            attention_mask, position_ids = self._packed_attention(batch, idx, p_len, r_len, attention)
+            for row, i in enumerate(idx):
+                mask[row, : len(batch.response_ids[i])] = batch.loss_masks[i]
         return {
             "input_ids": input_ids,
-            "attention_mask": attention,
+            "attention_mask": attention_mask,
             "position_ids": position_ids,
             "response": response,
             "mask": mask,
@@ -671,6 +657,37 @@ class GRPOTrainer:
             "advantages": self._micro_advantages(batch, idx, r_len),
             "r_len": torch.tensor(r_len),
         }
+
+    @staticmethod
+    def _packed_attention(batch: TrainBatch, idx: list[int], p_len: int, r_len: int,
+                          attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Additive ``[b, 1, P+R, P+R]`` mask and ``[b, P+R]`` positions for packed rows.
+
+        Prompt queries: causal over the row's prompt. Response query ``j``: the prompt and response
+        columns ``k < seg_cut[j]`` or ``seg_start[j] <= k <= j`` (a summary sees the thinking up to
+        its cut and itself). Padding queries attend to themselves only (no all-masked rows).
+        """
+        b, width = len(idx), p_len + r_len
+        allowed = torch.zeros(b, width, width, dtype=torch.bool)  # [b, Q, K]
+        positions = torch.zeros(b, width, dtype=torch.long)
+        k = torch.arange(r_len)
+        for row, i in enumerate(idx):
+            p = len(batch.prompt_ids[i])
+            r = len(batch.response_ids[i])
+            ps = p_len - p  # first prompt column (left padding)
+            allowed[row, ps:p_len, ps:p_len] = torch.ones(p, p, dtype=torch.bool).tril()
+            start, cut = batch.seg_start[i], batch.seg_cut[i]  # [r]
+            j = torch.arange(r)[:, None]
+            resp = (k[None, :] < cut[:, None]) | ((k[None, :] >= start[:, None]) & (k[None, :] <= j))  # [r, R]
+            resp &= k[None, :] < r
+            allowed[row, p_len : p_len + r, ps:p_len] = True
+            allowed[row, p_len : p_len + r, p_len:] = resp
+            positions[row, ps:p_len] = torch.arange(p)
+            positions[row, p_len : p_len + r] = p + batch.positions[i]
+        diag = torch.arange(width)
+        allowed[:, diag, diag] = True
+        bias = torch.zeros(b, 1, width, width).masked_fill_(~allowed[:, None], float("-inf"))
+        return bias, positions
 
     @staticmethod
     def _micro_advantages(batch: TrainBatch, idx: list[int], r_len: int) -> torch.Tensor:
@@ -742,12 +759,11 @@ class GRPOTrainer:
             order = torch.randperm(num_groups, generator=shuffle).tolist()
             for start in range(0, num_groups, mini_groups):
                 members = [i for g in order[start : start + mini_groups] for i in batch.group_rows[g]]
-                lengths = [len(batch.response_ids[i]) for i in members]
-                # sequences = rollouts: AnytimeReasoner's summaries belong to their rollout's tree
-                primary = len(members) if batch.num_primary < 0 else sum(i < batch.num_primary for i in members)
+                lengths = [len(batch.response_ids[i]) if batch.loss_masks is None else float(batch.loss_masks[i].sum())
+                           for i in members]
                 normalizer = LossNormalizer(
                     num_tokens=float(max(sum(lengths), 1)),
-                    num_seqs=float(max(primary, 1)),
+                    num_seqs=float(len(members)),
                     max_response_length=float(self.cfg.rollout.max_response_length),
                 )
                 self.optimizer.zero_grad(set_to_none=True)
@@ -878,7 +894,7 @@ class GRPOTrainer:
             for s, b in enumerate(self.anytime_budgets):
                 metrics[f"anytime/score_at_{b}"] = _mean([row[s] for row in cut_scores])
             metrics["anytime/avg_score"] = _mean([sum(row) / len(row) for row in cut_scores])
-            metrics["anytime/summaries"] = float(sum(len(g.summaries.response_ids) for g in generated if g.summaries))
+            metrics["anytime/summaries"] = float(sum(g.num_summaries for g in generated))
         if self.cfg.rollout.budget.name == "hbpo":  # does each budget subgroup answer within its budget?
             by_budget: dict[int, list[tuple[int, bool]]] = {}
             for g in generated:

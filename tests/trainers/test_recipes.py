@@ -248,16 +248,40 @@ def test_anytime_step_hand_computed(make_trainer):
     engine.results = [[r0, r1], [wrong, wrong, right, wrong, right, right, right, right]]
     kept, _, _ = trainer.collect_rollouts(2, {"rollout": 0.0, "reward": 0.0, "generated_tokens": 0.0})
     batch = trainer.build_batch(kept)
-    assert batch.num_primary == 2 and batch.group_rows == [list(range(10))]
-    torch.testing.assert_close(batch.token_advantages[0], torch.tensor([-1 / 3, -1 / 3, 1 / 12, 1 / 12]))
-    torch.testing.assert_close(batch.token_advantages[1], torch.tensor([1 / 3, 1 / 3, 1 / 12]))
-    summary_adv = [float(a[0]) for a in batch.token_advantages[2:]]
-    assert summary_adv == pytest.approx([0, 0, 0.5, -0.5, 0, 0, 0, 0])
-    assert [len(a) for a in batch.token_advantages[2:]] == [len(wrong), len(wrong), len(right), len(wrong)] + \
-        [len(right)] * 4
-    # the loss sees per-token advantages: [b, R] with zeros on padding
+    # one packed row per rollout: thinking, then each summary behind its closing text
+    assert batch.size == 2 and batch.group_rows == [[0, 1]]
+    assert batch.response_ids[0] == r0 + (cut + wrong) * 2 + (cut + right) + (cut + wrong)
+    assert batch.response_ids[1] == r1 + (cut + right) * 2 + (fin + right) * 2
+    torch.testing.assert_close(batch.token_advantages[0][:4], torch.tensor([-1 / 3, -1 / 3, 1 / 12, 1 / 12]))
+    torch.testing.assert_close(batch.token_advantages[1][:3], torch.tensor([1 / 3, 1 / 3, 1 / 12]))
+
+    def segment_values(i, think_len, closings, values):
+        out, pos = [], think_len
+        for c, summary in closings:
+            out.append(float(values[i][pos + len(c)]))
+            pos += len(c) + len(summary)
+        return out
+
+    segs0 = [(cut, wrong), (cut, wrong), (cut, right), (cut, wrong)]
+    segs1 = [(cut, right), (cut, right), (fin, right), (fin, right)]
+    assert segment_values(0, 4, segs0, batch.token_advantages) == pytest.approx([0, 0, 0.5, -0.5])
+    assert segment_values(1, 3, segs1, batch.token_advantages) == pytest.approx([0, 0, 0, 0])
+    # closing texts are not trained (inserted, not sampled)
+    assert batch.loss_masks[0][4 : 4 + len(cut)].sum() == 0 and batch.loss_masks[0][:4].sum() == 4
+    # the packed forward gives each summary the log-probs it has on its own prompt (tree mask + positions)
     t = trainer._micro_tensors(batch, [0, 1])
-    assert t["advantages"].shape == (2, 4) and float(t["advantages"][1, 3]) == 0.0
+    assert t["advantages"].shape == t["mask"].shape == (2, len(batch.response_ids[0]))
+    with torch.no_grad():
+        packed_lp, _ = trainer._response_logprobs(trainer.model, t, with_entropy=False)
+        for row, (think, segs) in enumerate(((r0, segs0), (r1, segs1))):
+            pos = len(think)
+            for (closing, summary), c_at in zip(segs, [2, 2, 4, 4] if row == 0 else [2, 2, 3, 3]):
+                own = torch.tensor([prompt + think[:c_at] + closing + summary])
+                logits = trainer.model(own).logits[0, -len(summary) - 1 : -1] / trainer.cfg.rollout.temperature
+                ref = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(summary)[:, None])[:, 0]
+                got = packed_lp[row, pos + len(closing) : pos + len(closing) + len(summary)]
+                torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+                pos += len(closing) + len(summary)
 
 
 def test_speculative_run_trains_the_drafter_checkpoints_and_restores_it(make_trainer):
