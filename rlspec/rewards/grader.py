@@ -127,8 +127,8 @@ _NUMBER_SUFFIXES = ("\\%", "%", "^{\\circ}", "^\\circ", "\\circ", "°")
 def as_plain_number(text: str) -> Fraction | None:
     r"""``text`` as an exact number if it is a plain one, else ``None``.
 
-    Plain means an integer or decimal (optional sign, leading zeros, ``,``/``{,}`` thousands
-    separators in groups of three, trailing ``.0``), a ratio ``a/b`` or ``\frac{a}{b}``
+    Plain means an integer or decimal (optional sign, leading zeros, ``,``/``{,}``/``\,``
+    thousands separators in groups of three, trailing ``.0``), a ratio ``a/b`` or ``\frac{a}{b}``
     (also ``\dfrac``, ``\tfrac``, ``\frac12``) of integers, optionally wrapped in ``$`` and
     decorated with a leading ``\$`` or a trailing ``%`` / degree sign. ``1,2`` is *not* a
     number (it is a pair).
@@ -137,7 +137,10 @@ def as_plain_number(text: str) -> Fraction | None:
     (Fraction(2001, 2), Fraction(25, 1), Fraction(-3, 2))
     """
     s = text.strip().strip("$").strip()
+    # "{,}" and a thin space "\," between digit groups are thousands separators ("1\,000");
+    # they must still come in groups of three to match (so "1\,2" stays not-a-number).
     s = s.replace("{,}", ",").replace("\\!", "").replace("\u2212", "-")
+    s = re.sub(r"(?<=\d)\\,(?=\d{3}(?!\d))", ",", s)
     if s.startswith("\\$"):
         s = s[2:].lstrip()
     for suffix in _NUMBER_SUFFIXES:
@@ -198,6 +201,8 @@ def _math_verify_equal(answer: str, gold: str) -> bool:
     """math-verify's verdict, no time limit (the callers add one). Never raises ``Exception``."""
     mv = _load_math_verify()
     try:
+        # math-verify 0.9 parses \emptyset but not its variant \varnothing
+        answer, gold = (t.replace("\\varnothing", "\\emptyset") for t in (answer, gold))
         gold_parsed = mv.parse(_boxed(gold), parsing_timeout=None)
         answer_parsed = mv.parse(_boxed(answer), parsing_timeout=None)
         if not gold_parsed or not answer_parsed:
