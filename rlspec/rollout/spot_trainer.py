@@ -60,7 +60,7 @@ class SpotDrafterTrainer:
     def stop(self, step: int) -> dict[str, float]:
         """Preempt the background training (if any), publish its weights, return its metrics."""
         if self._thread is None:
-            return {"drafter/steps": 0.0}
+            return {"drafter/steps": 0.0, "drafter/lag_steps": float(step - self.published_step)}
         self._stop.set()
         self._thread.join()
         self._thread = None
@@ -68,8 +68,9 @@ class SpotDrafterTrainer:
         res = self._result
         if res.get("steps", 0):
             self.published_step = step
+        # lag: RL steps since the rollouts the engine's drafter last trained on (0 = this step's)
         out = {"drafter/steps": float(res.get("steps", 0)), "drafter/train_seconds": seconds,
-               "drafter/version": float(self.drafter.version)}
+               "drafter/version": float(self.drafter.version), "drafter/lag_steps": float(step - self.published_step)}
         for key in ("loss", "top1"):
             if isinstance(res.get(key), (int, float)):
                 out[f"drafter/{key}"] = float(res[key])

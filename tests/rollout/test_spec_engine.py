@@ -202,7 +202,7 @@ def test_spot_trainer_trains_in_the_background_and_publishes_on_stop():
     model = _model(6, bigram=False)
     drafter = EagleDrafter.from_target(model)
     spot = SpotDrafterTrainer(drafter, lr=1e-3, batch_size=2, window=16, max_steps=10_000)
-    assert spot.stop(1) == {"drafter/steps": 0.0}  # nothing started
+    assert spot.stop(1) == {"drafter/steps": 0.0, "drafter/lag_steps": 1.0}  # nothing started, never trained
     spot.start()  # empty buffer: nothing to train on, no thread
     assert spot._thread is None
     engine = NativeEngine(model, eos_token_ids=[V - 1])
@@ -219,4 +219,4 @@ def test_spot_trainer_trains_in_the_background_and_publishes_on_stop():
     assert 0 < metrics["drafter/steps"] < 10_000
     assert drafter.version > version and metrics["drafter/version"] == drafter.version
     assert any(not torch.equal(before[k], v) for k, v in drafter.fc.state_dict().items())  # published
-    assert spot.published_step == 1
+    assert spot.published_step == 1 and metrics["drafter/lag_steps"] == 0.0
