@@ -1,0 +1,296 @@
+r"""Run a model on a benchmark the way the efficient-reasoning papers do, resumably.
+
+Protocol (efficient-reasoning.md, "Standard evaluation protocol"): the model's chat template, the
+question followed by the standard instruction ("Please reason step by step, and put your final
+answer within \boxed{}."), temperature 0.6, top-p 0.95, ``samples`` responses per problem, a
+token cap; every sample graded by :func:`rlspec.rewards.grader.grade` (the training reward's grader).
+All of it is in :class:`RunnerSettings` and recorded with every result.
+
+Every finished problem is appended as one JSON line to ``<out_dir>/<benchmark>.jsonl`` (all its
+samples: text, extracted answer, tokens, verdict, finish reason). A rerun with the same settings
+reads that file and only generates the problems that are not in it, so an interrupted run resumes
+where it stopped; a line written under other settings is an error (choose another ``out``).
+
+Seeding (``seeding``):
+
+* ``per_problem`` (default): each problem's ``samples`` responses come from one ``generate`` call
+  seeded with a hash of ``(seed, problem uid)``, so a problem's samples do not depend on which
+  other problems are evaluated, on ``limit``, on the order, or on an interruption + resume.
+* ``shared``: one ``generate`` call over all pending problems, seeded with ``seed`` -- exactly what
+  :func:`rlspec.evals.heldout.evaluate` (the trainer's held-out eval) does, so the numbers match the
+  training run's eval for the same checkpoint and settings. Results then depend on the problem set,
+  and a resumed run differs from an uninterrupted one (the pending set is different).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from rlspec.errors import ConfigError
+from rlspec.evals.benchmarks import BenchmarkProblem
+from rlspec.evals.metrics import summarize_problems
+from rlspec.rewards.grader import extract_final_answer, grade
+from rlspec.rollout.base import SamplingParams
+
+__all__ = ["DEFAULT_INSTRUCTION", "RunnerSettings", "evaluate_benchmark", "problem_seed", "read_records"]
+
+DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+SEEDINGS = ("per_problem", "shared")
+
+
+@dataclass
+class RunnerSettings:
+    """Everything that decides a benchmark result (recorded in the JSONL lines and the summary).
+
+    ``max_batch_size`` only sets how many sequences the native engine decodes at once; it does not
+    change the samples (beyond floating-point rounding) and is not part of the fingerprint.
+    """
+
+    samples: int = 4
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 0
+    max_new_tokens: int = 32768
+    seed: int = 1234
+    seeding: str = "per_problem"
+    instruction: str = DEFAULT_INSTRUCTION
+    require_think_close: bool = False
+    grader_timeout_s: float = 5.0
+    max_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, key: str, what: str) -> None:
+            if not ok:
+                raise ConfigError(f"eval.{key} {what}, got {getattr(self, key)!r}")
+
+        need(isinstance(self.samples, int) and self.samples >= 1, "samples", "must be an integer >= 1")
+        need(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens", "must be an integer >= 1")
+        need(self.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)")
+        need(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        need(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be an integer >= 0 (0 = off)")
+        need(self.seeding in SEEDINGS, "seeding", f"must be one of {', '.join(SEEDINGS)}")
+        need(self.grader_timeout_s > 0, "grader_timeout_s", "must be > 0 seconds")
+        need(isinstance(self.max_batch_size, int) and self.max_batch_size >= 1, "max_batch_size", "must be an integer >= 1")
+
+    def record(self) -> dict[str, Any]:
+        """The settings as written to result files."""
+        return asdict(self)
+
+    def fingerprint(self) -> str:
+        """A short hash of the settings that change the samples or their grading."""
+        keep = {k: v for k, v in asdict(self).items() if k != "max_batch_size"}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def problem_seed(seed: int, uid: str) -> int:
+    """The sampling seed of one problem: a stable 63-bit hash of ``(seed, uid)``."""
+    digest = hashlib.sha256(f"{seed}\0{uid}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def read_records(path: str | Path, fingerprint: str | None = None) -> dict[str, dict[str, Any]]:
+    """The complete problem records of a per-problem JSONL file, by uid.
+
+    A last line without its newline (a write cut off by a kill) is ignored; any other line that is
+    not a JSON record raises :class:`ConfigError`, as does a record written under settings other
+    than ``fingerprint`` (when given).
+    """
+    path = Path(path)
+    out: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return out
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    if not text.endswith("\n"):
+        lines = lines[:-1]  # the partial last line of an interrupted write
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            uid = record["uid"]
+            record["samples"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ConfigError(f"{path}:{number} is not a problem record of rlspec.eval; delete the file or choose another out=") from None
+        if fingerprint is not None and record.get("settings_fingerprint") != fingerprint:
+            raise ConfigError(
+                f"{path} holds results of other eval settings ({path}:{number}: {record.get('settings')}); "
+                f"choose another out= or delete the file to start over"
+            )
+        out[uid] = record
+    return out
+
+
+def _rewrite_complete(path: Path, records: dict[str, dict[str, Any]]) -> None:
+    """Drop a partial last line so new records start on a fresh line."""
+    if not path.exists():
+        return
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for record in records.values():
+                f.write(json.dumps(record) + "\n")
+        os.replace(tmp, path)
+
+
+def _engine_and_eos(model_or_engine: Any, tokenizer: Any, max_batch_size: int) -> tuple[Any, list[int]]:
+    import torch
+
+    from rlspec.models import eos_token_ids
+
+    if isinstance(model_or_engine, torch.nn.Module):
+        from rlspec.rollout.native import NativeEngine
+
+        eos = eos_token_ids(model_or_engine, tokenizer)
+        model_or_engine.eval()
+        return NativeEngine(model_or_engine, eos, tokenizer=tokenizer, max_batch_size=max_batch_size), eos
+    if not hasattr(model_or_engine, "generate"):
+        raise TypeError(f"evaluate_benchmark needs a causal LM or a rollout engine, got {type(model_or_engine).__name__}")
+    eos = getattr(model_or_engine, "eos_token_ids", None)
+    if not eos:
+        raise TypeError("the rollout engine has no eos_token_ids; pass the model instead")
+    return model_or_engine, [int(t) for t in eos]
+
+
+class _Bar:
+    """A rich progress bar showing the running pass@1 (nothing when disabled)."""
+
+    def __init__(self, enabled: bool, name: str, total: int, done: int) -> None:
+        self._p = None
+        self.name = name
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                               TimeElapsedColumn(), TimeRemainingColumn())
+            self._p.__enter__()
+            self._task = self._p.add_task(name, total=total, completed=done)
+
+    def update(self, done: int, correct: float, samples: int) -> None:
+        if self._p is not None:
+            acc = f"{100 * correct / samples:.1f}%" if samples else "n/a"
+            self._p.update(self._task, completed=done, description=f"{self.name} pass@1 {acc}")
+
+    def close(self) -> None:
+        if self._p is not None:
+            self._p.__exit__(None, None, None)
+
+
+def evaluate_benchmark(
+    model_or_engine: Any,
+    tokenizer: Any,
+    problems: Sequence[BenchmarkProblem],
+    settings: RunnerSettings,
+    out_dir: str | Path,
+    progress: bool = True,
+    *,
+    benchmark: str | None = None,
+    on_problem: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Sample, grade and score ``problems``; resume from ``<out_dir>/<benchmark>.jsonl``.
+
+    Args:
+        model_or_engine: an HF causal LM (wrapped in a :class:`~rlspec.rollout.native.NativeEngine`)
+            or an engine with ``generate(prompt_ids, SamplingParams)`` and ``eos_token_ids``.
+        tokenizer: the model's tokenizer (chat template, decoding).
+        problems: from :func:`rlspec.evals.benchmarks.load_benchmark`.
+        settings: the protocol; see :class:`RunnerSettings`.
+        out_dir: where ``<benchmark>.jsonl`` is written (created if needed).
+        progress: show a progress bar with the running pass@1.
+        benchmark: the name used for the file; default: the uid prefix of the problems
+            (``math500/...`` -> ``math500``).
+        on_problem: called with each new record after it is written (tests use it to interrupt).
+
+    Returns ``{"benchmark", "settings", "metrics", "generated", "records"}``: ``metrics`` from
+    :func:`rlspec.evals.metrics.summarize_problems` over ``problems`` (k = ``settings.samples``),
+    ``generated`` the number of problems sampled in this call (the rest came from the file).
+    """
+    from rlspec.models import decode_responses
+    from rlspec.train import build_prompt_ids
+
+    if not problems:
+        raise ConfigError("no problems to evaluate (eval.limit or the benchmark file is empty)")
+    uids = [p.uid for p in problems]
+    if len(set(uids)) != len(uids):
+        dup = next(u for u in uids if uids.count(u) > 1)
+        raise ConfigError(f"benchmark has two problems with uid {dup!r}; uids must be unique to resume by them")
+    name = benchmark or problems[0].uid.split("/", 1)[0]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.jsonl"
+    fingerprint = settings.fingerprint()
+    done = read_records(path, fingerprint)
+    _rewrite_complete(path, done)
+    pending = [p for p in problems if p.uid not in done]
+    engine, eos = (None, []) if not pending else _engine_and_eos(model_or_engine, tokenizer, settings.max_batch_size)
+
+    k = settings.samples
+    finished = [done[p.uid] for p in problems if p.uid in done]
+    correct = sum(s["correct"] for r in finished for s in r["samples"])
+    sampled = sum(len(r["samples"]) for r in finished)
+    bar = _Bar(progress, name, len(problems), len(finished))
+    bar.update(len(finished), correct, sampled)
+
+    def params(seed: int) -> SamplingParams:
+        return SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                              top_p=settings.top_p, top_k=settings.top_k, seed=seed)
+
+    if settings.seeding == "shared":  # one call over everything pending, like heldout.evaluate
+        chunks = [(pending, settings.seed)] if pending else []
+    else:
+        chunks = [([p], problem_seed(settings.seed, p.uid)) for p in pending]
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            for chunk, seed in chunks:
+                prompt_ids = build_prompt_ids(tokenizer, [{"question": p.question} for p in chunk], settings.instruction)
+                repeated = [list(ids) for ids in prompt_ids for _ in range(k)]
+                result = engine.generate(repeated, params(seed))
+                texts = decode_responses(tokenizer, result.response_ids, eos)
+                for j, problem in enumerate(chunk):
+                    samples = []
+                    for i in range(j * k, (j + 1) * k):
+                        ok = grade(texts[i], problem.answer, require_think_close=settings.require_think_close,
+                                   timeout_s=settings.grader_timeout_s)
+                        samples.append({
+                            "text": texts[i],
+                            "answer": extract_final_answer(texts[i], require_think_close=settings.require_think_close),
+                            "tokens": len(result.response_ids[i]),
+                            "correct": bool(ok),
+                            "finish_reason": result.finish_reasons[i],
+                        })
+                    record = {
+                        "uid": problem.uid,
+                        "gold": problem.answer,
+                        "level": problem.level,
+                        "subject": problem.subject,
+                        "seed": seed,
+                        "prompt_tokens": len(prompt_ids[j]),
+                        "samples": samples,
+                        "settings_fingerprint": fingerprint,
+                        "settings": settings.record(),
+                    }
+                    f.write(json.dumps(record) + "\n")
+                    f.flush()
+                    done[problem.uid] = record
+                    correct += sum(s["correct"] for s in samples)
+                    sampled += len(samples)
+                    finished.append(record)
+                    bar.update(len(finished), correct, sampled)
+                    if on_problem is not None:
+                        on_problem(record)
+    finally:
+        bar.close()
+    records = [done[p.uid] for p in problems]
+    return {
+        "benchmark": name,
+        "settings": settings.record(),
+        "metrics": summarize_problems(records, k),
+        "generated": len(pending),
+        "records": records,
+    }

@@ -1,0 +1,260 @@
+"""The benchmark runner and ``python -m rlspec.eval`` on the tiny embedded model."""
+
+import json
+
+import pytest
+import torch
+
+from rlspec.errors import ConfigError, ModelLoadError
+from rlspec.evals.benchmarks import load_benchmark
+from rlspec.evals.runner import RunnerSettings, evaluate_benchmark, problem_seed, read_records
+
+torch.set_num_threads(1)
+
+SETTINGS = dict(samples=2, max_new_tokens=12, max_batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_path):
+    from rlspec.models import eos_token_ids, load_causal_lm, load_tokenizer
+    from rlspec.rollout.native import NativeEngine
+
+    tokenizer = load_tokenizer(str(tiny_model_path))
+    model = load_causal_lm(str(tiny_model_path))
+    engine = NativeEngine(model, eos_token_ids(model, tokenizer), tokenizer=tokenizer, max_batch_size=8)
+    return model, tokenizer, engine
+
+
+class Counting:
+    """An engine wrapper that counts generate calls and the prompts it was given."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.eos_token_ids = engine.eos_token_ids
+        self.calls = 0
+        self.prompts = 0
+
+    def generate(self, prompt_ids, params):
+        self.calls += 1
+        self.prompts += len(prompt_ids)
+        return self.engine.generate(prompt_ids, params)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_runner_end_to_end_heldout(tiny, tmp_path):
+    model, tokenizer, engine = tiny
+    problems = load_benchmark("heldout", limit=3)
+    counting = Counting(engine)
+    result = evaluate_benchmark(counting, tokenizer, problems, RunnerSettings(**SETTINGS), tmp_path, progress=False)
+    assert counting.calls == 3 and counting.prompts == 6  # per-problem seeding: one call of k prompts each
+    lines = (tmp_path / "heldout.jsonl").read_text().splitlines()
+    assert [json.loads(line)["uid"] for line in lines] == [p.uid for p in problems]
+    for line, p in zip(lines, problems):
+        rec = json.loads(line)
+        assert rec["gold"] == p.answer and rec["seed"] == problem_seed(1234, p.uid)
+        assert rec["settings"]["samples"] == 2 and rec["settings"]["temperature"] == 0.6
+        assert rec["settings"]["top_p"] == 0.95 and "boxed" in rec["settings"]["instruction"]
+        assert len(rec["samples"]) == 2
+        for s in rec["samples"]:
+            assert 1 <= s["tokens"] <= 12 and s["finish_reason"] in ("stop", "length")
+            assert isinstance(s["text"], str) and isinstance(s["correct"], bool)
+    # the metrics are those of the file's samples
+    verdicts = [[s["correct"] for s in json.loads(line)["samples"]] for line in lines]
+    assert result["metrics"]["pass@1"] == pytest.approx(sum(map(sum, verdicts)) / 6)
+    tokens = [s["tokens"] for line in lines for s in json.loads(line)["samples"]]
+    assert result["metrics"]["mean_tokens"] == pytest.approx(sum(tokens) / 6)
+    assert result["generated"] == 3 and result["settings"]["max_new_tokens"] == 12
+
+    # a problem's samples do not depend on which other problems are evaluated (nor on batching)
+    alone = evaluate_benchmark(model, tokenizer, problems[1:2], RunnerSettings(**SETTINGS), tmp_path / "alone",
+                               progress=False)
+    assert alone["records"][0]["samples"] == result["records"][1]["samples"]
+
+
+def test_runner_resumes_without_regenerating(tiny, tmp_path):
+    _, tokenizer, engine = tiny
+    problems = load_benchmark("heldout", limit=4)
+    settings = RunnerSettings(**SETTINGS)
+    full = evaluate_benchmark(engine, tokenizer, problems, settings, tmp_path / "full", progress=False)
+
+    counting = Counting(engine)
+    seen = []
+
+    def stop_after_two(record):
+        seen.append(record["uid"])
+        if len(seen) == 2:
+            raise Stop  # the run is killed after writing two problems
+
+    with pytest.raises(Stop):
+        evaluate_benchmark(counting, tokenizer, problems, settings, tmp_path / "run", progress=False,
+                           on_problem=stop_after_two)
+    assert counting.calls == 2
+    path = tmp_path / "run" / "heldout.jsonl"
+    with open(path, "a") as f:
+        f.write('{"uid": "heldout/half-writ')  # a write cut off by the kill
+    counting.calls = counting.prompts = 0
+    resumed = evaluate_benchmark(counting, tokenizer, problems, settings, tmp_path / "run", progress=False)
+    assert counting.calls == 2 and counting.prompts == 4  # only the two unfinished problems
+    assert resumed["generated"] == 2
+    assert resumed["records"] == full["records"]  # per-problem seeds: same samples as an uninterrupted run
+    assert json.dumps(resumed["metrics"]) == json.dumps(full["metrics"])  # (NaN-safe equality)
+    assert len(path.read_text().splitlines()) == 4
+
+    counting.calls = 0
+    again = evaluate_benchmark(counting, tokenizer, problems, settings, tmp_path / "run", progress=False)
+    assert counting.calls == 0 and json.dumps(again["metrics"]) == json.dumps(full["metrics"])
+
+    with pytest.raises(ConfigError, match="other eval settings"):
+        evaluate_benchmark(counting, tokenizer, problems, RunnerSettings(**{**SETTINGS, "max_new_tokens": 13}),
+                           tmp_path / "run", progress=False)
+    assert set(read_records(path)) == {p.uid for p in problems}
+
+
+class Scripted:
+    """An engine that answers each problem with scripted texts (cycled per call), to check grading + metrics."""
+
+    def __init__(self, tokenizer, texts_per_call):
+        from rlspec.rollout.base import RolloutResult
+
+        self.tokenizer, self.script, self.eos_token_ids = tokenizer, list(texts_per_call), [tokenizer.eos_token_id]
+        self.result_type = RolloutResult
+
+    def generate(self, prompt_ids, params):
+        texts = self.script.pop(0)
+        ids = [self.tokenizer.encode(t, add_special_tokens=False) + [self.tokenizer.eos_token_id] for t in texts]
+        return self.result_type(prompt_ids=[list(p) for p in prompt_ids], response_ids=ids,
+                                response_logprobs=[torch.zeros(len(i)) for i in ids],
+                                finish_reasons=["stop", "length", "stop"][: len(ids)])
+
+
+def test_runner_grades_and_scores_scripted_answers(tiny, tmp_path):
+    _, tokenizer, _ = tiny
+    problems = load_benchmark("heldout", limit=2)
+    a0, a1 = problems[0].answer, problems[1].answer
+    script = [
+        [f"<think>x</think> \\boxed{{{a0}}}", "\\boxed{123456}", "\\boxed{123456}"],  # 1/3 right, vote wrong
+        [f"\\boxed{{{a1}}}", "no box", f"\\boxed{{ {a1} }}"],  # 2/3 right, vote right
+    ]
+    result = evaluate_benchmark(Scripted(tokenizer, script), tokenizer, problems,
+                                RunnerSettings(samples=3, max_new_tokens=64), tmp_path, progress=False)
+    m = result["metrics"]
+    assert [s["correct"] for s in result["records"][0]["samples"]] == [True, False, False]
+    assert [s["answer"] for s in result["records"][1]["samples"]] == [a1, None, a1]
+    assert m["pass@1"] == pytest.approx((1 / 3 + 2 / 3) / 2)
+    # pass@3 with n = 3: 1 for any problem with a correct sample
+    assert m["pass@3"] == pytest.approx(1.0)
+    assert m["maj@3"] == pytest.approx(0.5)
+    assert m["truncation_rate"] == pytest.approx(2 / 6)  # the scripted finish reasons: stop, length, stop
+
+
+def test_shared_seeding_matches_training_heldout_eval(tiny, tmp_path):
+    """seeding=shared reproduces rlspec.evals.heldout.evaluate (the trainer's eval) sample for sample."""
+    from rlspec.evals.heldout import EvalSettings, evaluate
+    from rlspec.train import build_prompt_ids
+
+    _, tokenizer, engine = tiny
+    problems = load_benchmark("heldout", limit=3)
+    rows = [{"question": p.question, "answer": p.answer, "uid": p.uid, "level": p.level} for p in problems]
+    instruction = RunnerSettings().instruction
+    reference = evaluate(engine, tokenizer, rows, build_prompt_ids(tokenizer, rows, instruction),
+                         EvalSettings(samples_per_problem=2, max_new_tokens=12, seed=7), engine.eos_token_ids,
+                         out_path=tmp_path / "ref.jsonl")
+    ours = evaluate_benchmark(engine, tokenizer, problems, RunnerSettings(**SETTINGS, seed=7, seeding="shared"),
+                              tmp_path, progress=False)
+    ref_samples = [json.loads(line) for line in (tmp_path / "ref.jsonl").read_text().splitlines()]
+    our_samples = [s for r in ours["records"] for s in r["samples"]]
+    assert [s["response"] for s in ref_samples] == [s["text"] for s in our_samples]
+    assert ours["metrics"]["pass@1"] == pytest.approx(reference["eval/accuracy"])
+    assert ours["metrics"]["mean_tokens"] == pytest.approx(reference["eval/mean_tokens"])
+    assert ours["metrics"]["truncation_rate"] == pytest.approx(reference["eval/truncation_rate"])
+
+
+def test_settings_errors_name_the_key():
+    with pytest.raises(ConfigError, match="eval.samples"):
+        RunnerSettings(samples=0)
+    with pytest.raises(ConfigError, match="eval.seeding"):
+        RunnerSettings(seeding="global")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_end_to_end(tiny_model_path, tmp_path, capsys):
+    from rlspec.eval import main
+
+    out = tmp_path / "eval"
+    main([f"model.path={tiny_model_path}", "eval.benchmarks=[heldout]", "eval.samples=2", "eval.max_new_tokens=12",
+          "eval.limit=2", f"out={out}", "progress=off"])
+    summary = json.loads((out / "summary.json").read_text())
+    m = summary["benchmarks"]["heldout"]["metrics"]
+    assert m["num_problems"] == 2 and m["num_samples"] == 4
+    for key in ("pass@1", "pass@2", "maj@2", "mean_tokens", "mean_tokens_correct", "mean_tokens_incorrect",
+                "truncation_rate"):
+        assert key in m
+    assert summary["settings"]["samples"] == 2 and summary["settings"]["max_new_tokens"] == 12
+    assert len((out / "heldout.jsonl").read_text().splitlines()) == 2
+    table = (out / "summary.md").read_text()
+    assert "| heldout | 2 |" in table and "pass@2" in table
+    assert "| heldout | 2 |" in capsys.readouterr().out
+
+    # AES against a named base result (hand-written base summary): O1-Pruner with eta=1, zeta=3, gamma=5
+    base = tmp_path / "base"
+    base.mkdir()
+    base_m = {"pass@1": 0.5, "mean_tokens": 2 * m["mean_tokens"]}
+    (base / "summary.json").write_text(json.dumps({"benchmarks": {"heldout": {"metrics": base_m}}}))
+    main([f"model.path={tiny_model_path}", "eval.benchmarks=[heldout]", "eval.samples=2", "eval.max_new_tokens=12",
+          "eval.limit=2", f"out={out}", f"eval.base={base}", "progress=off"])
+    d_len = 0.5  # (2L - L) / 2L
+    d_acc = (m["pass@1"] - 0.5) / 0.5
+    expected = d_len + 3 * d_acc if d_acc >= 0 else d_len - 5 * abs(d_acc)
+    again = json.loads((out / "summary.json").read_text())["benchmarks"]["heldout"]
+    assert again["generated"] == 0  # resumed from heldout.jsonl
+    assert again["aes"] == pytest.approx(expected)
+    assert "AES vs base" in (out / "summary.md").read_text()
+
+
+def test_cli_local_benchmark_file(tiny_model_path, tmp_path):
+    from rlspec.eval import parse_args, run_eval
+
+    data = tmp_path / "m.jsonl"
+    data.write_text(json.dumps({"problem": "What is 1+1?", "answer": "2", "unique_id": "a"}) + "\n")
+    opts = parse_args([f"model.path={tiny_model_path}", "eval.benchmarks=[math500]", f"eval.benchmarks.math500.path={data}",
+                       "eval.samples=1", "eval.max_new_tokens=8", f"out={tmp_path / 'o'}", "progress=off"])
+    summary = run_eval(opts)
+    assert summary["benchmarks"]["math500"]["metrics"]["num_problems"] == 1
+    rec = json.loads((tmp_path / "o" / "math500.jsonl").read_text())
+    assert rec["uid"] == "math500/a" and rec["gold"] == "2"
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["eval.sample=2"], "unknown key 'eval.sample'"),
+        (["eval.samples=two"], "eval.samples must be an integer"),
+        (["eval.samples=0"], "eval.samples must be an integer >= 1"),
+        (["eval.benchmarks=[math5000]"], "unknown benchmark 'math5000'"),
+        (["eval.benchmarks=[heldout]", "eval.benchmarks.math500.path=x"], "eval.benchmarks.math500.path is set"),
+        (["eval.top_p=1.5"], "eval.top_p"),
+        (["eval.limit=0"], "eval.limit must be >= 1"),
+        (["progress=maybe"], "progress must be"),
+        (["model.path"], "not key=value"),
+    ],
+)
+def test_cli_bad_arguments(args, match):
+    from rlspec.eval import parse_args
+
+    with pytest.raises(ConfigError, match=match):
+        parse_args(args)
+
+
+def test_cli_missing_model_path(tmp_path, capsys):
+    from rlspec.eval import main, parse_args, run_eval
+
+    with pytest.raises(ModelLoadError, match="model.path="):
+        run_eval(parse_args([f"model.path={tmp_path / 'nope'}", "eval.limit=1", f"out={tmp_path / 'o'}"]))
+    with pytest.raises(SystemExit) as exc:
+        main([f"model.path={tmp_path / 'nope'}", f"out={tmp_path / 'o'}"])
+    assert exc.value.code == 2 and "model.path=" in capsys.readouterr().err
