@@ -37,6 +37,7 @@ _SETTING_TYPES = {f.name: f.type for f in fields(RunnerSettings)}
 @dataclass
 class EvalOptions:
     model_path: str | None = None
+    model_paths: list[str] = field(default_factory=list)  # model.path=[A,B]: several models, one table + plot
     embedded_preset: str = "default"
     dtype: str = "float32"
     benchmarks: list[str] = field(default_factory=lambda: list(DEFAULT_BENCHMARKS))
@@ -98,7 +99,12 @@ def parse_args(argv: Sequence[str]) -> EvalOptions:
         if not sep:
             raise ConfigError(f"argument {arg!r} is not key=value; usage: {USAGE}")
         if key == "model.path":
-            opts.model_path = value or None
+            if value.startswith("["):
+                opts.model_paths = _list(value)
+                if len(opts.model_paths) < 2:
+                    raise ConfigError("model.path=[...] needs at least two models (give one as model.path=DIR)")
+            else:
+                opts.model_path = value or None
         elif key == "model.embedded_preset":
             if value not in ("default", "tiny"):
                 raise ConfigError(f"model.embedded_preset must be default or tiny, got {value!r}")
@@ -254,10 +260,63 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
     return summary
 
 
+def run_many(opts: EvalOptions) -> dict[str, Any]:
+    """Several models (``model.path=[A,B,...]``): each evaluated into ``<out>/<name>/`` (resumable),
+    then one table over models x benchmarks (``compare.md``) and an accuracy-vs-tokens plot per
+    benchmark (``pareto.png``) in ``<out>``."""
+    import dataclasses
+
+    out = opts.out or Path("runs/eval/compare")
+    names = [Path(p).name or p.replace("/", "_") for p in opts.model_paths]
+    if len(set(names)) != len(names):  # same dir names from different parents: use the full paths
+        names = [p.strip("/").replace("/", "_") for p in opts.model_paths]
+    summaries = {}
+    for name, path in zip(names, opts.model_paths):
+        summaries[name] = run_eval(dataclasses.replace(opts, model_path=path, model_paths=[], out=out / name))
+    lines = ["| model | benchmark | pass@1 | mean tokens | tokens (correct) | truncated |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, summ in summaries.items():
+        for bench, entry in summ["benchmarks"].items():
+            m = entry["metrics"]
+            lines.append(f"| {name} | {bench} | {_fmt(m.get('pass@1'), True)} | {_fmt(m.get('mean_tokens'))} | "
+                         f"{_fmt(m.get('mean_tokens_correct'))} | {_fmt(m.get('truncation_rate'), True)} |")
+    (out / "compare.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    plot_accuracy_vs_tokens(summaries, out / "pareto.png")
+    return {"out": str(out), "models": summaries, "table": "\n".join(lines) + "\n"}
+
+
+def plot_accuracy_vs_tokens(summaries: dict[str, dict[str, Any]], path: Path) -> None:
+    """One panel per benchmark: pass@1 against mean tokens, a point per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    benches = sorted({b for s in summaries.values() for b in s["benchmarks"]})
+    fig, axes = plt.subplots(1, len(benches), figsize=(4.5 * len(benches), 3.8), squeeze=False)
+    for ax, bench in zip(axes[0], benches):
+        for name, summ in summaries.items():
+            m = summ["benchmarks"].get(bench, {}).get("metrics")
+            if m and m.get("pass@1") is not None and m.get("mean_tokens") is not None:
+                ax.scatter(m["mean_tokens"], 100 * m["pass@1"], label=name)
+                ax.annotate(name, (m["mean_tokens"], 100 * m["pass@1"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+        ax.set_title(bench)
+        ax.set_xlabel("mean tokens per answer")
+        ax.set_ylabel("pass@1 (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m rlspec.eval key=value ...`` (see the module docstring)."""
     try:
         opts = parse_args(list(sys.argv[1:] if argv is None else argv))
+        if opts.model_paths:
+            result = run_many(opts)
+            print(result["table"], end="")
+            print(f"written to {result['out']}/ (compare.md, pareto.png, one folder per model)")
+            return
         summary = run_eval(opts)
     except (RLSpecError, ValueError) as err:
         print(f"rlspec: error: {err}", file=sys.stderr)

@@ -258,3 +258,23 @@ def test_cli_missing_model_path(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main([f"model.path={tmp_path / 'nope'}", f"out={tmp_path / 'o'}"])
     assert exc.value.code == 2 and "model.path=" in capsys.readouterr().err
+
+
+def test_cli_several_models_table_and_plot(tiny_model_path, tmp_path, capsys):
+    import shutil
+
+    from rlspec.eval import main
+
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_model_path, other)
+    out = tmp_path / "cmp"
+    main([f"model.path=[{tiny_model_path},{other}]", "eval.benchmarks=[heldout]", "eval.samples=1",
+          "eval.max_new_tokens=8", "eval.limit=2", f"out={out}", "progress=off"])
+    table = (out / "compare.md").read_text()
+    rows = [line for line in table.splitlines() if "| heldout |" in line]
+    assert len(rows) == 2 and any("other-model" in r for r in rows)
+    # the same weights and settings give the same numbers in both rows
+    assert rows[0].split("|")[3:] == rows[1].split("|")[3:]
+    assert (out / "pareto.png").stat().st_size > 1000
+    assert (out / "other-model" / "summary.json").is_file()
+    assert "compare.md" in capsys.readouterr().out
