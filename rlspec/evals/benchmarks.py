@@ -88,6 +88,8 @@ class BenchmarkSpec:
     local_split: str = "test"
     answer_transform: Callable[[str], tuple[str, str | None]] | None = None
     expected_rows: int | None = None
+    # grade the last number when a response has no \boxed{} (GSM8K's convention only)
+    last_number_fallback: bool = False
 
 
 BENCHMARKS: Registry[BenchmarkSpec] = Registry("benchmark", "eval.benchmarks")
@@ -185,6 +187,7 @@ _add(BenchmarkSpec(
     question_fields=("question",),
     answer_transform=gsm8k_answer,
     expected_rows=1319,
+    last_number_fallback=True,
 ))
 _add(BenchmarkSpec(
     name="heldout",

@@ -245,6 +245,10 @@ def evaluate_benchmark(
         chunks = [(pending, settings.seed)] if pending else []
     else:
         chunks = [([p], problem_seed(settings.seed, p.uid)) for p in pending]
+    from rlspec.evals.benchmarks import BENCHMARKS
+
+    # GSM8K's convention: a response without \boxed{} is graded on its last number
+    fallback = bool(name in BENCHMARKS.names() and BENCHMARKS.get(name).last_number_fallback)
     try:
         with open(path, "a", encoding="utf-8") as f:
             for chunk, seed in chunks:
@@ -256,10 +260,11 @@ def evaluate_benchmark(
                     samples = []
                     for i in range(j * k, (j + 1) * k):
                         ok = grade(texts[i], problem.answer, require_think_close=settings.require_think_close,
-                                   timeout_s=settings.grader_timeout_s)
+                                   timeout_s=settings.grader_timeout_s, last_number_fallback=fallback)
                         samples.append({
                             "text": texts[i],
-                            "answer": extract_final_answer(texts[i], require_think_close=settings.require_think_close),
+                            "answer": extract_final_answer(texts[i], require_think_close=settings.require_think_close,
+                                                           last_number_fallback=fallback),
                             "tokens": len(result.response_ids[i]),
                             "correct": bool(ok),
                             "finish_reason": result.finish_reasons[i],

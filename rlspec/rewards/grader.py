@@ -77,7 +77,10 @@ def _box_content(text: str, start: int) -> str | None:
     return match.group(0).rstrip(".,;:") if match else None
 
 
-def extract_final_answer(text: str, *, require_think_close: bool = False) -> str | None:
+_LAST_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_final_answer(text: str, *, require_think_close: bool = False, last_number_fallback: bool = False) -> str | None:
     r"""The model's final answer: the content of the last box after the last ``</think>``.
 
     * With a ``</think>`` only the text after the last one is searched. Without one the whole
@@ -87,6 +90,8 @@ def extract_final_answer(text: str, *, require_think_close: bool = False) -> str
       ``\{``/``\}`` are literal. ``\boxed 42`` (no braces) gives the next token.
     * If that last box is unbalanced (``\boxed{12`` at a length cut) or empty, the answer is
       ``None``: earlier boxes are *not* used, because they are not the final answer.
+    * ``last_number_fallback`` (GSM8K's convention, as in lm-eval-harness' flexible extract):
+      with no box at all, the last number of the (post-``</think>``) text is the answer.
 
     >>> extract_final_answer("<think>2+2</think> so \\boxed{3} no, \\boxed{\\frac{8}{2}}.")
     '\\frac{8}{2}'
@@ -104,6 +109,9 @@ def extract_final_answer(text: str, *, require_think_close: bool = False) -> str
     for last in _BOX_RE.finditer(text):
         pass
     if last is None:
+        if last_number_fallback:
+            numbers = _LAST_NUMBER_RE.findall(text)
+            return numbers[-1].rstrip(",").replace(",", "") if numbers else None
         return None
     content = _box_content(text, last.end())
     if content is None:
@@ -430,7 +438,8 @@ def _gold_text(gold: Any) -> str | None:
     return text or None
 
 
-def grade(response: str, gold: str, *, require_think_close: bool = False, timeout_s: float = 5.0) -> bool:
+def grade(response: str, gold: str, *, require_think_close: bool = False, timeout_s: float = 5.0,
+          last_number_fallback: bool = False) -> bool:
     r"""Whether ``response``'s final answer equals ``gold`` (see the module docstring).
 
     Args:
@@ -438,6 +447,8 @@ def grade(response: str, gold: str, *, require_think_close: bool = False, timeou
         gold: the reference answer, e.g. ``"25"``, ``"\frac{1}{2}"`` or ``"\boxed{(1, 2)}"``.
         require_think_close: a response without ``</think>`` is incorrect (DeepScaleR/DLER).
         timeout_s: time limit for one math-verify check; a timeout counts as incorrect.
+        last_number_fallback: with no ``\boxed{}``, grade the last number instead (GSM8K only;
+            see :func:`extract_final_answer`).
 
     Returns ``False`` for anything ungradable (no box, empty or unbalanced box, no gold, ...).
 
@@ -450,7 +461,8 @@ def grade(response: str, gold: str, *, require_think_close: bool = False, timeou
         raise ValueError(
             f"grader timeout_s must be a finite number of seconds > 0, got {timeout_s!r} (reward.grader_timeout_s)"
         )
-    answer = extract_final_answer(response, require_think_close=require_think_close)
+    answer = extract_final_answer(response, require_think_close=require_think_close,
+                                  last_number_fallback=last_number_fallback)
     gold_text = _gold_text(gold)
     if answer is None or gold_text is None:
         return False

@@ -278,3 +278,20 @@ def test_cli_several_models_table_and_plot(tiny_model_path, tmp_path, capsys):
     assert (out / "pareto.png").stat().st_size > 1000
     assert (out / "other-model" / "summary.json").is_file()
     assert "compare.md" in capsys.readouterr().out
+
+
+def test_gsm8k_grades_the_last_number_when_there_is_no_box(tiny, tmp_path):
+    from rlspec.evals.benchmarks import BenchmarkProblem
+
+    _, tokenizer, _ = tiny
+    problems = [BenchmarkProblem(uid="gsm8k/0", question="2+5?", answer="7")]
+    script = [["<think>x</think> so 7 in total", "<think>x</think> so 8", "<think>x</think> \\boxed{7}"]]
+    settings = RunnerSettings(samples=3, max_new_tokens=64)
+    gsm = evaluate_benchmark(Scripted(tokenizer, [list(script[0])]), tokenizer, problems, settings, tmp_path / "g",
+                             progress=False, benchmark="gsm8k")
+    assert [s["correct"] for s in gsm["records"][0]["samples"]] == [True, False, True]
+    assert [s["answer"] for s in gsm["records"][0]["samples"]] == ["7", "8", "7"]
+    # other benchmarks need the box
+    other = evaluate_benchmark(Scripted(tokenizer, [list(script[0])]), tokenizer, problems, settings, tmp_path / "m",
+                               progress=False, benchmark="math500")
+    assert [s["correct"] for s in other["records"][0]["samples"]] == [False, False, True]

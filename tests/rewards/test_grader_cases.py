@@ -212,3 +212,22 @@ def test_plain_number_extensions_reject(text):
 
 def test_case_count():
     assert len(BOXED_CASES) + len(RESPONSE_CASES) >= 60
+
+
+# ------------------------------------------------------------------ GSM8K's last-number fallback
+@pytest.mark.parametrize("response,gold,expected", [
+    ("<think>...</think> 3 apples and 4 more make 7 apples.", "7", True),
+    ("<think>...</think> The total is $1,234.", "1234", True),
+    ("<think>...</think> She pays -5 dollars net.", "-5", True),
+    ("<think>...</think> It costs 2.50 per item, so 10.", "10", True),
+    ("<think>...</think> The answer is 8, not 9.", "8", False),  # the last number wins: 9
+    ("<think>...</think> \\boxed{6} (or maybe 7)", "6", True),  # a box always takes precedence
+    ("<think>...</think> no number here", "3", False),
+    ("<think>12 then 13</think>", "13", False),  # nothing after </think>
+])
+def test_last_number_fallback(response, gold, expected):
+    from rlspec.rewards.grader import grade
+
+    assert grade(response, gold, last_number_fallback=True) is expected
+    if "\\boxed" not in response:  # without the fallback an unboxed response is never correct
+        assert grade(response, gold) is False
