@@ -225,6 +225,18 @@ def _signal_timer_usable() -> bool:
     return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
 
 
+_FINALIZER_NAMES = frozenset({"__del__", "unraisable_hook", "_remove", "tracemalloc_message"})
+
+
+def _in_finalizer(frame: Any) -> bool:
+    """Whether the interrupted code runs inside a finalizer or an unraisable-exception hook."""
+    while frame is not None:
+        if frame.f_code.co_name in _FINALIZER_NAMES:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _verify_with_alarm(answer: str, gold: str, timeout_s: float) -> bool | None:
     """math-verify under a SIGALRM interval timer; ``None`` on timeout. Main thread only.
 
@@ -235,7 +247,9 @@ def _verify_with_alarm(answer: str, gold: str, timeout_s: float) -> bool | None:
     armed = True
 
     def on_alarm(signum: int, frame: Any) -> None:
-        if armed:
+        # never raise inside a finalizer (__del__, an unraisable-exception hook): Python would only
+        # report it as "Exception ignored" and carry on; the timer re-fires in 50 ms anyway
+        if armed and not _in_finalizer(frame):
             raise _GradeTimeout
 
     previous_handler = signal.signal(signal.SIGALRM, on_alarm)
