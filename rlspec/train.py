@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import sys
 import time
 from importlib import resources
@@ -158,7 +159,8 @@ def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: Any = None):
     from rlspec.models import eos_token_ids, load_causal_lm, load_tokenizer, resolve_model_path
     from rlspec.rewards import build_reward_terms
     from rlspec.rollout import make_engine
-    from rlspec.trainers.grpo import GRPOTrainer
+    from rlspec.trainers.grpo import GRPOTrainer, derive_seed
+    from rlspec.trainers.strategy import DataParallelEngine, make_strategy
 
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
@@ -173,6 +175,10 @@ def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: Any = None):
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     model = load_causal_lm(model_path, cfg.model.dtype, cfg.model.trust_remote_code).eval()
     eos_ids = eos_token_ids(model, tokenizer)
+    # trainer.strategy: local (AdamW in this process) or deepspeed (ZeRO over the launched ranks);
+    # `model` becomes the policy the engine samples from (ZeRO-3: a full copy of the sharded one)
+    strategy = make_strategy(model, cfg.trainer)
+    model = strategy.policy
     sc = cfg.rollout.speculative
     spec_kwargs: dict[str, Any] = {}
     if sc.enable:
@@ -182,9 +188,11 @@ def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: Any = None):
                                                          warmup_checks=sc.warmup_checks, probe_steps=sc.probe_steps,
                                                          bandit=dict(sc.bandit))
     engine = make_engine(
-        cfg.rollout.engine, model, tokenizer, eos_token_ids=eos_ids, max_batch_size=cfg.rollout.max_batch_size,
+        cfg.rollout.backend, model, tokenizer, eos_token_ids=eos_ids, max_batch_size=cfg.rollout.max_batch_size,
         **spec_kwargs,
     )
+    if strategy.world_size > 1:  # each rank samples a share of every rollout batch; all ranks get all of it
+        engine = DataParallelEngine(engine, strategy, derive_seed)
     spot = None
     if sc.enable:
         drafter = load_drafter(cfg, model, tokenizer, model_path, train_rows)
@@ -210,6 +218,7 @@ def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: Any = None):
         logger=logger,
         start_model_path=str(model_path),
         spot_trainer=spot,
+        strategy=strategy,
     )
 
 
@@ -221,6 +230,13 @@ def run(cfg: RLSpecConfig, resolved: dict[str, Any]) -> dict[str, Any]:
 
     started = time.time()
     console = Console()
+    # under torchrun (trainer.strategy=deepspeed) only rank 0 prints, logs and writes the run dir
+    if int(os.environ.get("RANK", "0")) != 0:
+        trainer = build_trainer(cfg, Path(cfg.run_dir), None)
+        trainer.maybe_resume()
+        summary = trainer.fit()
+        trainer.strategy.close()
+        return summary
     console.print(Syntax(OmegaConf.to_yaml(OmegaConf.create(resolved)), "yaml", theme="ansi_dark"))
     run_dir = prepare_run_dir(cfg, resolved)
     console.print(f"[bold]run dir:[/bold] {run_dir}  (resolved config saved as {run_dir / 'config.yaml'})")
@@ -241,6 +257,7 @@ def run(cfg: RLSpecConfig, resolved: dict[str, Any]) -> dict[str, Any]:
         if resumed is not None:
             console.print(f"resumed from {resumed} (step {trainer.global_step}/{cfg.trainer.steps})")
         summary = trainer.fit()
+        trainer.strategy.close()
     finally:
         logger.close()
     # wall time of this process (an embedded-model build on first use included); a resumed run

@@ -19,7 +19,9 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from rlspec.checkpoint import (
+    checkpoint_root,
     find_latest_checkpoint,
     load_trainer_state,
     rng_state,
@@ -45,6 +48,7 @@ from rlspec.rollout.base import FINISH_LENGTH, RolloutEngine, SamplingParams
 from rlspec.tracking import MetricsLogger, plot_training_curves, truncate_jsonl
 from rlspec.trainers.advantages import compute_advantages
 from rlspec.trainers.schedules import length_at, siri_phase_ends
+from rlspec.trainers.strategy import LocalStrategy
 from rlspec.trainers.losses import (
     LossNormalizer,
     aggregate_loss,
@@ -136,6 +140,7 @@ class GRPOTrainer:
         logger: MetricsLogger | None = None,
         start_model_path: str | None = None,
         spot_trainer: Any = None,
+        strategy: Any = None,
     ) -> None:
         self.cfg = cfg
         self.start_model_path = start_model_path  # recorded in summary.json (export's merge.base=start)
@@ -145,7 +150,12 @@ class GRPOTrainer:
         if spot_trainer is not None:
             engine.on_long_tail = self._on_long_tail
         self.tc = cfg.trainer
-        self.model = model
+        # the policy the engine samples from and checkpoints save (full weights); the strategy
+        # owns the optimizer and the module training forwards run through (DeepSpeed: its engine)
+        self.strategy = strategy if strategy is not None else LocalStrategy(model, cfg.trainer)
+        self.model = self.strategy.policy
+        self.train_module = self.strategy.train_module
+        self.is_main = self.strategy.is_main
         self.tokenizer = tokenizer
         self.engine = engine
         self.eos_ids = list(eos_ids)
@@ -169,13 +179,8 @@ class GRPOTrainer:
         self.sampler = PromptSampler(len(self.train_rows), seed=self.tc.seed, shuffle=cfg.data.shuffle)
         self.ref_model = None
         if self.tc.kl_coef > 0:
-            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad],
-            lr=self.tc.lr,
-            betas=tuple(self.tc.betas),
-            weight_decay=self.tc.weight_decay,
-        )
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.optimizer = self.strategy.optimizer  # the LR schedule acts on its param groups
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.eval_history: dict[int, dict[str, float]] = {}
         self.reward_state: dict[str, Any] = {}  # stateful reward terms (HAPO history), checkpointed
@@ -752,9 +757,11 @@ class GRPOTrainer:
         mini_groups = tc.mini_batch_size or tc.prompts_per_step
         sums: dict[str, float] = {}
         token_total = 0.0
+        ratio_max = 0.0
         grad_norms: list[float] = []
         shuffle = torch.Generator().manual_seed(derive_seed(tc.seed, step, 99))
-        self.model.train()
+        strategy = self.strategy
+        self.train_module.train()
         for _epoch in range(tc.ppo_epochs):
             order = torch.randperm(num_groups, generator=shuffle).tolist()
             for start in range(0, num_groups, mini_groups):
@@ -766,10 +773,13 @@ class GRPOTrainer:
                     num_seqs=float(len(members)),
                     max_response_length=float(self.cfg.rollout.max_response_length),
                 )
-                self.optimizer.zero_grad(set_to_none=True)
-                for micro in self._micro_batches(batch, members):
+                strategy.zero_grad()
+                # this rank's micro-batches (all of them in one process); `counted=False` pads a
+                # rank that is short of one so every rank runs the same forwards/backwards
+                mine = strategy.deal(self._micro_batches(batch, members))
+                for k, (micro, counted) in enumerate(mine):
                     t = self._micro_tensors(batch, micro)
-                    logprobs, entropy = self._response_logprobs(self.model, t, with_entropy=True)
+                    logprobs, entropy = self._response_logprobs(self.train_module, t, with_entropy=True)
                     mask = t["mask"]
                     pg = ppo_clip_policy_loss(
                         logprobs,
@@ -782,12 +792,12 @@ class GRPOTrainer:
                     pg_loss = aggregate_loss(pg.loss_mat, mask, tc.loss_agg_mode, normalizer)
                     loss = pg_loss
                     tok = float(mask.sum())
+                    kl = None
                     if self.ref_model is not None:
                         with torch.no_grad():
                             ref_logprobs, _ = self._response_logprobs(self.ref_model, t, with_entropy=False)
                         kl = kl_penalty(logprobs, ref_logprobs, tc.kl_estimator)  # [b, R]
                         loss = loss + tc.kl_coef * aggregate_loss(kl, mask, tc.loss_agg_mode, normalizer)
-                        sums["actor/kl"] = sums.get("actor/kl", 0.0) + float((kl.detach() * mask).sum())
                     if tc.entropy_coef:
                         loss = loss - tc.entropy_coef * aggregate_loss(entropy, mask, tc.loss_agg_mode, normalizer)
                     if not torch.isfinite(loss):
@@ -795,7 +805,9 @@ class GRPOTrainer:
                             f"non-finite loss ({loss.item()}) at step {step}; lower trainer.lr or check the "
                             f"reward values; the run resumes from the last checkpoint with trainer.resume=auto"
                         )
-                    loss.backward()
+                    strategy.backward(loss * (strategy.loss_scale if counted else 0.0), last=k == len(mine) - 1)
+                    if not counted:
+                        continue
                     masked = lambda x: float((x.float() * mask).sum())  # noqa: E731
                     for key, value in (
                         ("actor/pg_loss", float(pg_loss.detach()) * normalizer.num_tokens),
@@ -804,22 +816,18 @@ class GRPOTrainer:
                         ("actor/pg_clipfrac_low", masked(pg.clipped_low)),
                         ("actor/pg_clipfrac_dual", masked(pg.dual_clipped)),
                         ("actor/ppo_kl", masked(pg.approx_kl)),
-                        ("actor/ratio_max", float((pg.ratio * mask).max())),
+                        ("actor/kl", masked(kl.detach()) if kl is not None else None),
                     ):
-                        if key == "actor/ratio_max":
-                            sums[key] = max(sums.get(key, 0.0), value)
-                        else:
+                        if value is not None:
                             sums[key] = sums.get(key, 0.0) + value
+                    ratio_max = max(ratio_max, float((pg.ratio * mask).max()))
                     token_total += tok
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip))
-                if not math.isfinite(grad_norm):
-                    raise TrainingError(
-                        f"non-finite gradient norm at step {step}; lower trainer.lr or trainer.grad_clip; "
-                        f"the run resumes from the last checkpoint with trainer.resume=auto"
-                    )
-                grad_norms.append(grad_norm)
-                self.optimizer.step()
-        self.model.eval()
+                grad_norms.append(strategy.step(tc.grad_clip, step))
+        self.train_module.eval()
+        sums["_tokens"] = token_total
+        sums = strategy.all_reduce_sum(sums)  # data parallel: every rank saw a share of the micro-batches
+        token_total = sums.pop("_tokens")
+        sums["actor/ratio_max"] = strategy.all_reduce_max({"r": ratio_max})["r"]
         metrics = {k: (v if k == "actor/ratio_max" else v / max(token_total, 1.0)) for k, v in sums.items()}
         metrics["actor/pg_loss"] = sums.get("actor/pg_loss", 0.0) / max(token_total, 1.0)
         metrics["actor/pg_clipfrac"] = metrics.get("actor/pg_clipfrac_high", 0.0) + metrics.get("actor/pg_clipfrac_low", 0.0)
@@ -846,6 +854,7 @@ class GRPOTrainer:
             metrics.update(self.update_policy(batch, step))  # 4-5. loss + optimizer step
             metrics["adv/mean"] = float(batch.advantages.mean())
             metrics["adv/abs_mean"] = float(batch.advantages.abs().mean())
+            self.strategy.sync_policy()  # ZeRO-3: gather the new weights into the policy copy
             self.engine.update_weights()
         else:
             metrics["actor/num_updates"] = 0.0
@@ -858,7 +867,7 @@ class GRPOTrainer:
         metrics["timing_s/step"] = now - t_step
         metrics["perf/tokens_per_s"] = timing["generated_tokens"] / max(timing["rollout"], 1e-9)
         metrics["perf/generated_tokens"] = timing["generated_tokens"]
-        if self.tc.log_completions_every and step % self.tc.log_completions_every == 0:
+        if self.is_main and self.tc.log_completions_every and step % self.tc.log_completions_every == 0:
             self._write_completions(step, generated)
         return metrics
 
@@ -945,7 +954,7 @@ class GRPOTrainer:
         self.model.eval()
         metrics = evaluate(
             self.engine, self.tokenizer, rows, prompts, settings, self.eos_ids,
-            out_path=self.run_dir / "evals" / f"step_{step:06d}.jsonl",
+            out_path=self.run_dir / "evals" / f"step_{step:06d}.jsonl" if self.is_main else None,
         )
         self.eval_history[step] = metrics
         return metrics
@@ -954,7 +963,7 @@ class GRPOTrainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "global_step": self.global_step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.strategy.optimizer_state(),  # None: sharded under deepspeed/
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
             "rng": rng_state(),
@@ -964,9 +973,9 @@ class GRPOTrainer:
             "seed": self.tc.seed,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], checkpoint: Path | None = None) -> None:
         self.global_step = int(state["global_step"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.strategy.load_optimizer_state(state["optimizer"], checkpoint or Path("the checkpoint"))
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
@@ -977,11 +986,31 @@ class GRPOTrainer:
 
     def save(self, tag: str | None = None) -> Path:
         """Checkpoint the current step. A ``tag`` (e.g. SIRI's ``siri-low``) marks the checkpoint
-        and protects it from rotation; tags are listed in ``checkpoints/tags.json``."""
+        and protects it from rotation; tags are listed in ``checkpoints/tags.json``.
+
+        With DeepSpeed every rank first writes its optimizer partition into a shared temporary
+        directory, which the main rank moves into the checkpoint inside the same atomic write."""
         name = step_dir_name(self.global_step)
         if tag is not None and name not in self.checkpoint_tags.setdefault(tag, []):
             self.checkpoint_tags[tag].append(name)
         protected = tuple(n for names in self.checkpoint_tags.values() for n in names)
+        extras = self._checkpoint_extras()
+        if self.strategy.name == "deepspeed":
+            sharded = checkpoint_root(self.run_dir) / f"{name}.tmp-deepspeed"
+            if self.is_main:
+                shutil.rmtree(sharded, ignore_errors=True)
+                sharded.mkdir(parents=True)
+            self.strategy.barrier()
+            self.strategy.save_sharded(sharded)
+            self.strategy.barrier()
+            extras["deepspeed"] = lambda dst: os.replace(sharded, dst)
+        path = checkpoint_root(self.run_dir) / name
+        if self.is_main:
+            path = self._save_main(name, extras, protected)
+        self.strategy.barrier()
+        return path
+
+    def _save_main(self, name: str, extras: dict[str, Any], protected: tuple[str, ...]) -> Path:
         path = save_checkpoint(
             self.run_dir,
             self.global_step,
@@ -991,7 +1020,7 @@ class GRPOTrainer:
             meta={"run_name": self.cfg.run_name, "tags": sorted(t for t, ns in self.checkpoint_tags.items() if name in ns)},
             keep=self.tc.save_total_limit,
             protected=protected,
-            extras=self._checkpoint_extras(),
+            extras=extras,
         )
         if self.checkpoint_tags:
             (path.parent / "tags.json").write_text(json.dumps(self.checkpoint_tags, indent=2))
@@ -1035,6 +1064,7 @@ class GRPOTrainer:
 
         saved = AutoModelForCausalLM.from_pretrained(path / "model", dtype=next(self.model.parameters()).dtype)
         self.model.load_state_dict(saved.state_dict())
+        self.strategy.load_sharded(path)  # DeepSpeed: optimizer partitions (and ZeRO's master weights)
         drafter = getattr(self.engine, "drafter", None)
         if drafter is not None and (path / "drafter").is_dir():  # the online-trained drafter of that step
             from rlspec.rollout.drafter import EagleDrafter
@@ -1045,9 +1075,11 @@ class GRPOTrainer:
                 drafter.version = restored.version
             if self.spot is not None:
                 self.spot.trainer.sync_from_drafter()
-        self.load_state_dict(state)
-        for log_file in ("metrics.jsonl", "completions.jsonl"):
-            truncate_jsonl(self.run_dir / log_file, self.global_step)
+        self.load_state_dict(state, path)
+        if self.is_main:
+            for log_file in ("metrics.jsonl", "completions.jsonl"):
+                truncate_jsonl(self.run_dir / log_file, self.global_step)
+        self.strategy.barrier()
         self.engine.update_weights()
         return path
 
@@ -1076,6 +1108,8 @@ class GRPOTrainer:
                 log.log(metrics, step=self.tc.steps)
             self.save()  # the final checkpoint also records the final eval
         summary = self.summary()
+        if not self.is_main:
+            return summary
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if self.cfg.logger.plot:
             plot_training_curves(self.run_dir / "metrics.jsonl", self.run_dir / "training_curves.png", self.cfg.run_name)
