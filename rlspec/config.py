@@ -171,6 +171,8 @@ class VllmConfig:
     gpu_memory_utilization: float = 0.3  # GPU share for weights + KV cache (colocated with training)
     kv_cache_gb: float = 1.0  # CPU KV cache (VLLM_CPU_KVCACHE_SPACE)
     enable_prefix_caching: bool = True  # a GRPO group shares its prompt
+    num_speculative_tokens: int = 3  # EAGLE draft length when rollout.speculative.enable=true
+    seed: int = 0  # vLLM's engine seed (each request is seeded from the rollout seed anyway)
     engine_kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to vllm.LLM(...) as they are
 
     def __post_init__(self) -> None:
@@ -179,6 +181,7 @@ class VllmConfig:
                  "must be >= 16 or null (computed from the prompts and rollout.max_response_length)")
         _require(0 < self.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization", "must be in (0, 1]")
         _require(self.kv_cache_gb > 0, "rollout.vllm.kv_cache_gb", "must be > 0")
+        _require(self.num_speculative_tokens >= 1, "rollout.vllm.num_speculative_tokens", "must be >= 1")
 
 
 @dataclass

