@@ -472,8 +472,12 @@ class RayConfig:
     chunk_size: int = 8  # prompts per work item; workers pull the next one when done (long-tail balance)
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    max_worker_restarts: int = 3  # per step; a dead worker is restarted and its prompts re-queued
+    max_worker_restarts: int = 3  # per rollout call; a dead worker is restarted and its prompts re-queued
     namespace: str = "rlspec"
+    learner_cpus: float = 1.0  # Ray resources of the learner actor (runs on the launching node)
+    learner_gpus: float = 0.0
+    drafter_trainer_cpus: float = 1.0  # the TLT drafter trainer actor (rollout.speculative.online)
+    drafter_trainer_gpus: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.num_rollout_workers >= 1, "ray.num_rollout_workers", "must be >= 1")
@@ -481,6 +485,8 @@ class RayConfig:
         _require(self.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0")
         _require(self.gpus_per_worker >= 0, "ray.gpus_per_worker", "must be >= 0")
         _require(self.max_worker_restarts >= 0, "ray.max_worker_restarts", "must be >= 0")
+        for key in ("learner_cpus", "learner_gpus", "drafter_trainer_cpus", "drafter_trainer_gpus"):
+            _require(getattr(self, key) >= 0, f"ray.{key}", "must be >= 0")
 
 
 @dataclass

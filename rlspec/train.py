@@ -196,10 +196,18 @@ def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: Any = None):
         spec_kwargs["settings"] = dataclasses.asdict(cfg.rollout.vllm)
         # budget prefills (HBPO) and summaries (AnytimeReasoner) extend a prompt: leave room
         spec_kwargs["max_len_hint"] = longest + max(cfg.rollout.max_response_length, cfg.eval.max_new_tokens) + 64
-    engine = make_engine(
-        cfg.rollout.backend, model, tokenizer, eos_token_ids=eos_ids, max_batch_size=cfg.rollout.max_batch_size,
-        **spec_kwargs,
-    )
+    if cfg.runtime == "ray":  # rollout workers as Ray actors, each with its own engine (rollout.backend)
+        if strategy.world_size > 1:
+            raise ConfigError("runtime=ray runs one learner; use it with trainer.strategy=local, or launch "
+                              "trainer.strategy=deepspeed with torchrun and runtime=local")
+        from rlspec.rollout.ray_engine import make_ray_engine
+
+        engine = make_ray_engine(cfg, model, tokenizer, eos_ids, **spec_kwargs)
+    else:
+        engine = make_engine(
+            cfg.rollout.backend, model, tokenizer, eos_token_ids=eos_ids, max_batch_size=cfg.rollout.max_batch_size,
+            **spec_kwargs,
+        )
     if strategy.world_size > 1:  # each rank samples a share of every rollout batch; all ranks get all of it
         engine = DataParallelEngine(engine, strategy, derive_seed)
     spot = None
@@ -207,11 +215,19 @@ def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: Any = None):
         drafter = load_drafter(cfg, model, tokenizer, model_path, train_rows)
         engine.set_drafter(drafter)
         if sc.online.enable:
-            from rlspec.rollout.spot_trainer import SpotDrafterTrainer
-
             o = sc.online
-            spot = SpotDrafterTrainer(drafter, lr=o.lr, batch_size=o.batch_size, window=o.window,
-                                      max_steps=o.max_steps, keep_steps=o.keep_steps, seed=cfg.trainer.seed)
+            spot_kw = dict(lr=o.lr, batch_size=o.batch_size, window=o.window, max_steps=o.max_steps,
+                           keep_steps=o.keep_steps, seed=cfg.trainer.seed)
+            if cfg.runtime == "ray":  # the drafter trainer as an actor beside the rollout workers
+                from rlspec.ray_runtime import RemoteSpotTrainer
+
+                spot = RemoteSpotTrainer(drafter, model, engine=engine, namespace=cfg.ray.namespace,
+                                         num_cpus=cfg.ray.drafter_trainer_cpus, num_gpus=cfg.ray.drafter_trainer_gpus,
+                                         **spot_kw)
+            else:
+                from rlspec.rollout.spot_trainer import SpotDrafterTrainer
+
+                spot = SpotDrafterTrainer(drafter, **spot_kw)
     return GRPOTrainer(
         cfg,
         model=model,
@@ -306,7 +322,12 @@ def _task(cfg: DictConfig) -> None:
     try:
         typed = validate_config(cfg)
         resolved = OmegaConf.to_container(OmegaConf.structured(typed), resolve=True)
-        run(typed, resolved)
+        if typed.runtime == "ray":  # the learner runs as a Ray actor; this process waits for it
+            from rlspec.ray_runtime import run_learner
+
+            run_learner(typed, resolved, num_cpus=typed.ray.learner_cpus, num_gpus=typed.ray.learner_gpus)
+        else:
+            run(typed, resolved)
     except RLSpecError as err:
         print(f"rlspec: error: {err}", file=sys.stderr)
         sys.exit(2)

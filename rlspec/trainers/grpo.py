@@ -468,9 +468,10 @@ class GRPOTrainer:
                 self.spot.buffer.add_response(step, prompt, response, hidden)
 
     def _record_engine_stats(self, stats: Mapping[str, float]) -> None:
-        """Keep the engine's speculative-decoding counters of this step's rollouts (``spec/*``)."""
+        """Keep the engine's speculative-decoding counters (``spec/*``) and the Ray pool's (``ray/*``)
+        of this step's rollouts."""
         for key, value in stats.items():
-            if key.startswith("spec/"):
+            if key.startswith(("spec/", "ray/")):
                 self._spec_metrics[key] = float(value)
 
     def _score(self, batch: RewardBatch) -> tuple[list[float], dict[str, list[float]], list[bool]]:
