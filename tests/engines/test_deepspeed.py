@@ -87,3 +87,14 @@ def test_torchrun_training_checkpoints_and_resumes(tiny_model_path, tmp_path):
     assert sorted({r["step"] for r in rows if "actor/pg_loss" in r}) == [1, 2, 3]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["end"] is not None
+    # the checkpoint's gathered HF weights export like a single-process run's
+    out = tmp_path / "export"
+    proc = subprocess.run([sys.executable, "-m", "rlspec.export", f"run_dir={run}", f"out={out}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    saved = AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "step_000003" / "model")
+    for (name, a), b in zip(exported.state_dict().items(), saved.state_dict().values()):
+        assert torch.equal(a, b), name
