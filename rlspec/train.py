@@ -195,7 +195,8 @@ def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: Any = None):
         longest = max(len(p) for p in [*train_prompt_ids, *eval_prompt_ids])
         spec_kwargs["settings"] = dataclasses.asdict(cfg.rollout.vllm)
         # budget prefills (HBPO) and summaries (AnytimeReasoner) extend a prompt: leave room
-        spec_kwargs["max_len_hint"] = longest + max(cfg.rollout.max_response_length, cfg.eval.max_new_tokens) + 64
+        hint = longest + max(cfg.rollout.max_response_length, cfg.eval.max_new_tokens) + 64
+        spec_kwargs["max_len_hint"] = min(hint, int(getattr(model.config, "max_position_embeddings", None) or hint))
     if cfg.runtime == "ray":  # rollout workers as Ray actors, each with its own engine (rollout.backend)
         if strategy.world_size > 1:
             raise ConfigError("runtime=ray runs one learner; use it with trainer.strategy=local, or launch "

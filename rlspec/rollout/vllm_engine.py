@@ -436,6 +436,27 @@ def _reload_drafter_weights(worker, weights: list[tuple[str, torch.Tensor]]) -> 
 # ------------------------------------------------------------------------------------ engine
 
 
+def _save_policy_copy(model: torch.nn.Module, directory: Path) -> None:
+    """The HF directory vLLM starts from. transformers' ``save_pretrained`` writes only on rank 0 once
+    torch.distributed is initialised, but under torchrun (trainer.strategy=deepspeed) every rank
+    starts its own engine, so the other ranks write config + safetensors themselves."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+        model.save_pretrained(directory, safe_serialization=True)
+        return
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    # copies: under ZeRO the parameters are views into flat buffers; a tied LM head is stored once
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
 class VLLMEngine:
     """Rollouts from an in-process vLLM engine that follows the trainer's weights.
 
@@ -530,7 +551,7 @@ class VLLMEngine:
         self._workdir = Path(tempfile.mkdtemp(prefix="rlspec-vllm-"))  # under $TMPDIR: a full model copy
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._workdir), True)  # also at exit
         model_dir = self._workdir / "policy"
-        self.model.save_pretrained(model_dir, safe_serialization=True)
+        _save_policy_copy(self.model, model_dir)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(model_dir)
         from vllm import LLM
@@ -566,6 +587,10 @@ class VLLMEngine:
                     spec_cfg["num_speculative_tokens_per_batch_size"] = schedule
             kwargs["speculative_config"] = spec_cfg
             kwargs["disable_log_stats"] = False  # acceptance counters for RolloutResult.stats
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # a data-parallel trainer (torchrun): one engine per rank inside the launcher's processes
+            kwargs.setdefault("distributed_executor_backend", "external_launcher")
         kwargs.update(s["engine_kwargs"])
         self._we_initialised_dist = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         try:

@@ -35,3 +35,29 @@ def test_dler_trains_with_the_vllm_backend(tmp_path):
         assert r["perf/generated_tokens"] > 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["end"]["eval/accuracy"] > 0
+
+
+def test_deepspeed_ranks_each_sample_with_their_own_vllm_engine(tmp_path):
+    """torchrun, 2 ranks, ZeRO-2 + vLLM: every rank runs an engine (external_launcher) that follows
+    the DeepSpeed-updated weights (the rollout/trainer ratio stays 1)."""
+    import socket
+
+    pytest.importorskip("deepspeed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "rlspec.train", "+recipe=dler", "trainer.strategy=deepspeed", "rollout.backend=vllm",
+           f"run_dir={run}", "trainer.steps=2", "trainer.prompts_per_step=8", "rollout.n=4", "trainer.num_threads=1",
+           "eval.num_problems=16", "eval.samples_per_problem=1", "eval.at_start=false", "logger.progress=off",
+           "logger.backends=[jsonl]"]
+    env = {**os.environ, "TQDM_DISABLE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "actor/pg_loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        print(f"step {r['step']}: ratio_max {r['actor/ratio_max']:.6f} groups {r['batch/groups_generated']:.0f}")
+        assert r["actor/ratio_max"] == pytest.approx(1.0, abs=1e-3)
