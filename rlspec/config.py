@@ -37,9 +37,12 @@ class ModelConfig:
     embedded_preset: str = "default"  # embedded default variant: "default" or "tiny" (tests)
     dtype: str = "float32"  # float32 | bfloat16 | float16 (bf16 is slower on CPUs without AMX)
     trust_remote_code: bool = False
+    device: str = "auto"  # auto: cuda (this rank's LOCAL_RANK device under torchrun) when available, else cpu
 
     def __post_init__(self) -> None:
         _choice(self.dtype, "model.dtype", ("float32", "bfloat16", "float16"))
+        _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "model.device",
+                 f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _choice(self.embedded_preset, "model.embedded_preset", ("default", "tiny"))
 
 

@@ -153,6 +153,17 @@ def load_drafter(cfg: RLSpecConfig, model: Any, tokenizer: Any, model_path: Any,
                                                        sc.drafter_warmup_steps), model)
 
 
+def resolve_device(device: str) -> torch.device:
+    """``model.device``: ``auto`` picks this rank's GPU (``LOCAL_RANK`` under torchrun) when CUDA is
+    available, else the CPU."""
+    if device == "auto":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device={device} but CUDA is not available (torch {torch.__version__}); "
+                          f"use model.device=cpu or install a CUDA build of torch 2.13.0")
+    return torch.device(device)
+
+
 def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: Any = None):
     """Load model, tokenizer, data, engine and rewards, and wire them into a trainer."""
     from rlspec.data import load_split
@@ -174,6 +185,7 @@ def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: Any = None):
         train_rows = train_rows[: cfg.data.max_train_samples]
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     model = load_causal_lm(model_path, cfg.model.dtype, cfg.model.trust_remote_code).eval()
+    model.to(resolve_device(cfg.model.device))
     eos_ids = eos_token_ids(model, tokenizer)
     # trainer.strategy: local (AdamW in this process) or deepspeed (ZeRO over the launched ranks);
     # `model` becomes the policy the engine samples from (ZeRO-3: a full copy of the sharded one)

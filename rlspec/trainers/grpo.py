@@ -653,7 +653,8 @@ class GRPOTrainer:
             attention_mask, position_ids = self._packed_attention(batch, idx, p_len, r_len, attention)
             for row, i in enumerate(idx):
                 mask[row, : len(batch.response_ids[i])] = batch.loss_masks[i]
-        return {
+        device = next(self.model.parameters()).device  # built on the CPU, used where the policy lives
+        tensors = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "position_ids": position_ids,
@@ -661,8 +662,10 @@ class GRPOTrainer:
             "mask": mask,
             "old_logprobs": old,
             "advantages": self._micro_advantages(batch, idx, r_len),
-            "r_len": torch.tensor(r_len),
         }
+        out = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+        out["r_len"] = torch.tensor(r_len)
+        return out
 
     @staticmethod
     def _packed_attention(batch: TrainBatch, idx: list[int], p_len: int, r_len: int,
@@ -749,7 +752,7 @@ class GRPOTrainer:
                 t = self._micro_tensors(batch, micro)
                 logprobs, _ = self._response_logprobs(self.model, t, with_entropy=False)
                 for row, i in enumerate(micro):
-                    batch.old_logprobs[i] = logprobs[row, : len(batch.response_ids[i])].detach()
+                    batch.old_logprobs[i] = logprobs[row, : len(batch.response_ids[i])].detach().cpu()
 
     def update_policy(self, batch: TrainBatch, step: int) -> dict[str, float]:
         """PPO epochs x mini-batches (one optimizer step each) x micro-batches (accumulated)."""
