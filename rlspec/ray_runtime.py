@@ -298,7 +298,7 @@ class RemoteSpotTrainer:
 
     def __init__(self, drafter: Any, model: Any, *, engine: Any = None, num_cpus: float = 1.0, num_gpus: float = 0.0,
                  namespace: str = "rlspec", name: str = "rlspec-drafter-trainer", **spot_kwargs: Any) -> None:
-        from rlspec.rollout.ray_engine import state_dict_cpu
+        from rlspec.rollout.ray_engine import learner_spec, state_dict_cpu
 
         ray = import_ray()
         self.drafter = drafter
@@ -306,8 +306,7 @@ class RemoteSpotTrainer:
         self.engine = engine if engine is not None and hasattr(engine, "weights_ref") else None
         self.published_step = 0
         version, ref = self._target_ref()
-        param = next(model.parameters())
-        spec = {"cls": type(model), "config": model.config, "dtype": param.dtype}
+        spec = learner_spec(model)
         with drafter.lock:
             dstate = state_dict_cpu(drafter)
             dversion = int(drafter.version)

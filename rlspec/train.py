@@ -268,6 +268,11 @@ def run(cfg: RLSpecConfig, resolved: dict[str, Any]) -> dict[str, Any]:
 
     started = time.time()
     console = Console()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and cfg.trainer.strategy != "deepspeed":
+        raise ConfigError(f"launched with {world} processes (WORLD_SIZE={world}) but trainer.strategy="
+                          f"{cfg.trainer.strategy} trains in one process; set trainer.strategy=deepspeed or "
+                          f"launch a single process")
     # under torchrun (trainer.strategy=deepspeed) only rank 0 prints, logs and writes the run dir
     if int(os.environ.get("RANK", "0")) != 0:
         trainer = build_trainer(cfg, Path(cfg.run_dir), None)

@@ -181,19 +181,34 @@ def _empty_init():
     return contextlib.nullcontext()
 
 
+def learner_spec(model: torch.nn.Module) -> dict[str, Any]:
+    """What a worker needs to rebuild the learner's model besides its state dict: the class, the
+    config, the dtype, and the buffers that are not in the state dict (e.g. RoPE's float32
+    ``inv_freq``, which a dtype cast would round: the learner keeps it in float32)."""
+    param = next(model.parameters())
+    persistent = set(model.state_dict())
+    buffers = {k: v.detach().to("cpu").clone() for k, v in model.named_buffers() if k not in persistent}
+    return {"cls": type(model), "config": model.config, "dtype": param.dtype, "buffers": buffers}
+
+
 def build_model(spec: dict[str, Any], state: dict[str, torch.Tensor], device: str) -> torch.nn.Module:
-    """A copy of the learner's model: ``spec["cls"](spec["config"])`` (else ``AutoModelForCausalLM``
-    ``.from_config``), cast to ``spec["dtype"]``, moved to ``device``, loaded with ``state`` (a state
-    dict or :func:`pack_state`'s form)."""
+    """A copy of the learner's model: ``spec["cls"](spec["config"])``, cast to ``spec["dtype"]``,
+    moved to ``device``, loaded with ``state`` (a state dict or :func:`pack_state`'s form) and the
+    learner's non-persistent buffers (``spec["buffers"]``, in their own dtypes)."""
     with _empty_init():
         try:
             model = spec["cls"](spec["config"])
-        except Exception:  # noqa: BLE001 -- e.g. a remote-code class that is not importable here
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_config(spec["config"], trust_remote_code=True)
+        except Exception as err:  # e.g. a remote-code class that is not importable on this node
+            raise ConfigError(
+                f"a rollout worker cannot build {getattr(spec['cls'], '__name__', spec['cls'])} "
+                f"({type(err).__name__}: {err}); install the model's code on every Ray node"
+            ) from err
     model = model.to(dtype=spec["dtype"], device=device).eval()
     model.load_state_dict(unpack_state(state))
+    buffers = dict(model.named_buffers())
+    for name, value in (spec.get("buffers") or {}).items():
+        if name in buffers:
+            buffers[name].data = value.to(device)
     model.requires_grad_(False)
     return model
 
@@ -386,8 +401,7 @@ class RayRolloutEngine:
             "num_threads": max(1, int(cpus_per_worker)), "worker_engine": worker_engine,
             "engine_kwargs": dict(engine_kwargs or {}),
         }
-        param = next(model.parameters())
-        self._spec = {"cls": type(model), "config": model.config, "dtype": param.dtype}
+        self._spec = learner_spec(model)
         self._version = 0
         self._weights_ref = ray.put(pack_state(model.state_dict()))
         self._tokenizer_ref = ray.put(tokenizer)

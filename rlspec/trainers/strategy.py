@@ -143,7 +143,8 @@ def deepspeed_config(tc: Any, world_size: int) -> dict[str, Any]:
     if ds.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if ds.zero_stage == 3:
-        # gather whole small models at once; keep every parameter gathered between uses on CPU
+        # no persistent (never partitioned) small parameters and no prefetching: every rank runs the same
+        # forwards in lockstep, so gathers happen exactly where each module runs
         zero.update({"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 0})
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,
@@ -152,6 +153,8 @@ def deepspeed_config(tc: Any, world_size: int) -> dict[str, Any]:
         "gradient_clipping": tc.grad_clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
+        # the client optimizer is torch AdamW (the local strategy's), also when ZeRO offloads its states
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -246,11 +249,19 @@ class DeepSpeedStrategy:
         self.engine.backward(loss)
 
     def step(self, grad_clip: float, step: int) -> float:
-        """DeepSpeed clips (``gradient_clipping``) and steps; the norm is the global one."""
+        """DeepSpeed clips (``gradient_clipping``) and steps; the norm is the global one. Stage 0
+        (plain data parallel: gradients are all-reduced in backward) has no ZeRO optimizer to report
+        a norm, so it is taken here, before the step, like the local strategy."""
         self._boundary(True)
+        if self.zero_stage == 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.engine.module.parameters(), grad_clip))
+            if not math.isfinite(norm):
+                raise _nonfinite_grad(step)
+            self.engine.step()
+            return norm
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else float("nan")
+        reported = self.engine.get_global_grad_norm()
+        norm = float(reported) if reported is not None else float("nan")
         if not math.isfinite(norm):
             raise _nonfinite_grad(step)
         return norm
@@ -327,6 +338,7 @@ class DeepSpeedStrategy:
     def close(self) -> None:
         if dist.is_initialized():
             dist.barrier()
+            dist.destroy_process_group()
 
 
 def make_strategy(model: torch.nn.Module, tc: Any) -> LocalStrategy | DeepSpeedStrategy:
@@ -373,6 +385,8 @@ class DataParallelEngine:
         local = self.inner.generate(mine, dataclasses.replace(params, seed=seed), **kwargs) if mine else None
         parts = self.strategy.all_gather_object(local)
         parts = [p for p in parts if p is not None]
+        if not parts:  # no prompts at all
+            return self.inner.generate([], params, **kwargs)
         merged: dict[str, Any] = {}
         for f in dataclasses.fields(parts[0]):
             if f.name == "stats":
@@ -382,24 +396,13 @@ class DataParallelEngine:
         return type(parts[0])(**merged, stats=stats)
 
 
-_SUMMED = ("tokens", "prompt_tokens", "spec/sd_steps")
-_MAXED = ("seconds", "decode_steps", "spec/switch_seconds", "spec/reverted")
-
-
 def merge_rollout_stats(parts: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Combine the stats of rollout calls that ran concurrently (ranks or workers): counts add,
-    durations take the slowest part, rates and fractions are averaged; ``tokens_per_s`` is the
-    combined throughput."""
-    keys = {k for p in parts for k in p}
-    out: dict[str, float] = {}
-    for k in sorted(keys):
-        values = [float(p[k]) for p in parts if k in p]
-        if k in _SUMMED or k.startswith("spec/arm/"):
-            out[k] = sum(values)
-        elif k in _MAXED:
-            out[k] = max(values)
-        else:
-            out[k] = sum(values) / len(values)
-    if "tokens" in out and "seconds" in out:
-        out["tokens_per_s"] = out["tokens"] / out["seconds"] if out["seconds"] > 0 else 0.0
+    """Combine the stats of rollout calls that ran concurrently (ranks): counts add and ``spec/*``
+    rates are weighted by speculative steps exactly as for Ray's chunks
+    (:func:`rlspec.rollout.ray_engine.merge_stats`); the call took as long as the slowest part."""
+    from rlspec.rollout.ray_engine import merge_stats
+
+    out = merge_stats(parts)
+    out["seconds"] = max((float(p.get("seconds", 0.0)) for p in parts), default=0.0)
+    out["tokens_per_s"] = out["tokens"] / out["seconds"] if out["seconds"] > 0 else 0.0
     return out

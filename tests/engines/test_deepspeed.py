@@ -54,7 +54,7 @@ def reference(tiny_model_path, tmp_path_factory):
     return work, steps, final
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_zero_matches_single_process(reference, stage):
     work, local_steps, local_final = reference
     _torchrun([str(REPO / "tests" / "engines" / "ds_worker.py"), str(work), str(stage)])
