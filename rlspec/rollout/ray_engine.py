@@ -422,17 +422,20 @@ class RayRolloutEngine:
 
     @staticmethod
     def _check_resources(ray, num_workers: int, cpus: float, gpus: float) -> None:
-        total = ray.cluster_resources()
-        have_cpu, have_gpu = float(total.get("CPU", 0.0)), float(total.get("GPU", 0.0))
+        # what is free now: the learner actor (ray.learner_cpus/gpus) already holds its share
+        free = ray.available_resources()
+        have_cpu, have_gpu = float(free.get("CPU", 0.0)), float(free.get("GPU", 0.0))
         if num_workers * cpus > have_cpu + 1e-9:
             raise ConfigError(
                 f"ray.num_rollout_workers={num_workers} x ray.cpus_per_worker={cpus} needs {num_workers * cpus:g} CPUs "
-                f"but the Ray cluster has {have_cpu:g}: lower one of them or add nodes"
+                f"but the Ray cluster has {have_cpu:g} free (after the learner's ray.learner_cpus): lower one of "
+                f"them or add nodes"
             )
         if num_workers * gpus > have_gpu + 1e-9:
             raise ConfigError(
                 f"ray.num_rollout_workers={num_workers} x ray.gpus_per_worker={gpus} needs {num_workers * gpus:g} GPUs "
-                f"but the Ray cluster has {have_gpu:g}: set ray.gpus_per_worker=0 (CPU) or add GPU nodes"
+                f"but the Ray cluster has {have_gpu:g} free (after ray.learner_gpus): set ray.gpus_per_worker=0 "
+                f"(CPU) or add GPU nodes"
             )
 
     def _name(self, index: int) -> str:
