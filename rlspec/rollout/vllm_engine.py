@@ -436,6 +436,23 @@ def _reload_drafter_weights(worker, weights: list[tuple[str, torch.Tensor]]) -> 
 # ------------------------------------------------------------------------------------ engine
 
 
+def _remove_orphaned_workdirs() -> None:
+    """Delete ``$TMPDIR/rlspec-vllm-<pid>-*`` model copies whose process no longer exists."""
+    for path in Path(tempfile.gettempdir()).glob("rlspec-vllm-*-*"):
+        try:
+            pid = int(path.name.split("-")[2])
+        except (IndexError, ValueError):
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # another user's live process
+            continue
+
+
 def _save_policy_copy(model: torch.nn.Module, directory: Path) -> None:
     """The HF directory vLLM starts from. transformers' ``save_pretrained`` writes only on rank 0 once
     torch.distributed is initialised, but under torchrun (trainer.strategy=deepspeed) every rank
@@ -548,7 +565,10 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         t0 = time.perf_counter()
-        self._workdir = Path(tempfile.mkdtemp(prefix="rlspec-vllm-"))  # under $TMPDIR: a full model copy
+        _remove_orphaned_workdirs()
+        # under $TMPDIR: a full model copy; the pid in the name lets a later engine remove it if this
+        # process is killed before its finalizer runs (a Ray worker killed, a torchrun rank terminated)
+        self._workdir = Path(tempfile.mkdtemp(prefix=f"rlspec-vllm-{os.getpid()}-"))
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._workdir), True)  # also at exit
         model_dir = self._workdir / "policy"
         _save_policy_copy(self.model, model_dir)
