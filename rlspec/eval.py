@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
+from rlspec.cli_args import parse_bool, parse_float, parse_int
 from rlspec.errors import ConfigError, RLSpecError
 from rlspec.evals.runner import RunnerSettings
 
@@ -47,33 +48,6 @@ class EvalOptions:
     out: Path | None = None
     progress: str = "auto"
     settings: RunnerSettings = field(default_factory=RunnerSettings)
-
-
-def _int(key: str, value: str, minimum: int) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise ConfigError(f"{key} must be an integer, got {value!r}") from None
-    if number < minimum:
-        raise ConfigError(f"{key} must be >= {minimum}, got {number}")
-    return number
-
-
-def _float(key: str, value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise ConfigError(f"{key} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ConfigError(f"{key} must be a finite number, got {value!r}")
-    return number
-
-
-def _bool(key: str, value: str) -> bool:
-    flag = value.strip().lower()
-    if flag not in ("true", "false", "1", "0", "yes", "no"):
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    return flag in ("true", "1", "yes")
 
 
 def _list(value: str) -> list[str]:
@@ -128,18 +102,18 @@ def parse_args(argv: Sequence[str]) -> EvalOptions:
         elif key.startswith("eval.benchmarks.") and key.endswith(".path"):
             opts.paths[key[len("eval.benchmarks."):-len(".path")]] = value
         elif key == "eval.limit":
-            opts.limit = None if value.lower() in ("", "null", "none") else _int(key, value, 1)
+            opts.limit = None if value.lower() in ("", "null", "none") else parse_int(key, value, 1)
         elif key == "eval.base":
             opts.base = value or None
         elif key.startswith("eval.") and key[5:] in _SETTING_TYPES:
             name = key[5:]
             kind = _SETTING_TYPES[name]
             if kind in ("int", int):
-                setting_values[name] = _int(key, value, 0)
+                setting_values[name] = parse_int(key, value, 0)
             elif kind in ("float", float):
-                setting_values[name] = _float(key, value)
+                setting_values[name] = parse_float(key, value)
             elif kind in ("bool", bool):
-                setting_values[name] = _bool(key, value)
+                setting_values[name] = parse_bool(key, value)
             else:
                 setting_values[name] = value
         else:

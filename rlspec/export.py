@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from rlspec.cli_args import parse_bool, parse_float
 from rlspec.errors import ConfigError, ModelLoadError, RLSpecError
 
 __all__ = ["ExportOptions", "parse_args", "resolve_checkpoint", "generation_settings", "eval_table",
@@ -58,23 +59,6 @@ class ExportOptions:
     scale: float = 0.7
     per_tensor: bool = True
     overwrite: bool = False
-
-
-def _bool(key: str, value: str) -> bool:
-    flag = value.strip().lower()
-    if flag not in ("true", "false", "1", "0", "yes", "no"):
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    return flag in ("true", "1", "yes")
-
-
-def _number(key: str, value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise ConfigError(f"{key} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ConfigError(f"{key} must be a finite number, got {value!r}")
-    return number
 
 
 def parse_args(argv: Sequence[str]) -> ExportOptions:
@@ -102,7 +86,7 @@ def parse_args(argv: Sequence[str]) -> ExportOptions:
     if merge_keys and base is None:
         raise ConfigError(f"{merge_keys[0]} is set but merge.base is not; add merge.base=start "
                           f"(the run's starting model) or merge.base=DIR")
-    top_k = _number("merge.top_k", args.get("merge.top_k", "0.25"))
+    top_k = parse_float("merge.top_k", args.get("merge.top_k", "0.25"))
     if not 0 < top_k <= 1:
         raise ConfigError(f"merge.top_k must be a fraction in (0, 1] of each update to keep (DLER: 0.25), got {top_k}")
     checkpoint = args.get("checkpoint", "latest").strip() or "latest"
@@ -112,9 +96,9 @@ def parse_args(argv: Sequence[str]) -> ExportOptions:
         checkpoint=checkpoint,
         merge_base=base,
         top_k=top_k,
-        scale=_number("merge.scale", args.get("merge.scale", "0.7")),
-        per_tensor=_bool("merge.per_tensor", args.get("merge.per_tensor", "true")),
-        overwrite=_bool("overwrite", args.get("overwrite", "false")),
+        scale=parse_float("merge.scale", args.get("merge.scale", "0.7")),
+        per_tensor=parse_bool("merge.per_tensor", args.get("merge.per_tensor", "true")),
+        overwrite=parse_bool("overwrite", args.get("overwrite", "false")),
     )
 
 

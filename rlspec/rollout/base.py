@@ -61,6 +61,26 @@ class RolloutResult:
         return [len(r) for r in self.response_ids]
 
 
+def check_prompt_ids(prompt_ids: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
+    """The prompts as lists of ints; an empty prompt or an id outside ``[0, vocab_size)`` raises
+    DataError naming the prompt (every engine checks its input the same way)."""
+    from rlspec.errors import DataError
+
+    prompts = []
+    for i, p in enumerate(prompt_ids):
+        ids = [int(t) for t in p]
+        if not ids:
+            raise DataError(f"prompt {i} is empty: every prompt needs at least one token id")
+        lo, hi = min(ids), max(ids)
+        if lo < 0 or hi >= vocab_size:
+            raise DataError(
+                f"prompt {i} has token id {hi if hi >= vocab_size else lo} outside the model's "
+                f"vocabulary [0, {vocab_size}): tokenize with the model's own tokenizer"
+            )
+        prompts.append(ids)
+    return prompts
+
+
 class RolloutEngine(Protocol):
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> RolloutResult:
         """Sample one response per prompt (repeat a prompt n times for a GRPO group)."""

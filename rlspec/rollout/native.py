@@ -38,8 +38,8 @@ from typing import Iterator, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from rlspec.errors import ConfigError, DataError
-from rlspec.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutResult, SamplingParams
+from rlspec.errors import ConfigError
+from rlspec.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutResult, SamplingParams, check_prompt_ids
 from rlspec.rollout.sampling import sample_next_tokens
 
 FAST_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
@@ -837,19 +837,7 @@ class NativeEngine:
     # -- internals --------------------------------------------------------------------------
 
     def _check_prompts(self, prompt_ids: Sequence[Sequence[int]]) -> list[list[int]]:
-        prompts = []
-        for i, p in enumerate(prompt_ids):
-            ids = [int(t) for t in p]
-            if not ids:
-                raise DataError(f"prompt {i} is empty: every prompt needs at least one token id")
-            lo, hi = min(ids), max(ids)
-            if lo < 0 or hi >= self.vocab_size:
-                raise DataError(
-                    f"prompt {i} has token id {hi if hi >= self.vocab_size else lo} outside the model's "
-                    f"vocabulary [0, {self.vocab_size}): tokenize with the model's own tokenizer"
-                )
-            prompts.append(ids)
-        return prompts
+        return check_prompt_ids(prompt_ids, self.vocab_size)
 
     def _next_chunk(self, waiting: deque, free: int, prompts: list[list[int]]) -> list[int]:
         chunk: list[int] = []

@@ -55,8 +55,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rlspec.errors import ConfigError, DataError, TrainingError
-from rlspec.rollout.base import RolloutResult, SamplingParams
+from rlspec.errors import ConfigError, TrainingError
+from rlspec.rollout.base import RolloutResult, SamplingParams, check_prompt_ids
 
 WORKER_NAME = "rlspec-rollout"
 RAY_INSTALL_HINT = 'pip install "rlspec[ray]"'
@@ -558,16 +558,7 @@ class RayRolloutEngine:
             return self._generate(prompt_ids, params, return_hidden_states)
 
     def _check_prompts(self, prompt_ids: Sequence[Sequence[int]]) -> list[list[int]]:
-        prompts = []
-        for i, p in enumerate(prompt_ids):
-            ids = [int(t) for t in p]
-            if not ids:
-                raise DataError(f"prompt {i} is empty: every prompt needs at least one token id")
-            if min(ids) < 0 or max(ids) >= self.vocab_size:
-                raise DataError(f"prompt {i} has a token id outside the model's vocabulary [0, {self.vocab_size}): "
-                                "tokenize with the model's own tokenizer")
-            prompts.append(ids)
-        return prompts
+        return check_prompt_ids(prompt_ids, self.vocab_size)
 
     def _generate(self, prompt_ids, params: SamplingParams, want_hidden: bool) -> RolloutResult:
         if self._closed:

@@ -94,8 +94,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from rlspec.errors import ConfigError, DataError
-from rlspec.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutResult, SamplingParams
+from rlspec.errors import ConfigError
+from rlspec.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutResult, SamplingParams, check_prompt_ids
 
 VLLM_INSTALL_HINT = (
     "install vLLM into this environment: `pip install vllm` on a GPU machine, or on CPU "
@@ -812,19 +812,7 @@ class VLLMEngine:
         return out
 
     def _check_prompts(self, prompt_ids: Sequence[Sequence[int]]) -> list[list[int]]:
-        prompts = []
-        for i, p in enumerate(prompt_ids):
-            ids = [int(t) for t in p]
-            if not ids:
-                raise DataError(f"prompt {i} is empty: every prompt needs at least one token id")
-            lo, hi = min(ids), max(ids)
-            if lo < 0 or hi >= self.vocab_size:
-                raise DataError(
-                    f"prompt {i} has token id {hi if hi >= self.vocab_size else lo} outside the model's "
-                    f"vocabulary [0, {self.vocab_size}): tokenize with the model's own tokenizer"
-                )
-            prompts.append(ids)
-        return prompts
+        return check_prompt_ids(prompt_ids, self.vocab_size)
 
     def _spec_counters(self) -> dict[str, float]:
         if not self._spec_running:
