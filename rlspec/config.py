@@ -141,7 +141,7 @@ class SpeculativeConfig:
     mode: str = "adaptive"  # adaptive (long-tail switch, reverts if slower) | always
     threshold: int = 32  # SD once unfinished rows <= threshold ...
     warmup_checks: int = 10  # ... for this many consecutive decode steps
-    probe_steps: int = 8  # adaptive: SD steps measured before comparing with plain decoding
+    probe_steps: int = 8  # adaptive: SD and plain steps alternate this many times after the switch; slower SD reverts
     drafter_path: Optional[str] = None
     drafter_warmup_steps: int = 300  # offline warm-up of the embedded default's drafter
     bandit: Dict[str, Any] = field(default_factory=dict)  # rlspec.rollout.bandit keys (policy, arms, ...)

@@ -40,9 +40,10 @@ Differences from TLT's code (``eagle_mab.py``), on purpose:
 * TLT's reward uses ``stable_accept_length`` (the arm's median accept length across all groups);
   :func:`step_reward` uses the step's measured tokens (pass a smoothed value if you prefer).
 
-Default table (CPU-friendly: the target's verify forward on CPU is compute-bound beyond a few
-dozen tokens per row, so trees are smaller than TLT's GPU defaults ``8_4_48/8_4_32/8_4_16/8_4_8``;
-``num_verify`` excludes the root, SGLang's ``num_draft_tokens`` = ``num_verify + 1``):
+Default table on GPU (trees, smaller than TLT's GPU defaults ``8_4_48/8_4_32/8_4_16/8_4_8``;
+``num_verify`` excludes the root, SGLang's ``num_draft_tokens`` = ``num_verify + 1``). On CPU the
+native engine uses :data:`DEFAULT_ARMS_CPU` instead (chains of three depths per bucket: there a
+verify forward costs in proportion to the tokens it verifies, so tree branches do not pay):
 
 ===========  ==========================================
 batch size   arms ``depth_topk_numverify``
@@ -85,6 +86,25 @@ DEFAULT_ARMS: tuple[tuple[ArmShape, ...], ...] = (
     (ArmShape(4, 2, 6), ArmShape(3, 2, 4), ArmShape(3, 1, 3)),
     (ArmShape(3, 2, 4), ArmShape(3, 1, 3), ArmShape(2, 1, 2)),
 )
+
+# CPU table (the native engine uses it on CPU unless ``arms``/``buckets`` are set): chains only.
+# Measured on 2 CPU cores, a 39.6M Qwen2 and a drafter with top-1 0.87, sampling at T=1 (tokens/s
+# against plain decoding): trees lose everywhere (6_4_16: 1.12x at 1 row, 0.66x at 4-8 rows;
+# 4_2_6: 0.78-0.86x at 2-8 rows) while chains win (3_1_3: 1.98x / 1.46x / 1.25x / 1.19x at
+# 1 / 2 / 4 / 8 rows; 5_1_5 1.85x at 1 row, 6_1_6 1.30x at 4 rows). The CPU's verify forward
+# costs in proportion to the tokens verified, so a tree's extra branches are pure cost there.
+DEFAULT_ARMS_CPU: tuple[tuple[ArmShape, ...], ...] = (
+    (ArmShape(3, 1, 3), ArmShape(5, 1, 5), ArmShape(8, 1, 8)),
+    (ArmShape(3, 1, 3), ArmShape(4, 1, 4), ArmShape(6, 1, 6)),
+    (ArmShape(2, 1, 2), ArmShape(3, 1, 3), ArmShape(5, 1, 5)),
+    (ArmShape(1, 1, 1), ArmShape(2, 1, 2), ArmShape(3, 1, 3)),
+)
+
+
+def default_arms_for(device_type: str) -> tuple[tuple[ArmShape, ...], ...]:
+    """The default arm table for a device: :data:`DEFAULT_ARMS_CPU` on ``"cpu"``, else :data:`DEFAULT_ARMS`."""
+    return DEFAULT_ARMS_CPU if device_type == "cpu" else DEFAULT_ARMS
+
 
 WINDOW_SCOPES = ("bucket", "arm")
 GROUP_BYS = ("bucket", "batch_size")

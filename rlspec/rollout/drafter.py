@@ -59,7 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rlspec.errors import ConfigError, DataError, ModelLoadError
-from rlspec.rollout.native import FAST_ARCHITECTURES
+from rlspec.rollout.native import FAST_ARCHITECTURES, linear
 
 DRAFTER_CONFIG_NAME = "drafter_config.json"
 DRAFTER_WEIGHTS_NAME = "model.safetensors"
@@ -492,7 +492,9 @@ class EagleDrafter(nn.Module):
             raise ValueError(f"EagleDrafter.step: rows {rows} do not match {n} sequences / the cache's slots")
         layer, at = self.layer, self.layer.self_attn
         hq, hkv, d = self._geometry()
-        x = self._input(input_ids, hidden)  # [n, Q, H]
+        fc = self.fc
+        emb = F.embedding(input_ids, self.embed_tokens.weight.detach()).to(fc.weight.dtype)
+        x = linear(torch.cat([emb, hidden.to(device=emb.device, dtype=emb.dtype)], dim=-1), fc.weight, fc.bias)  # [n, Q, H]
         device = x.device
         if attn_mask is None:
             positions = torch.arange(q_len, device=device).expand(n, q_len)
@@ -502,9 +504,9 @@ class EagleDrafter(nn.Module):
         h = layer.input_layernorm(x)
         cos, sin = self.rotary_emb(h, positions)  # [n, Q, D]
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [n, Q, 1, D]
-        q = at.q_proj(h).view(n, q_len, hq, d)
-        k = at.k_proj(h).view(n, q_len, hkv, d)
-        v = at.v_proj(h).view(n, q_len, hkv, d)
+        q = linear(h, at.q_proj.weight, at.q_proj.bias).view(n, q_len, hq, d)
+        k = linear(h, at.k_proj.weight, at.k_proj.bias).view(n, q_len, hkv, d)
+        v = linear(h, at.v_proj.weight, at.v_proj.bias).view(n, q_len, hkv, d)
         if getattr(at, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before RoPE
             q = at.q_norm(q)
             k = at.k_norm(k)
@@ -521,8 +523,11 @@ class EagleDrafter(nn.Module):
             keys, values = k_cache[rows, :, :kv_len], v_cache[rows, :, :kv_len]
             mask = attn_mask
         o = _exact_attention(q.transpose(1, 2), keys, values, mask, float(at.scaling))  # [n, Q, Hq*D] fp32
-        x = x + at.o_proj(o.to(x.dtype))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = x + linear(o.to(x.dtype), at.o_proj.weight, at.o_proj.bias)
+        mlp = layer.mlp  # the Llama-family gated MLP: down(act(gate(h)) * up(h))
+        h = layer.post_attention_layernorm(x)
+        x = x + linear(mlp.act_fn(linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias))
+                       * linear(h, mlp.up_proj.weight, mlp.up_proj.bias), mlp.down_proj.weight, mlp.down_proj.bias)
         used = cols.amax(dim=1) + 1
         self._hw[rows] = torch.maximum(self._hw[rows], used)
         self.n = max(self.n, rows.stop)

@@ -92,6 +92,32 @@ class Backend(Protocol):
 # ------------------------------------------------------------------------------------ fast path
 
 
+# ``linear`` computes ``(W @ x^T)^T`` on CPU for inputs of at most this many rows and weights of at
+# least this many elements (measured on 2 EPYC cores, fp32, a 40M model's 512x512 .. 4096x512
+# weights streamed from memory: 1.3-2x faster at 2-48 rows, equal near 64, slower past ~96; weights
+# that stay in cache gain nothing).
+SMALL_LINEAR_ROWS = 48
+SMALL_LINEAR_MIN_WEIGHT = 1 << 18
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, computed as ``(weight @ x^T)^T`` on CPU for few rows.
+
+    Decoding and speculative verification multiply a handful of rows (``n`` or ``n * (M+1)``) by
+    every weight matrix. On CPU, MKL's ``x @ W^T`` path is up to 2x slower there than the
+    equivalent ``W @ x^T`` (same FLOPs, same result up to float summation order), and the gap grows
+    with the rows, which makes verifying ``M+1`` draft tokens cost more than it must. Larger
+    inputs (prefill) and every non-CPU device take ``F.linear``.
+    """
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (x.device.type != "cpu" or not 0 < rows <= SMALL_LINEAR_ROWS or x.dtype != weight.dtype
+            or weight.numel() < SMALL_LINEAR_MIN_WEIGHT):
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(rows, x.shape[-1])
+    y = torch.mm(weight, x2.t()) if bias is None else torch.addmm(bias[:, None], weight, x2.t())
+    return y.t().contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
 def _median(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[len(ordered) // 2]
@@ -372,15 +398,15 @@ class LlamaFastBackend:
             k_cache, v_cache = self._kv[li]
             h = self._norm(x, w.ln1, self.eps)
             if w.wqkv is not None:
-                qkv = F.linear(h, w.wqkv, w.bqkv).view(n, q_len, hq + 2 * hkv, d)
+                qkv = linear(h, w.wqkv, w.bqkv).view(n, q_len, hq + 2 * hkv, d)
                 qk, v = qkv[:, :, : hq + hkv], qkv[:, :, hq + hkv :]
                 if w.q_norm is not None:
                     qh = self._norm(qk[:, :, :hq], w.q_norm, self.qk_eps)
                     qk = torch.cat([qh, self._norm(qk[:, :, hq:], w.k_norm, self.qk_eps)], dim=2)
             else:
-                qh = F.linear(h, w.wq, w.bq).view(n, q_len, hq, d)
-                kh = F.linear(h, w.wk, w.bk).view(n, q_len, hkv, d)
-                v = F.linear(h, w.wv, w.bv).view(n, q_len, hkv, d)
+                qh = linear(h, w.wq, w.bq).view(n, q_len, hq, d)
+                kh = linear(h, w.wk, w.bk).view(n, q_len, hkv, d)
+                v = linear(h, w.wv, w.bv).view(n, q_len, hkv, d)
                 if w.q_norm is not None:
                     qh = self._norm(qh, w.q_norm, self.qk_eps)
                     kh = self._norm(kh, w.k_norm, self.qk_eps)
@@ -404,15 +430,15 @@ class LlamaFastBackend:
                 else:
                     o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=attn_mask, enable_gqa=hq != hkv)
                     o = o.transpose(1, 2).reshape(n, q_len, hq * d)
-            x = x + F.linear(o, w.wo, w.bo)
+            x = x + linear(o, w.wo, w.bo)
             h = self._norm(x, w.ln2, self.eps)
             if w.wgu is not None:
-                gu = F.linear(h, w.wgu, w.bgu)
+                gu = linear(h, w.wgu, w.bgu)
                 inter = gu.shape[-1] // 2
                 h = w.act(gu[..., :inter]) * gu[..., inter:]
             else:
-                h = w.act(F.linear(h, w.wg, w.bg)) * F.linear(h, w.wu, w.bu)
-            x = x + F.linear(h, w.wd, w.bd)
+                h = w.act(linear(h, w.wg, w.bg)) * linear(h, w.wu, w.bu)
+            x = x + linear(h, w.wd, w.bd)
         if select is not None:
             x = x[torch.arange(n, device=x.device), select]  # [n, H]
         return self._norm(x, self.final_norm, self.final_eps)
@@ -434,7 +460,7 @@ class LlamaFastBackend:
         return o.view(n, hkv, group, q_len, d).permute(0, 3, 1, 2, 4).reshape(n, q_len, hq * d)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head, self.lm_bias)
+        return linear(hidden, self.lm_head, self.lm_bias)
 
     # -- Backend protocol -------------------------------------------------------------------
 
@@ -456,6 +482,14 @@ class LlamaFastBackend:
         return True
 
     def prefill(self, prompts: list[list[int]], want_hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits, hidden, _ = self.prefill_keeping_states(prompts, want_hidden, keep_states=False)
+        return logits, hidden
+
+    def prefill_keeping_states(
+        self, prompts: list[list[int]], want_hidden: bool, keep_states: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """:meth:`prefill`, plus (``keep_states``) the hidden states of every prompt position
+        ``[k, max_len, H]`` (right-padded), which the same forward computes anyway."""
         k = len(prompts)
         lens = [len(p) for p in prompts]
         q_len = max(lens)
@@ -464,11 +498,16 @@ class LlamaFastBackend:
             ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
         ids = ids.to(self.device)
         lens_t = torch.tensor(lens, dtype=torch.long, device=self.device)
-        hidden = self.forward(ids, None, slice(self.n, self.n + k), None, q_len, select=lens_t - 1)
+        states = None
+        if keep_states:
+            states = self.forward(ids, None, slice(self.n, self.n + k), None, q_len)  # [k, Q, H]
+            hidden = states[torch.arange(k, device=self.device), lens_t - 1]
+        else:
+            hidden = self.forward(ids, None, slice(self.n, self.n + k), None, q_len, select=lens_t - 1)
         self.n += k
         self.lens.extend(lens)
         self.pos = torch.cat([self.pos, lens_t])
-        return self.logits(hidden), (hidden if want_hidden else None)
+        return self.logits(hidden), (hidden if want_hidden else None), states
 
     def decode(self, tokens: torch.Tensor, want_hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         n = self.n
@@ -751,9 +790,12 @@ class NativeEngine:
         # states) when hidden states are collected: TLT's spot trainer starts there
         self.on_long_tail = None
         if speculative is not None:
-            from rlspec.rollout.bandit import DraftShapeBandit
+            from rlspec.rollout.bandit import DraftShapeBandit, default_arms_for
 
-            self.bandit = DraftShapeBandit(dict(speculative.bandit))  # kept across calls: it learns
+            bandit_cfg = dict(speculative.bandit)
+            if "arms" not in bandit_cfg and "buckets" not in bandit_cfg:  # chains on CPU, trees on GPU
+                bandit_cfg["arms"] = [[str(a) for a in arms] for arms in default_arms_for(self.device.type)]
+            self.bandit = DraftShapeBandit(bandit_cfg)  # kept across calls: it learns
         self._sd_backoff: dict[int, int] = {}  # batch-size bucket -> calls left before SD is tried again
         self._sd_penalty: dict[int, int] = {}  # bucket -> current backoff length (doubles on each loss)
 
@@ -805,6 +847,8 @@ class NativeEngine:
         hidden_steps: list[tuple[torch.Tensor, list[int]]] = []
         steps = 0
         self._spec_stats = None
+        self._tail_start: float | None = None
+        self._tail_tokens_before = 0
         if n_req:
             mode = _eval_mode(self.model) if backend is self.generic else contextlib.nullcontext()
             with torch.inference_mode(), mode:
@@ -820,6 +864,9 @@ class NativeEngine:
             "prompt_tokens": float(sum(len(p) for p in prompts)),
             "decode_steps": float(steps),
         }
+        if self._tail_start is not None:  # the long-tail phase (speculative settings only): from the switch point on
+            stats["tail_seconds"] = start + seconds - self._tail_start
+            stats["tail_tokens"] = float(tokens - self._tail_tokens_before)
         if self._spec_stats is not None:
             stats.update(self._spec_stats.as_stats())
         result_kw = dict(
@@ -868,6 +915,8 @@ class NativeEngine:
         want_hidden: bool,
     ) -> int:
         num_slots = min(self.max_batch_size, len(prompts))
+        keep_states = False
+        prompt_states: dict[int, torch.Tensor] = {}  # request -> [P, H] (keep_states only)
         max_len = max(len(p) for p in prompts) + params.max_new_tokens
         spec = None
         self._spec_stats = None
@@ -876,6 +925,11 @@ class NativeEngine:
 
             spec = SpeculativeDecoder(backend, self.drafter, params, self.bandit, generator)
             self._spec_stats = SpecStats()
+            # the drafter's state at the switch needs h_0 .. h_{L-1} of every tail row: keep what the
+            # rollout computes anyway (prompt states from the prefill, one state per decode step) when
+            # the states are collected for the caller, or on CPU, where re-running the tail rows'
+            # prefixes (TLT's way) costs more than the tail saves; otherwise the switch re-runs them
+            keep_states = want_hidden or self.device.type == "cpu"
             max_len += spec.cache_slack(self.bandit)  # draft-tree columns past a row's length
         backend.begin(num_slots, max_len)
         waiting = deque(range(len(prompts)))
@@ -889,7 +943,9 @@ class NativeEngine:
         in_sd = False
         long_tail = False
         calm_steps = 0  # consecutive decode steps with <= threshold rows and nothing waiting
-        plain_rates: list[float] = []  # tokens/s of the calm plain steps just before the switch
+        # adaptive probe after the switch: SD and plain steps alternate until each has probe_steps
+        # tokens/s samples, measured at the same (shrinking) batch size; slower SD reverts
+        plain_rates: list[float] = []
         sd_rates: list[float] = []
         sd_bucket = None
 
@@ -939,7 +995,13 @@ class NativeEngine:
             while True:
                 while waiting and len(rows) < num_slots and backend.can_admit(len(rows)):
                     chunk = self._next_chunk(waiting, num_slots - len(rows), prompts)
-                    logits, hidden = backend.prefill([prompts[r] for r in chunk], want_hidden)
+                    if keep_states and not long_tail:
+                        logits, hidden, states = backend.prefill_keeping_states(
+                            [prompts[r] for r in chunk], True, keep_states=True)
+                        for j, r in enumerate(chunk):
+                            prompt_states[r] = states[j, : len(prompts[r])]
+                    else:
+                        logits, hidden = backend.prefill([prompts[r] for r in chunk], want_hidden)
                     tokens, done = consume(logits, hidden, chunk)
                     offset = len(rows)
                     rows.extend(chunk)
@@ -953,10 +1015,10 @@ class NativeEngine:
                 if self.speculative is not None and not long_tail:  # TLT's long-tail switch, with hysteresis
                     calm = not waiting and (self.speculative.mode == "always" or len(rows) <= self.speculative.threshold)
                     calm_steps = calm_steps + 1 if calm else 0
-                    if not calm:
-                        plain_rates.clear()
                     if calm and (self.speculative.mode == "always" or calm_steps >= self.speculative.warmup_checks):
                         long_tail = True
+                        self._tail_start = time.perf_counter()
+                        self._tail_tokens_before = sum(len(r) for r in responses)
                         if self.on_long_tail is not None:
                             active = set(rows)
                             done_reqs = [r for r in range(len(prompts)) if responses[r] and r not in active
@@ -972,28 +1034,54 @@ class NativeEngine:
                             spec = None
                         else:
                             t_switch = time.perf_counter()
-                            spec.start([prompts[r] + responses[r] for r in rows], cur)
+                            known = self._prefix_states(rows, prompt_states, hidden_steps) if keep_states else None
+                            spec.start([prompts[r] + responses[r] for r in rows], cur, known)
+                            if not want_hidden:  # kept for the switch only
+                                hidden_steps.clear()
+                                prompt_states.clear()
                             self._spec_stats.switch_seconds += time.perf_counter() - t_switch
                             in_sd = True
                 steps += 1
+                probing = self.speculative is not None and self.speculative.mode == "adaptive" and (
+                    len(sd_rates) < self.speculative.probe_steps or len(plain_rates) < self.speculative.probe_steps)
+                if in_sd and probing and len(plain_rates) < len(sd_rates):  # the plain half of the probe
+                    t_plain = time.perf_counter()
+                    n_rows = len(rows)
+                    logits, hidden = backend.decode(cur, True)
+                    cur, done = consume(logits, hidden if want_hidden else None, rows)
+                    spec.observe_plain_step(cur, hidden)
+                    elapsed = time.perf_counter() - t_plain
+                    self._spec_stats.plain_steps += 1
+                    self._spec_stats.plain_tokens += n_rows
+                    self._spec_stats.plain_seconds += elapsed
+                    plain_rates.append(n_rows / max(elapsed, 1e-9))
+                    if len(plain_rates) == self.speculative.probe_steps:
+                        if _median(sd_rates) < _median(plain_rates):
+                            # "never slower than plain": this batch-size bucket decodes faster without
+                            # SD; back to plain for this call and skip SD there for 1, 2, 4, ... calls
+                            penalty = min(2 * self._sd_penalty.get(sd_bucket, 0) or 1, 64)
+                            self._sd_penalty[sd_bucket] = penalty
+                            self._sd_backoff[sd_bucket] = penalty
+                            self._spec_stats.reverted = 1
+                            in_sd = False
+                            spec.abandon()
+                            spec = None
+                        else:
+                            self._sd_penalty[sd_bucket] = 0  # SD wins here: keep it
+                    if done:
+                        order = backend.remove(done)
+                        if spec is not None:
+                            spec.remove(done, order)
+                        rows = [rows[i] for i in order]
+                        cur = cur[torch.tensor(order, dtype=torch.long, device=cur.device)]
+                    continue
                 if in_sd:
                     t_sd = time.perf_counter()
                     before = sum(len(responses[r]) for r in rows)
                     cur, done = speculative_step()
-                    sd_rates.append((sum(len(responses[r]) for r in rows) - before) / max(time.perf_counter() - t_sd, 1e-9))
-                    if (self.speculative.mode == "adaptive" and len(sd_rates) == self.speculative.probe_steps
-                            and plain_rates and _median(sd_rates) < _median(plain_rates)):
-                        # "never slower than plain": this batch-size bucket decodes faster without SD;
-                        # back to plain for this call and skip SD there for 1, 2, 4, ... calls
-                        penalty = min(2 * self._sd_penalty.get(sd_bucket, 0) or 1, 64)
-                        self._sd_penalty[sd_bucket] = penalty
-                        self._sd_backoff[sd_bucket] = penalty
-                        self._spec_stats.reverted = 1
-                        in_sd = False
-                        spec.abandon()
-                        spec = None
-                    elif self.speculative.mode == "adaptive" and len(sd_rates) == self.speculative.probe_steps:
-                        self._sd_penalty[sd_bucket] = 0  # SD wins here: keep it
+                    if probing:
+                        sd_rates.append((sum(len(responses[r]) for r in rows) - before)
+                                        / max(time.perf_counter() - t_sd, 1e-9))
                     if done:
                         order = backend.remove(done)
                         if spec is not None:
@@ -1003,20 +1091,42 @@ class NativeEngine:
                     continue
                 t_plain = time.perf_counter()
                 n_rows = len(rows)
-                logits, hidden = backend.decode(cur, want_hidden)
+                logits, hidden = backend.decode(cur, want_hidden or (keep_states and not long_tail))
                 cur, done = consume(logits, hidden, rows)
                 if self._spec_stats is not None:
                     elapsed = time.perf_counter() - t_plain
                     self._spec_stats.plain_steps += 1
                     self._spec_stats.plain_tokens += n_rows
                     self._spec_stats.plain_seconds += elapsed
-                    if calm_steps:
-                        plain_rates.append(n_rows / max(elapsed, 1e-9))
                 if done:
                     rows, cur = self._drop(backend, rows, cur, done)
         finally:
             backend.end()
         return steps
+
+    @staticmethod
+    def _prefix_states(
+        rows: list[int], prompt_states: dict[int, torch.Tensor], hidden_steps: list[tuple[torch.Tensor, list[int]]]
+    ) -> list[torch.Tensor]:
+        """Per active row, the target's hidden states ``h_0 .. h_{L-1}`` of the tokens in its cache,
+        from the prefill's prompt states and the per-step states collected before the switch.
+
+        ``hidden_steps`` holds, per prefill/decode call, ``(states [m, H], requests)``: a row's first
+        entry is its prefill's ``h_{P-1}`` (already the last prompt state), then one ``h_j`` per
+        decode step that fed ``x_j``, ``j = P .. L-1``.
+        """
+        active = set(rows)
+        per_row: dict[int, list[torch.Tensor]] = {r: [] for r in rows}
+        for states, reqs in hidden_steps:
+            for i, r in enumerate(reqs):
+                if r in active:
+                    per_row[r].append(states[i])
+        out = []
+        for r in rows:
+            decoded = per_row[r][1:]  # drop the prefill's h_{P-1}
+            prompt = prompt_states[r]
+            out.append(torch.cat([prompt, torch.stack(decoded)]) if decoded else prompt)
+        return out
 
     def _drop(self, backend: Backend, rows: list[int], cur: torch.Tensor, done: list[int]):
         order = backend.remove(done)

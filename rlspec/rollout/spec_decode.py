@@ -28,7 +28,10 @@ The switch into this mode is the engine's (:class:`~rlspec.rollout.native.Native
 the number of unfinished rows has stayed at or below ``threshold`` for ``warmup_checks``
 consecutive decode steps with no prompt waiting, the target re-runs the rows' prefixes once to
 get their hidden states (the drafter's state for the tokens generated so far) and every later
-step of that call is speculative (one-way, as TLT's engine).
+step of that call is speculative (one-way, as TLT's engine). The adaptive mode adds a probe: right
+after the switch SD and plain steps alternate (:meth:`SpeculativeDecoder.observe_plain_step`
+keeps the drafter's pairs complete) until each has ``probe_steps`` throughput samples at the same
+batch size, and SD is dropped for the call when it measured slower.
 """
 
 from __future__ import annotations
@@ -55,9 +58,10 @@ class SpeculativeSettings:
     mode: str = "adaptive"  # adaptive: long-tail switch; always: from the first decode step
     threshold: int = 32  # TLT bs_threshold: SD once unfinished rows <= threshold ...
     warmup_checks: int = 10  # ... for this many consecutive decode steps (hysteresis)
-    # adaptive only: after this many SD steps the median SD throughput is compared with the
-    # plain steps just before the switch; if SD is slower it is turned off for the rest of the call
-    # and skipped in that batch-size bucket for 1, 2, 4, ... calls (so SD is never a loss for long)
+    # adaptive only: after the switch SD and plain steps alternate until each has this many
+    # tokens/s samples (both measured at the same, shrinking batch size); if SD's median is lower it
+    # is turned off for the rest of the call and skipped in that batch-size bucket for 1, 2, 4, ...
+    # calls (so SD is never a loss for long)
     probe_steps: int = 8
     bandit: Mapping[str, Any] = field(default_factory=dict)  # rlspec.rollout.bandit.BanditConfig keys
 
@@ -121,19 +125,29 @@ class SpeculativeDecoder:
         return max(ArmShape(*a).max_nodes for a in arms) + 2
 
     # ------------------------------------------------------------------ switch
-    def start(self, sequences: list[list[int]], cur: torch.Tensor) -> None:
+    def start(self, sequences: list[list[int]], cur: torch.Tensor, states: list[torch.Tensor] | None = None) -> None:
         """Build the drafter's state for rows whose tokens so far are ``sequences[i]`` (prompt +
-        response, the last of which is ``cur[i]``, not yet in the target cache)."""
+        response, the last of which is ``cur[i]``, not yet in the target cache).
+
+        ``states[i]`` (``[L_i, H]``), when the engine kept them, are the target's hidden states
+        ``h_0 .. h_{L_i-1}`` of the cached tokens; otherwise the target re-runs the prefixes.
+        """
         n = len(sequences)
         cached = [s[:-1] for s in sequences]  # what the target cache holds: L_i tokens
-        width = max(len(c) for c in cached)
-        ids = torch.full((n, width), int(self.backend.pad_token_id), dtype=torch.long)
-        for i, c in enumerate(cached):
-            ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-        # the target re-runs the prefixes (rewriting the same cache columns) for h_0 .. h_{L_i-1}
-        hidden = self.backend.forward(ids.to(self.device), None, slice(0, n), None, width)  # [n, W, H]
+        if states is None:
+            width = max(len(c) for c in cached)
+            ids = torch.full((n, width), int(self.backend.pad_token_id), dtype=torch.long)
+            for i, c in enumerate(cached):
+                ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+            # the target re-runs the prefixes (rewriting the same cache columns) for h_0 .. h_{L_i-1}
+            hidden = self.backend.forward(ids.to(self.device), None, slice(0, n), None, width)  # [n, W, H]
+            states = [hidden[i, : len(c)] for i, c in enumerate(cached)]
+        bad = [i for i, (c, h) in enumerate(zip(cached, states)) if h.shape[0] != len(c)]
+        if bad:
+            raise RuntimeError(f"speculative switch: row {bad[0]} has {states[bad[0]].shape[0]} hidden states "
+                               f"for {len(cached[bad[0]])} cached tokens")
         self.pending_tokens = [s[1:] for s in sequences]  # x_1 .. x_{L_i}
-        self.pending_hidden = [hidden[i, : len(c)] for i, c in enumerate(cached)]  # h_0 .. h_{L_i-1}
+        self.pending_hidden = list(states)  # h_0 .. h_{L_i-1}
         self.drafter_len = [0] * n
         self.drafter.begin(self.backend.num_slots, self.backend.max_len)
 
@@ -141,6 +155,15 @@ class SpeculativeDecoder:
         """Stop speculating (the engine decodes plainly from here): the target cache is already
         consistent after :meth:`commit`; only the drafter's state is dropped."""
         self.drafter.end()
+
+    def observe_plain_step(self, tokens: torch.Tensor, hidden: torch.Tensor) -> None:
+        """A plain decode step ran between speculative steps (the adaptive engine's probe): every
+        row fed its ``cur`` = ``x_L`` (hidden state ``h_L``) and sampled ``tokens[i]`` = ``x_{L+1}``;
+        queue the pair ``(x_{L+1}, h_L)`` for the drafter (the target cache already holds ``x_L``)."""
+        new = tokens.tolist()
+        for i, token in enumerate(new):
+            self.pending_tokens[i] = list(self.pending_tokens[i]) + [int(token)]
+            self.pending_hidden[i] = torch.cat([self.pending_hidden[i], hidden[i : i + 1].to(self.pending_hidden[i].dtype)])
 
     def remove(self, done: list[int], order: list[int]) -> None:
         self.drafter.remove(done)

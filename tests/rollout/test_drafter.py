@@ -19,6 +19,7 @@ from rlspec.rollout.drafter import (
     main,
     warmup_drafter,
 )
+import rlspec.rollout.native as native
 from rlspec.rollout.native import LlamaFastBackend, NativeEngine
 from rlspec.rollout.base import SamplingParams
 
@@ -131,8 +132,11 @@ def test_unsupported_architecture_is_a_clear_error():
         EagleDrafter.from_target(gpt2)
 
 
+@pytest.mark.parametrize("small_row_linear", [False, True])
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "mistral"])
-def test_step_prefill_then_decode_equals_training_forward(arch):
+def test_step_prefill_then_decode_equals_training_forward(arch, small_row_linear, monkeypatch):
+    if small_row_linear:  # the (W @ x^T)^T path that large weights take on CPU
+        monkeypatch.setattr(native, "SMALL_LINEAR_MIN_WEIGHT", 0)
     tgt = tiny_target(arch)
     drafter = EagleDrafter.from_target(tgt, seed=1)
     torch.manual_seed(2)

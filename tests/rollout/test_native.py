@@ -26,6 +26,7 @@ from rlspec.rollout import (
     SamplingParams,
     make_engine,
 )
+import rlspec.rollout.native as native
 from rlspec.rollout.native import LlamaFastBackend
 
 V = 128
@@ -460,3 +461,30 @@ def test_one_new_token_and_eos_as_first_token(qwen2, fast):
         prompts, SamplingParams(max_new_tokens=5, temperature=0.0))
     assert res.response_ids[0] == [eos] and res.finish_reasons[0] == FINISH_STOP
     assert res.response_ids == _hf_greedy(qwen2, prompts, 5, eos=eos)
+
+
+# ----------------------------------------------------------------- small-row linear (CPU decode)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_small_row_linear_equals_f_linear(monkeypatch, bias):
+    monkeypatch.setattr(native, "SMALL_LINEAR_MIN_WEIGHT", 0)  # every weight takes the (W @ x^T)^T path
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 16, generator=g)
+    b = torch.randn(24, generator=g) if bias else None
+    for lead in [(16,), (1, 16), (3, 16), (2, 4, 16), (1, 48, 16), (7, 7, 16), (0, 16)]:  # 49 rows: F.linear
+        x = torch.randn(*lead, generator=g)
+        out = native.linear(x, w, b)
+        assert out.shape == (*lead[:-1], 24) and out.is_contiguous()
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    x16 = torch.randn(3, 16, generator=g).bfloat16()  # dtype mismatch: left to F.linear's error/handling
+    with pytest.raises(RuntimeError):
+        native.linear(x16, w, b)
+
+
+def test_fast_forward_with_small_row_linear_matches_hf(monkeypatch):
+    """The decode and verification forwards of a model whose weights take the small-row path."""
+    monkeypatch.setattr(native, "SMALL_LINEAR_MIN_WEIGHT", 0)
+    for kind, attention in [("qwen2", "math"), ("llama", "math"), ("qwen3", "sdpa")]:
+        test_fast_forward_logits_match_hf(kind, attention)
+    test_fast_forward_several_new_tokens_per_row("math")

@@ -13,6 +13,7 @@ import torch
 
 from rlspec.rollout.base import SamplingParams
 from rlspec.rollout.drafter import EagleDrafter
+import rlspec.rollout.native as native
 from rlspec.rollout.native import NativeEngine
 from rlspec.rollout.spec_decode import SpeculativeSettings
 
@@ -75,6 +76,87 @@ def test_greedy_identical_to_plain(arm, oracle):
     assert spec.stats["spec/sd_steps"] > 0
     if oracle:  # every draft accepted: depth + 1 tokens per row and step (less at the row ends)
         assert spec.stats["spec/accept_length"] > 2.5
+
+
+def test_greedy_identical_with_small_row_linear(monkeypatch):
+    """Plain decode and verification through the (W @ x^T)^T path that large weights take on CPU."""
+    monkeypatch.setattr(native, "SMALL_LINEAR_MIN_WEIGHT", 0)
+    test_greedy_identical_to_plain("3_2_5", oracle=False)
+    test_greedy_identical_to_plain("4_1_4", oracle=True)
+
+
+def test_adaptive_probe_interleaves_plain_steps_losslessly():
+    """After the switch SD and plain steps alternate; the plain steps' (token, hidden) pairs reach the
+    drafter (an oracle drafter keeps accepting whole drafts) and the output stays plain greedy."""
+    model = _model(0, bigram=True)
+    params = SamplingParams(max_new_tokens=40, temperature=0.0)
+    plain = NativeEngine(model, eos_token_ids=[V - 1]).generate(PROMPTS, params)
+    engine = _engine(model, _oracle_drafter(model), mode="adaptive", threshold=8, warmup_checks=2, probe_steps=3)
+    out = engine.generate(PROMPTS, params, return_hidden_states=True)
+    assert out.response_ids == plain.response_ids
+    assert out.stats["spec/sd_steps"] >= 3 and out.stats["spec/tokens_per_s_plain"] > 0
+    assert out.stats["spec/accept_length"] > 3.0  # depth 4: 5 tokens per row and step but at the row ends
+    ref = NativeEngine(model, eos_token_ids=[V - 1]).generate(PROMPTS, params, return_hidden_states=True)
+    for a, b in zip(out.response_hidden_states, ref.response_hidden_states):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("want_hidden", [False, True])
+def test_switch_builds_the_drafter_state_from_the_rollouts_own_states(monkeypatch, want_hidden):
+    """At the switch the drafter gets h_0 .. h_{L-1} from the prefill and decode steps (no re-run of
+    the prefixes on CPU); they equal what re-running the prefixes gives (TLT's way)."""
+    from rlspec.rollout.spec_decode import SpeculativeDecoder
+
+    original = SpeculativeDecoder.start
+    checked = []
+
+    def spy(self, sequences, cur, states=None):
+        assert states is not None
+        original(self, sequences, cur, None)  # the re-run (rewrites the same cache columns)
+        rerun = [h.clone() for h in self.pending_hidden]
+        original(self, sequences, cur, states)
+        for a, b in zip(self.pending_hidden, rerun):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        checked.append(len(sequences))
+
+    monkeypatch.setattr(SpeculativeDecoder, "start", spy)
+    model = _model(1, bigram=False)
+    engine = _engine(model, EagleDrafter.from_target(model), mode="adaptive", threshold=3, warmup_checks=2, eos=[3])
+    prompts = [[1, 2, 3][: 1 + i % 3] + [5] * (i % 4) for i in range(9)]  # mixed prompt lengths
+    engine.generate(prompts, SamplingParams(max_new_tokens=30, temperature=1.0, seed=0),
+                    return_hidden_states=want_hidden)
+    assert checked and checked[0] <= 3
+
+
+def test_default_arms_are_chains_on_cpu_unless_configured():
+    from rlspec.rollout.bandit import DEFAULT_ARMS_CPU
+
+    model = _model(0, bigram=True)
+    engine = NativeEngine(model, eos_token_ids=[V - 1], speculative=SpeculativeSettings())
+    assert engine.bandit.config.arms == DEFAULT_ARMS_CPU
+    assert all(arm.topk == 1 and arm.num_verify == arm.depth for arms in DEFAULT_ARMS_CPU for arm in arms)
+    assert all(len(set(arms)) == 3 for arms in DEFAULT_ARMS_CPU)  # the bandit has a real choice
+    mine = NativeEngine(model, eos_token_ids=[V - 1],
+                        speculative=SpeculativeSettings(bandit={"arms": [["4_2_6", "3_1_3"]] * 4}))
+    assert [str(a) for a in mine.bandit.config.arms[0]] == ["4_2_6", "3_1_3"]
+
+
+def test_tail_phase_is_timed_from_the_switch_point():
+    model = _model(4, bigram=True)
+    params = SamplingParams(max_new_tokens=30, temperature=1.0, seed=0)
+    # speculative settings but no drafter: plain decoding that marks where the switch would fire
+    settings = SpeculativeSettings(mode="adaptive", threshold=1, warmup_checks=3)
+    engine = NativeEngine(model, eos_token_ids=[], speculative=settings)
+    out = engine.generate([[1, 2]], params)  # one row: calm from the first decode step
+    # token 1 from the prefill, tokens 2-3 from the first two decode steps; the third check switches
+    assert out.stats["tail_tokens"] == 30 - 3
+    assert 0 < out.stats["tail_seconds"] <= out.stats["seconds"]
+    assert "spec/sd_steps" not in out.stats  # no drafter: no speculative step
+    busy = engine.generate([[1, 2]] * 3, params)  # 3 rows > threshold until the end: no tail
+    assert "tail_seconds" not in busy.stats
+    plain = NativeEngine(model, eos_token_ids=[]).generate([[1, 2]], params)
+    assert "tail_seconds" not in plain.stats
+    assert plain.response_ids == out.response_ids  # marking the tail changes nothing sampled
 
 
 def test_eos_inside_an_accepted_draft_ends_the_row():
