@@ -123,11 +123,14 @@ class OnlineDrafterConfig:
     batch_size: int = 4  # windows per drafter step (TLT: min(batch, 4))
     window: int = 512  # tokens per training window (TLT: 512)
     keep_steps: int = 2  # RL steps of rollouts kept in the buffer (TLT: the last 2)
+    checkpoint_buffer_mb: float = 256.0  # the buffer goes into checkpoints when at most this big
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "rollout.speculative.online.lr", f"must be > 0, got {self.lr}")
         for key in ("max_steps", "batch_size", "window", "keep_steps"):
             _require(getattr(self, key) >= 1, f"rollout.speculative.online.{key}", "must be >= 1")
+        _require(self.checkpoint_buffer_mb >= 0, "rollout.speculative.online.checkpoint_buffer_mb",
+                 f"must be >= 0 (0: never save the buffer), got {self.checkpoint_buffer_mb}")
 
 
 @dataclass
@@ -141,7 +144,9 @@ class SpeculativeConfig:
     mode: str = "adaptive"  # adaptive (long-tail switch, reverts if slower) | always
     threshold: int = 32  # SD once unfinished rows <= threshold ...
     warmup_checks: int = 10  # ... for this many consecutive decode steps
-    probe_steps: int = 8  # adaptive: SD and plain steps alternate this many times after the switch; slower SD reverts
+    # adaptive: SD and plain steps alternate this many times after the switch; slower SD reverts
+    # (and is probed again once the batch shrinks into a smaller bucket)
+    probe_steps: int = 8
     drafter_path: Optional[str] = None
     drafter_warmup_steps: int = 300  # offline warm-up of the embedded default's drafter
     bandit: Dict[str, Any] = field(default_factory=dict)  # rlspec.rollout.bandit keys (policy, arms, ...)

@@ -212,6 +212,12 @@ class SpotTrainerActor:
         self._shipped_version = int(version)
         self.spot.trainer.sync_from_drafter()
 
+    def state_dict(self) -> dict[str, Any]:
+        return self.spot.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.spot.load_state_dict(state)
+
     def add_responses(self, items: list[tuple]) -> int:
         return sum(bool(self.spot.buffer.add_response(*item)) for item in items)
 
@@ -354,6 +360,16 @@ class RemoteSpotTrainer:
                 self.drafter.version = int(version)
             self.published_step = step
         return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """The actor's :meth:`SpotDrafterTrainer.state_dict` (queued responses sent first)."""
+        self.buffer.flush()
+        state = import_ray().get(self.actor.state_dict.remote())
+        return {**state, "published_step": self.published_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        import_ray().get(self.actor.load_state_dict.remote(dict(state)))
+        self.published_step = int(state["published_step"])
 
     def shutdown(self) -> None:
         try:

@@ -230,7 +230,7 @@ def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: Any = None):
         if sc.online.enable:
             o = sc.online
             spot_kw = dict(lr=o.lr, batch_size=o.batch_size, window=o.window, max_steps=o.max_steps,
-                           keep_steps=o.keep_steps, seed=cfg.trainer.seed)
+                           keep_steps=o.keep_steps, seed=cfg.trainer.seed, checkpoint_buffer_mb=o.checkpoint_buffer_mb)
             if cfg.runtime == "ray":  # the drafter trainer as an actor beside the rollout workers
                 from rlspec.ray_runtime import RemoteSpotTrainer
 

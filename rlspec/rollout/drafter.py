@@ -52,7 +52,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -824,6 +824,28 @@ class DrafterBuffer:
                 del self._samples[: len(self._samples) - self.max_samples]
         return True
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the stored samples (hidden states dominate)."""
+        with self._lock:
+            return sum(t.numel() * t.element_size() for s in self._samples
+                       for t in (s.input_ids, s.hidden, s.loss_mask))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stored samples (CPU tensors), for a checkpoint: a resumed run trains the drafter on
+        the same recent steps as the interrupted one would have."""
+        with self._lock:
+            samples = [{"step": s.step, "input_ids": s.input_ids.cpu(), "hidden": s.hidden.cpu(),
+                        "loss_mask": s.loss_mask.cpu(), "start_pos": s.start_pos} for s in self._samples]
+        return {"samples": samples}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace the contents with a :meth:`state_dict` (kept-steps and size limits apply)."""
+        with self._lock:
+            self._samples = []
+        for s in state["samples"]:
+            self.add(s["step"], s["input_ids"], s["hidden"], s["loss_mask"], s["start_pos"])
+
     def _oldest_kept(self, incoming: int) -> int:
         distinct = sorted({s.step for s in self._samples} | {incoming}, reverse=True)
         return distinct[min(self.keep_steps, len(distinct)) - 1]
@@ -1001,6 +1023,21 @@ class DrafterTrainer:
     def version(self) -> int:
         """Version of the published drafter (incremented by every :meth:`publish`)."""
         return self.drafter.version
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer moments, step count (LR warm-up) and sampling RNG, for a checkpoint; the
+        weights are the published drafter's (saved with it)."""
+        with self._train_lock:
+            return {"optimizer": copy.deepcopy(self.optimizer.state_dict()), "total_steps": self.total_steps,
+                    "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (call :meth:`sync_from_drafter` first when the drafter's
+        weights were restored too)."""
+        with self._train_lock:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.total_steps = int(state["total_steps"])
+            self.generator.set_state(state["generator"])
 
     def sync_from_drafter(self) -> None:
         """Copy the published drafter's weights into the private copy (after loading new weights)."""

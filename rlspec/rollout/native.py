@@ -915,7 +915,7 @@ class NativeEngine:
         want_hidden: bool,
     ) -> int:
         num_slots = min(self.max_batch_size, len(prompts))
-        keep_states = False
+        keep_states, track_states = False, want_hidden
         prompt_states: dict[int, torch.Tensor] = {}  # request -> [P, H] (keep_states only)
         max_len = max(len(p) for p in prompts) + params.max_new_tokens
         spec = None
@@ -930,6 +930,9 @@ class NativeEngine:
             # the states are collected for the caller, or on CPU, where re-running the tail rows'
             # prefixes (TLT's way) costs more than the tail saves; otherwise the switch re-runs them
             keep_states = want_hidden or self.device.type == "cpu"
+            # after a revert the adaptive engine tries SD again once the batch has shrunk into a
+            # smaller bucket; with kept states that needs every row's states for the whole call
+            track_states = want_hidden or (keep_states and self.speculative.mode == "adaptive")
             max_len += spec.cache_slack(self.bandit)  # draft-tree columns past a row's length
         backend.begin(num_slots, max_len)
         waiting = deque(range(len(prompts)))
@@ -948,6 +951,7 @@ class NativeEngine:
         plain_rates: list[float] = []
         sd_rates: list[float] = []
         sd_bucket = None
+        reverted_spec = None  # the decoder the adaptive probe turned off in this call (re-entry)
 
         def append(r: int, t: int, lp: float) -> bool:
             """Append token ``t`` to request ``r``; True when the request is finished."""
@@ -981,15 +985,26 @@ class NativeEngine:
                         break
                 kept.append(k)
                 new_cur.append(emitted[-1])
-                if want_hidden:
+                if track_states:
                     kept_hidden.append(hid[:k])
                     kept_reqs += [r] * k
                 if finished:
                     done.append(i)
-            if want_hidden and kept_hidden:
+            if track_states and kept_hidden:
                 hidden_steps.append((torch.cat(kept_hidden), kept_reqs))
             spec.commit(kept)
             return torch.tensor(new_cur, dtype=torch.long, device=self.device), done
+
+        def switch_on(decoder) -> None:
+            """Build ``decoder``'s drafter state for the active rows (from the kept states, else
+            the target re-runs their prefixes)."""
+            t_switch = time.perf_counter()
+            known = self._prefix_states(rows, prompt_states, hidden_steps) if keep_states else None
+            decoder.start([prompts[r] + responses[r] for r in rows], cur, known)
+            if not track_states:  # kept for the switch only
+                hidden_steps.clear()
+                prompt_states.clear()
+            self._spec_stats.switch_seconds += time.perf_counter() - t_switch
 
         try:
             while True:
@@ -1031,16 +1046,23 @@ class NativeEngine:
                             pass  # no drafter for this call
                         elif skip and self.speculative.mode == "adaptive":
                             self._sd_backoff[sd_bucket] = skip - 1  # SD lost here recently: plain this call
-                            spec = None
+                            spec, reverted_spec = None, spec  # ... but a smaller bucket may still try it
                         else:
-                            t_switch = time.perf_counter()
-                            known = self._prefix_states(rows, prompt_states, hidden_steps) if keep_states else None
-                            spec.start([prompts[r] + responses[r] for r in rows], cur, known)
-                            if not want_hidden:  # kept for the switch only
-                                hidden_steps.clear()
-                                prompt_states.clear()
-                            self._spec_stats.switch_seconds += time.perf_counter() - t_switch
+                            switch_on(spec)
                             in_sd = True
+                elif reverted_spec is not None and self.bandit.bucket_of(len(rows)) != sd_bucket:
+                    # SD lost in the previous bucket; the batch has shrunk into a smaller one, where a
+                    # draft step costs less relative to a plain one: probe SD afresh there
+                    sd_bucket = self.bandit.bucket_of(len(rows))
+                    skip = self._sd_backoff.get(sd_bucket, 0)
+                    if skip:
+                        self._sd_backoff[sd_bucket] = skip - 1  # lost here too recently: plain this call
+                    else:
+                        spec, reverted_spec = reverted_spec, None
+                        switch_on(spec)
+                        plain_rates, sd_rates = [], []
+                        self._spec_stats.reentered += 1
+                        in_sd = True
                 steps += 1
                 probing = self.speculative is not None and self.speculative.mode == "adaptive" and (
                     len(sd_rates) < self.speculative.probe_steps or len(plain_rates) < self.speculative.probe_steps)
@@ -1048,7 +1070,7 @@ class NativeEngine:
                     t_plain = time.perf_counter()
                     n_rows = len(rows)
                     logits, hidden = backend.decode(cur, True)
-                    cur, done = consume(logits, hidden if want_hidden else None, rows)
+                    cur, done = consume(logits, hidden if track_states else None, rows)
                     spec.observe_plain_step(cur, hidden)
                     elapsed = time.perf_counter() - t_plain
                     self._spec_stats.plain_steps += 1
@@ -1065,9 +1087,13 @@ class NativeEngine:
                             self._spec_stats.reverted = 1
                             in_sd = False
                             spec.abandon()
-                            spec = None
+                            spec, reverted_spec = None, spec
                         else:
                             self._sd_penalty[sd_bucket] = 0  # SD wins here: keep it
+                            if track_states and not want_hidden:  # no revert, so no re-entry, from here
+                                track_states = False
+                                hidden_steps.clear()
+                                prompt_states.clear()
                     if done:
                         order = backend.remove(done)
                         if spec is not None:
@@ -1091,7 +1117,7 @@ class NativeEngine:
                     continue
                 t_plain = time.perf_counter()
                 n_rows = len(rows)
-                logits, hidden = backend.decode(cur, want_hidden or (keep_states and not long_tail))
+                logits, hidden = backend.decode(cur, track_states or (keep_states and not long_tail))
                 cur, done = consume(logits, hidden, rows)
                 if self._spec_stats is not None:
                     elapsed = time.perf_counter() - t_plain

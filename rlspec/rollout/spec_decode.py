@@ -26,12 +26,15 @@ and its last sampled token ``x_{L_i}`` not yet in it -- the engine's ``cur``):
 
 The switch into this mode is the engine's (:class:`~rlspec.rollout.native.NativeEngine`): when
 the number of unfinished rows has stayed at or below ``threshold`` for ``warmup_checks``
-consecutive decode steps with no prompt waiting, the target re-runs the rows' prefixes once to
-get their hidden states (the drafter's state for the tokens generated so far) and every later
-step of that call is speculative (one-way, as TLT's engine). The adaptive mode adds a probe: right
-after the switch SD and plain steps alternate (:meth:`SpeculativeDecoder.observe_plain_step`
-keeps the drafter's pairs complete) until each has ``probe_steps`` throughput samples at the same
-batch size, and SD is dropped for the call when it measured slower.
+consecutive decode steps with no prompt waiting, the drafter's state for the tokens generated so
+far is built from the target's hidden states of those tokens (kept from the rollout's own prefill
+and decode steps on CPU or when the caller wants them; otherwise the target re-runs the rows'
+prefixes once, as TLT's engine does) and every later step of that call is speculative. The
+adaptive mode adds a probe: right after the switch SD and plain steps alternate
+(:meth:`SpeculativeDecoder.observe_plain_step` keeps the drafter's pairs complete) until each has
+``probe_steps`` throughput samples at the same batch size, and SD is dropped when it measured
+slower; it is probed again once the batch has shrunk into a smaller batch-size bucket of the
+bandit, where a draft step costs less relative to a plain one.
 """
 
 from __future__ import annotations
@@ -60,8 +63,8 @@ class SpeculativeSettings:
     warmup_checks: int = 10  # ... for this many consecutive decode steps (hysteresis)
     # adaptive only: after the switch SD and plain steps alternate until each has this many
     # tokens/s samples (both measured at the same, shrinking batch size); if SD's median is lower it
-    # is turned off for the rest of the call and skipped in that batch-size bucket for 1, 2, 4, ...
-    # calls (so SD is never a loss for long)
+    # is turned off and skipped in that batch-size bucket for 1, 2, 4, ... calls (so SD is never a
+    # loss for long); once the batch shrinks into a smaller bucket later in the call, it is probed again
     probe_steps: int = 8
     bandit: Mapping[str, Any] = field(default_factory=dict)  # rlspec.rollout.bandit.BanditConfig keys
 
@@ -89,6 +92,7 @@ class SpecStats:
     switch_seconds: float = 0.0  # the one re-prefill at the switch
     arms: dict[str, int] = field(default_factory=dict)
     reverted: int = 0  # 1 when the adaptive engine found SD slower and went back to plain decoding
+    reentered: int = 0  # times SD was probed again after a revert, in a smaller batch-size bucket
 
     def as_stats(self) -> dict[str, float]:
         steps = self.sd_steps + self.plain_steps
@@ -100,6 +104,7 @@ class SpecStats:
             "spec/tokens_per_s_plain": self.plain_tokens / self.plain_seconds if self.plain_seconds > 0 else 0.0,
             "spec/switch_seconds": self.switch_seconds,
             "spec/reverted": float(self.reverted),
+            "spec/reentered": float(self.reentered),
         }
         for arm, count in self.arms.items():
             out[f"spec/arm/{arm}"] = float(count)

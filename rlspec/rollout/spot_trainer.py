@@ -14,21 +14,27 @@ Flow per RL step, as in TLT (arXiv 2511.16665, Sec. 4) minus the bugs found in i
 * the trained weights are published to the engine's drafter (under its lock) at :meth:`stop`,
   i.e. together with the new policy weights before the next step's rollout (TLT pushes target
   and drafter together; a drafter left behind the target loses acceptance).
+
+Checkpoints hold :meth:`SpotDrafterTrainer.state_dict`: the optimizer's moments, step count and
+RNG, and the buffer when it is at most ``checkpoint_buffer_mb`` (the last steps' hidden states: a
+few MB for a small model, GBs for a 7B one, where a resumed run refills it from its next rollout).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Any, Mapping
 
 from rlspec.rollout.drafter import DrafterBuffer, DrafterTrainer, EagleDrafter
 
 
 class SpotDrafterTrainer:
     def __init__(self, drafter: EagleDrafter, *, lr: float = 5e-5, batch_size: int = 4, window: int = 512,
-                 max_steps: int = 200, keep_steps: int = 2, max_samples: int = 10_000, seed: int = 0) -> None:
+                 max_steps: int = 200, keep_steps: int = 2, max_samples: int = 10_000, seed: int = 0,
+                 checkpoint_buffer_mb: float = 256.0) -> None:
         self.drafter = drafter
+        self.checkpoint_buffer_mb = checkpoint_buffer_mb
         self.buffer = DrafterBuffer(keep_steps=keep_steps, max_samples=max_samples)
         # publish only at stop(): the engine keeps one drafter version for a whole rollout
         self.trainer = DrafterTrainer(drafter, lr=lr, batch_size=batch_size, window=window,
@@ -75,3 +81,20 @@ class SpotDrafterTrainer:
             if isinstance(res.get(key), (int, float)):
                 out[f"drafter/{key}"] = float(res[key])
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The trainer's state for a checkpoint (between two rollouts: training is not running)."""
+        if self._thread is not None:
+            raise RuntimeError("SpotDrafterTrainer.state_dict() while training runs: call stop() first")
+        nbytes = self.buffer.nbytes
+        keep_buffer = nbytes <= self.checkpoint_buffer_mb * 2**20
+        return {"trainer": self.trainer.state_dict(), "published_step": self.published_step,
+                "buffer": self.buffer.state_dict() if keep_buffer else None, "buffer_bytes": nbytes}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the drafter's weights are restored (and synced into the
+        trainer's private copy) by the caller, from the checkpoint's ``drafter/`` directory."""
+        self.trainer.load_state_dict(state["trainer"])
+        self.published_step = int(state["published_step"])
+        if state.get("buffer") is not None:
+            self.buffer.load_state_dict(state["buffer"])

@@ -1041,7 +1041,16 @@ class GRPOTrainer:
             with drafter.lock:
                 drafter.save(path)
 
-        return {"drafter": write}
+        extras = {"drafter": write}
+        if self.spot is not None:  # its optimizer, step count, RNG and (when small) its buffer
+            state = self.spot.state_dict()
+
+            def write_spot(path: Path) -> None:
+                path.mkdir()
+                torch.save(state, path / "state.pt")
+
+            extras["spot_trainer"] = write_spot
+        return extras
 
     def _phase_tag(self, step: int) -> str | None:
         """SIRI: ``siri-low`` / ``siri-high`` at the end of a compression / expansion phase."""
@@ -1079,6 +1088,9 @@ class GRPOTrainer:
                 drafter.version = restored.version
             if self.spot is not None:
                 self.spot.trainer.sync_from_drafter()
+                spot_state = path / "spot_trainer" / "state.pt"
+                if spot_state.is_file():  # older checkpoints have none: the spot trainer starts afresh
+                    self.spot.load_state_dict(torch.load(spot_state, map_location="cpu", weights_only=False))
         self.load_state_dict(state, path)
         if self.is_main:
             for log_file in ("metrics.jsonl", "completions.jsonl"):

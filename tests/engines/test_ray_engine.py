@@ -434,6 +434,8 @@ def test_speculative_ray_run_trains_the_drafter_in_its_actor_and_resumes(ray_ses
         assert [w["drafter_version"] for w in trainer.engine.worker_info()] == [version, version]
         path = trainer.save()
         saved = {k: v.clone() for k, v in trainer.engine.drafter.state_dict().items()}
+        spot_steps, published = trainer.spot.trainer.total_steps, trainer.spot.published_step
+        assert spot_steps > 0 and (path / "spot_trainer" / "state.pt").is_file()
         trainer.engine.shutdown()
         trainer.spot.shutdown()
         trainers.append(build_trainer(cfg, tmp_path))
@@ -445,6 +447,9 @@ def test_speculative_ray_run_trains_the_drafter_in_its_actor_and_resumes(ray_ses
             torch.testing.assert_close(v, saved[k])
         actor = ray.get_actor("rlspec-drafter-trainer", namespace=ns)
         assert ray.get(actor.info.remote())["drafter_version"] == version  # synced by sync_from_drafter
+        # the actor's optimizer state, step count and buffer came back from the checkpoint
+        assert resumed.spot.trainer.total_steps == spot_steps and resumed.spot.published_step == published
+        assert resumed.spot.buffer.num_pairs > 0
         assert [w["drafter_version"] for w in resumed.engine.worker_info()] == [version, version]
     finally:
         for t in trainers:

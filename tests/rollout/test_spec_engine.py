@@ -7,6 +7,7 @@ is slower.
 """
 
 import math
+import random
 
 import pytest
 import torch
@@ -126,6 +127,59 @@ def test_switch_builds_the_drafter_state_from_the_rollouts_own_states(monkeypatc
     engine.generate(prompts, SamplingParams(max_new_tokens=30, temperature=1.0, seed=0),
                     return_hidden_states=want_hidden)
     assert checked and checked[0] <= 3
+
+
+@pytest.mark.parametrize("want_hidden", [False, True])
+def test_after_a_revert_sd_is_probed_again_in_a_smaller_bucket(monkeypatch, want_hidden):
+    """The first probe (12 rows, bucket 5-20) is made to lose, the second (<= 4 rows) to win: SD
+    comes back in the smaller bucket from the states kept through the call (equal to a re-run of
+    the prefixes), and the output stays plain greedy."""
+    from rlspec.rollout.spec_decode import SpeculativeDecoder
+
+    verdicts = iter([0.0, 1.0])  # first comparison: SD median 0 < plain 1 -> revert
+
+    def rigged_median(values):
+        rigged_median.calls += 1
+        try:
+            return next(verdicts)
+        except StopIteration:  # later comparisons: SD wins
+            return 1.0 if rigged_median.calls % 2 else 0.0
+    rigged_median.calls = 0
+    monkeypatch.setattr(native, "_median", rigged_median)
+    original = SpeculativeDecoder.start
+    starts = []
+
+    def spy(self, sequences, cur, states=None):
+        assert states is not None
+        original(self, sequences, cur, None)
+        rerun = [h.clone() for h in self.pending_hidden]
+        original(self, sequences, cur, states)
+        for a, b in zip(self.pending_hidden, rerun):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        starts.append(len(sequences))
+
+    monkeypatch.setattr(SpeculativeDecoder, "start", spy)
+    model = _model(2, bigram=False)  # greedy lengths with EOS 3: 8 .. 21 for ten rows, 60 for two
+    rng = random.Random(0)
+    prompts = [[rng.randrange(V - 1) for _ in range(rng.randint(1, 6))] for _ in range(12)]
+    params = SamplingParams(max_new_tokens=60, temperature=0.0)
+    plain = NativeEngine(model, eos_token_ids=[3]).generate(prompts, params, return_hidden_states=True)
+    engine = _engine(model, EagleDrafter.from_target(model), mode="adaptive", arm="3_1_3", threshold=12,
+                     warmup_checks=2, probe_steps=2, eos=[3])
+    assert engine.bandit.config.buckets == (1, 2, 5, 21)
+    out = engine.generate(prompts, params, return_hidden_states=want_hidden)
+    assert out.response_ids == plain.response_ids
+    assert out.stats["spec/reverted"] == 1 and out.stats["spec/reentered"] == 1
+    assert len(starts) == 2 and starts[0] == 12 and starts[1] <= 4
+    assert out.stats["spec/sd_steps"] > 2 + 2  # the first probe's 2, then the second probe and beyond
+    if want_hidden:
+        for a, b in zip(out.response_hidden_states, plain.response_hidden_states):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    # next call: the bucket that lost is skipped (back-off), the smaller one still gets SD
+    again = engine.generate(prompts, params, return_hidden_states=want_hidden)
+    assert again.response_ids == plain.response_ids
+    assert again.stats["spec/reverted"] == 0 and again.stats["spec/reentered"] == 1
+    assert len(starts) == 3 and starts[2] <= 4
 
 
 def test_default_arms_are_chains_on_cpu_unless_configured():

@@ -293,6 +293,7 @@ def test_speculative_run_trains_the_drafter_checkpoints_and_restores_it(make_tra
     metrics = trainer.train_step()
     assert metrics["spec/sd_steps"] > 0 and metrics["spec/accept_length"] >= 1.0
     assert "drafter/steps" in metrics
+    trainer.train_step()  # step 1 filled the spot trainer's buffer: step 2's long tail trains on it
     path = trainer.save()
     assert (path / "drafter" / "drafter_config.json").is_file()
     saved = {k: v.clone() for k, v in trainer.engine.drafter.state_dict().items()}
@@ -302,3 +303,15 @@ def test_speculative_run_trains_the_drafter_checkpoints_and_restores_it(make_tra
     assert resumed.maybe_resume() == path
     for k, v in resumed.engine.drafter.state_dict().items():
         torch.testing.assert_close(v, saved[k])
+    # the spot trainer's own state comes back too: optimizer moments, step count, RNG, buffer
+    assert trainer.spot.trainer.total_steps > 0
+    assert resumed.spot.trainer.total_steps == trainer.spot.trainer.total_steps
+    assert resumed.spot.published_step == trainer.spot.published_step == 2
+    assert resumed.spot.buffer.num_pairs == trainer.spot.buffer.num_pairs > 0
+    assert torch.equal(resumed.spot.trainer.generator.get_state(), trainer.spot.trainer.generator.get_state())
+    a, b = trainer.spot.trainer.optimizer.state_dict(), resumed.spot.trainer.optimizer.state_dict()
+    assert a["state"].keys() == b["state"].keys() and a["state"]
+    for key, moments in a["state"].items():
+        torch.testing.assert_close(b["state"][key]["exp_avg_sq"], moments["exp_avg_sq"])
+    torch.testing.assert_close(dict(resumed.spot.trainer.shadow.named_parameters()),
+                               dict(resumed.engine.drafter.named_parameters()))
