@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
+import platform
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -93,24 +95,52 @@ class Backend(Protocol):
 
 
 # ``linear`` computes ``(W @ x^T)^T`` on CPU for inputs of at most this many rows and weights of at
-# least this many elements (measured on 2 EPYC cores, fp32, a 40M model's 512x512 .. 4096x512
-# weights streamed from memory: 1.3-2x faster at 2-48 rows, equal near 64, slower past ~96; weights
-# that stay in cache gain nothing).
+# least this many elements (measured on 2 AMD EPYC cores (AVX2), fp32, a 40M model's 512x512 ..
+# 4096x512 weights streamed from memory: 1.3-2x faster at 2-48 rows, equal near 64, slower past ~96;
+# weights that stay in cache gain nothing). On 2 Intel Xeon cores (AVX-512) the same path is up to
+# 1.8x *slower* at 2-8 rows and equal at 12-48 (plain decode of the 38M model: 19.5 vs 10.7 ms per
+# step at 2 rows): it is MKL's x @ W^T on AMD that is slow. So the path is on where the CPU is
+# AMD's, unless RLSPEC_SMALL_ROW_LINEAR=1/0 says otherwise. The choice is fixed per machine (not
+# timed at run time), so a run stays deterministic for a seed and a thread count.
 SMALL_LINEAR_ROWS = 48
 SMALL_LINEAR_MIN_WEIGHT = 1 << 18
 
 
+def small_row_linear_default(env: str | None = None, vendor: str | None = None) -> bool:
+    """Whether :func:`linear` takes the ``(W @ x^T)^T`` path: ``RLSPEC_SMALL_ROW_LINEAR`` (``1`` / ``0``
+    / ``auto``), where ``auto`` (the default) means "the CPU vendor is AMD"."""
+    env = os.environ.get("RLSPEC_SMALL_ROW_LINEAR", "auto") if env is None else env
+    value = env.strip().lower()
+    if value in ("1", "true", "on"):
+        return True
+    if value in ("0", "false", "off"):
+        return False
+    if value != "auto":
+        raise ConfigError(f"RLSPEC_SMALL_ROW_LINEAR={env!r} is not valid; use 1, 0 or auto")
+    if vendor is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                vendor = next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+        except OSError:
+            vendor = platform.processor()
+    return "AMD" in vendor.upper()
+
+
+SMALL_ROW_LINEAR = small_row_linear_default()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, computed as ``(weight @ x^T)^T`` on CPU for few rows.
+    """``F.linear(x, weight, bias)``, computed as ``(weight @ x^T)^T`` on CPU for few rows when
+    :data:`SMALL_ROW_LINEAR` is on.
 
     Decoding and speculative verification multiply a handful of rows (``n`` or ``n * (M+1)``) by
-    every weight matrix. On CPU, MKL's ``x @ W^T`` path is up to 2x slower there than the
-    equivalent ``W @ x^T`` (same FLOPs, same result up to float summation order), and the gap grows
-    with the rows, which makes verifying ``M+1`` draft tokens cost more than it must. Larger
-    inputs (prefill) and every non-CPU device take ``F.linear``.
+    every weight matrix. On AMD CPUs MKL's ``x @ W^T`` path is up to 2x slower there than the
+    equivalent ``W @ x^T`` (same FLOPs, same result up to float summation order), which makes
+    verifying ``M+1`` draft tokens cost more than it must. Larger inputs (prefill), other CPUs
+    (see :data:`SMALL_LINEAR_ROWS`) and every non-CPU device take ``F.linear``.
     """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (x.device.type != "cpu" or not 0 < rows <= SMALL_LINEAR_ROWS or x.dtype != weight.dtype
+    if (not SMALL_ROW_LINEAR or x.device.type != "cpu" or not 0 < rows <= SMALL_LINEAR_ROWS or x.dtype != weight.dtype
             or weight.numel() < SMALL_LINEAR_MIN_WEIGHT):
         return F.linear(x, weight, bias)
     x2 = x.reshape(rows, x.shape[-1])

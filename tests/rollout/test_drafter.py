@@ -136,6 +136,7 @@ def test_unsupported_architecture_is_a_clear_error():
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "mistral"])
 def test_step_prefill_then_decode_equals_training_forward(arch, small_row_linear, monkeypatch):
     if small_row_linear:  # the (W @ x^T)^T path that large weights take on CPU
+        monkeypatch.setattr(native, "SMALL_ROW_LINEAR", True)
         monkeypatch.setattr(native, "SMALL_LINEAR_MIN_WEIGHT", 0)
     tgt = tiny_target(arch)
     drafter = EagleDrafter.from_target(tgt, seed=1)

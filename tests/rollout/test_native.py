@@ -468,6 +468,7 @@ def test_one_new_token_and_eos_as_first_token(qwen2, fast):
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_small_row_linear_equals_f_linear(monkeypatch, bias):
+    monkeypatch.setattr(native, "SMALL_ROW_LINEAR", True)
     monkeypatch.setattr(native, "SMALL_LINEAR_MIN_WEIGHT", 0)  # every weight takes the (W @ x^T)^T path
     g = torch.Generator().manual_seed(0)
     w = torch.randn(24, 16, generator=g)
@@ -482,8 +483,24 @@ def test_small_row_linear_equals_f_linear(monkeypatch, bias):
         native.linear(x16, w, b)
 
 
+def test_small_row_linear_is_on_for_amd_cpus_unless_the_env_says_otherwise(monkeypatch):
+    assert native.small_row_linear_default("auto", "AuthenticAMD") is True
+    assert native.small_row_linear_default("auto", "GenuineIntel") is False
+    assert native.small_row_linear_default("1", "GenuineIntel") is True
+    assert native.small_row_linear_default(" off ", "AuthenticAMD") is False
+    with pytest.raises(ConfigError, match="RLSPEC_SMALL_ROW_LINEAR='fast'"):
+        native.small_row_linear_default("fast", "AuthenticAMD")
+    # off: F.linear for every input, whatever its size
+    monkeypatch.setattr(native, "SMALL_ROW_LINEAR", False)
+    monkeypatch.setattr(native, "SMALL_LINEAR_MIN_WEIGHT", 0)
+    monkeypatch.setattr(native.torch, "mm", lambda *a: pytest.fail("took the (W @ x^T)^T path"))
+    w, x = torch.randn(24, 16), torch.randn(3, 16)
+    assert torch.equal(native.linear(x, w), torch.nn.functional.linear(x, w))
+
+
 def test_fast_forward_with_small_row_linear_matches_hf(monkeypatch):
     """The decode and verification forwards of a model whose weights take the small-row path."""
+    monkeypatch.setattr(native, "SMALL_ROW_LINEAR", True)
     monkeypatch.setattr(native, "SMALL_LINEAR_MIN_WEIGHT", 0)
     for kind, attention in [("qwen2", "math"), ("llama", "math"), ("qwen3", "sdpa")]:
         test_fast_forward_logits_match_hf(kind, attention)

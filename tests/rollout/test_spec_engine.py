@@ -81,6 +81,7 @@ def test_greedy_identical_to_plain(arm, oracle):
 
 def test_greedy_identical_with_small_row_linear(monkeypatch):
     """Plain decode and verification through the (W @ x^T)^T path that large weights take on CPU."""
+    monkeypatch.setattr(native, "SMALL_ROW_LINEAR", True)
     monkeypatch.setattr(native, "SMALL_LINEAR_MIN_WEIGHT", 0)
     test_greedy_identical_to_plain("3_2_5", oracle=False)
     test_greedy_identical_to_plain("4_1_4", oracle=True)
