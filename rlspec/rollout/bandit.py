@@ -88,11 +88,13 @@ DEFAULT_ARMS: tuple[tuple[ArmShape, ...], ...] = (
 )
 
 # CPU table (the native engine uses it on CPU unless ``arms``/``buckets`` are set): chains only.
-# Measured on 2 CPU cores, a 39.6M Qwen2 and a drafter with top-1 0.87, sampling at T=1 (tokens/s
-# against plain decoding): trees lose everywhere (6_4_16: 1.12x at 1 row, 0.66x at 4-8 rows;
-# 4_2_6: 0.78-0.86x at 2-8 rows) while chains win (3_1_3: 1.98x / 1.46x / 1.25x / 1.19x at
-# 1 / 2 / 4 / 8 rows; 5_1_5 1.85x at 1 row, 6_1_6 1.30x at 4 rows). The CPU's verify forward
-# costs in proportion to the tokens verified, so a tree's extra branches are pure cost there.
+# Measured on 2 AMD EPYC cores, a 39.6M Qwen2 and a drafter with top-1 0.87, sampling at T=1
+# (tokens/s against plain decoding): trees lose everywhere (6_4_16: 1.12x at 1 row, 0.66x at 4-8
+# rows; 4_2_6: 0.78-0.86x at 2-8 rows) while chains win (3_1_3: 1.98x / 1.46x / 1.25x / 1.19x at
+# 1 / 2 / 4 / 8 rows; 5_1_5 1.85x at 1 row, 6_1_6 1.30x at 4 rows). On 2 Intel Xeon cores (38.2M
+# model, same kind of drafter) the best chains: 8_1_8 1.76x at 1 row, 3_1_3 1.14x at 2, 4_1_4 1.64x
+# at 4, 3_1_3 1.49x at 8, 3_1_3 1.34x at 16, 2_1_2 1.18x at 32, nothing above 64. The CPU's verify
+# forward costs in proportion to the tokens verified, so a tree's extra branches are pure cost there.
 DEFAULT_ARMS_CPU: tuple[tuple[ArmShape, ...], ...] = (
     (ArmShape(3, 1, 3), ArmShape(5, 1, 5), ArmShape(8, 1, 8)),
     (ArmShape(3, 1, 3), ArmShape(4, 1, 4), ArmShape(6, 1, 6)),
