@@ -144,7 +144,7 @@ def merge_results(parts: Sequence[RolloutResult], want_hidden: bool) -> RolloutR
     return RolloutResultWithHidden(**kw, response_hidden_states=hidden)
 
 
-_SUMMED = ("tokens", "prompt_tokens", "decode_steps", "spec/sd_steps", "spec/switch_seconds")
+_SUMMED = ("tokens", "prompt_tokens", "decode_steps", "spec/sd_steps", "spec/switch_seconds", "spec/reentered")
 
 
 def merge_stats(parts: Sequence[dict[str, float]]) -> dict[str, float]:

@@ -89,7 +89,7 @@ class SpecStats:
     sd_seconds: float = 0.0
     plain_seconds: float = 0.0
     plain_tokens: int = 0
-    switch_seconds: float = 0.0  # the one re-prefill at the switch
+    switch_seconds: float = 0.0  # building the drafter state at the switch (and at re-entries)
     arms: dict[str, int] = field(default_factory=dict)
     reverted: int = 0  # 1 when the adaptive engine found SD slower and went back to plain decoding
     reentered: int = 0  # times SD was probed again after a revert, in a smaller batch-size bucket

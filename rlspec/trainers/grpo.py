@@ -1043,11 +1043,10 @@ class GRPOTrainer:
 
         extras = {"drafter": write}
         if self.spot is not None:  # its optimizer, step count, RNG and (when small) its buffer
-            state = self.spot.state_dict()
 
             def write_spot(path: Path) -> None:
                 path.mkdir()
-                torch.save(state, path / "state.pt")
+                torch.save(self.spot.state_dict(), path / "state.pt")
 
             extras["spot_trainer"] = write_spot
         return extras
