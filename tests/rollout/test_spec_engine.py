@@ -103,14 +103,13 @@ def test_adaptive_probe_interleaves_plain_steps_losslessly():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("want_hidden", [False, True])
-def test_switch_builds_the_drafter_state_from_the_rollouts_own_states(monkeypatch, want_hidden):
-    """At the switch the drafter gets h_0 .. h_{L-1} from the prefill and decode steps (no re-run of
-    the prefixes on CPU); they equal what re-running the prefixes gives (TLT's way)."""
+def _check_switch_states(monkeypatch) -> list[int]:
+    """Make every switch into SD check that the states the engine kept equal a re-run of the
+    prefixes (TLT's way); returns the list of the switches' row counts."""
     from rlspec.rollout.spec_decode import SpeculativeDecoder
 
     original = SpeculativeDecoder.start
-    checked = []
+    switches: list[int] = []
 
     def spy(self, sequences, cur, states=None):
         assert states is not None
@@ -119,9 +118,17 @@ def test_switch_builds_the_drafter_state_from_the_rollouts_own_states(monkeypatc
         original(self, sequences, cur, states)
         for a, b in zip(self.pending_hidden, rerun):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-        checked.append(len(sequences))
+        switches.append(len(sequences))
 
     monkeypatch.setattr(SpeculativeDecoder, "start", spy)
+    return switches
+
+
+@pytest.mark.parametrize("want_hidden", [False, True])
+def test_switch_builds_the_drafter_state_from_the_rollouts_own_states(monkeypatch, want_hidden):
+    """At the switch the drafter gets h_0 .. h_{L-1} from the prefill and decode steps (no re-run of
+    the prefixes on CPU); they equal what re-running the prefixes gives (TLT's way)."""
+    checked = _check_switch_states(monkeypatch)
     model = _model(1, bigram=False)
     engine = _engine(model, EagleDrafter.from_target(model), mode="adaptive", threshold=3, warmup_checks=2, eos=[3])
     prompts = [[1, 2, 3][: 1 + i % 3] + [5] * (i % 4) for i in range(9)]  # mixed prompt lengths
@@ -135,8 +142,6 @@ def test_after_a_revert_sd_is_probed_again_in_a_smaller_bucket(monkeypatch, want
     """The first probe (12 rows, bucket 5-20) is made to lose, the second (<= 4 rows) to win: SD
     comes back in the smaller bucket from the states kept through the call (equal to a re-run of
     the prefixes), and the output stays plain greedy."""
-    from rlspec.rollout.spec_decode import SpeculativeDecoder
-
     verdicts = iter([0.0, 1.0])  # first comparison: SD median 0 < plain 1 -> revert
 
     def rigged_median(values):
@@ -147,19 +152,7 @@ def test_after_a_revert_sd_is_probed_again_in_a_smaller_bucket(monkeypatch, want
             return 1.0 if rigged_median.calls % 2 else 0.0
     rigged_median.calls = 0
     monkeypatch.setattr(native, "_median", rigged_median)
-    original = SpeculativeDecoder.start
-    starts = []
-
-    def spy(self, sequences, cur, states=None):
-        assert states is not None
-        original(self, sequences, cur, None)
-        rerun = [h.clone() for h in self.pending_hidden]
-        original(self, sequences, cur, states)
-        for a, b in zip(self.pending_hidden, rerun):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-        starts.append(len(sequences))
-
-    monkeypatch.setattr(SpeculativeDecoder, "start", spy)
+    starts = _check_switch_states(monkeypatch)
     model = _model(2, bigram=False)  # greedy lengths with EOS 3: 8 .. 21 for ten rows, 60 for two
     rng = random.Random(0)
     prompts = [[rng.randrange(V - 1) for _ in range(rng.randint(1, 6))] for _ in range(12)]
