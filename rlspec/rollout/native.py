@@ -1071,11 +1071,9 @@ class NativeEngine:
                             self.on_long_tail(self._finished_samples(prompts, responses, hidden_steps, done_reqs)
                                               if want_hidden else [])
                         sd_bucket = self.bandit.bucket_of(len(rows))
-                        skip = self._sd_backoff.get(sd_bucket, 0)
                         if spec is None:
                             pass  # no drafter for this call
-                        elif skip and self.speculative.mode == "adaptive":
-                            self._sd_backoff[sd_bucket] = skip - 1  # SD lost here recently: plain this call
+                        elif self.speculative.mode == "adaptive" and self._backed_off(sd_bucket):
                             spec, reverted_spec = None, spec  # ... but a smaller bucket may still try it
                         else:
                             switch_on(spec)
@@ -1084,10 +1082,7 @@ class NativeEngine:
                     # SD lost in the previous bucket; the batch has shrunk into a smaller one, where a
                     # draft step costs less relative to a plain one: probe SD afresh there
                     sd_bucket = self.bandit.bucket_of(len(rows))
-                    skip = self._sd_backoff.get(sd_bucket, 0)
-                    if skip:
-                        self._sd_backoff[sd_bucket] = skip - 1  # lost here too recently: plain this call
-                    else:
+                    if not self._backed_off(sd_bucket):
                         spec, reverted_spec = reverted_spec, None
                         switch_on(spec)
                         plain_rates, sd_rates = [], []
@@ -1159,6 +1154,14 @@ class NativeEngine:
         finally:
             backend.end()
         return steps
+
+    def _backed_off(self, bucket: int) -> bool:
+        """True when SD lost in this batch-size bucket recently: plain decoding there for this call,
+        which uses up one call of the bucket's back-off."""
+        skip = self._sd_backoff.get(bucket, 0)
+        if skip:
+            self._sd_backoff[bucket] = skip - 1
+        return bool(skip)
 
     @staticmethod
     def _prefix_states(
