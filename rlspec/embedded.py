@@ -5,7 +5,8 @@ the procedural math tasks of :mod:`rlspec.tasks` and a small ``Qwen2ForCausalLM`
 supervised fine-tuning on worked solutions that carry 0..``max_rechecks`` redundant re-checks.
 The result solves most test problems but spends most of its tokens re-checking: the over-thinking
 that efficient-reasoning RL (e.g. DLER's truncation length penalty) should remove while keeping
-accuracy. No hub access is needed; the output directory loads with plain
+accuracy. Part of its SFT data carries HBPO's budget prefill with as many re-checks as fit within
+the budget, so the model follows a budget the way HBPO (arXiv 2507.15844) assumes of its base. No hub access is needed; the output directory loads with plain
 ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``.
 
 Cache layout (``$RLSPEC_HOME`` or ``~/.cache/rlspec``)::
@@ -38,8 +39,9 @@ import torch
 
 from rlspec import tasks
 from rlspec.errors import ConfigError, ModelLoadError
+from rlspec.rollout.budgets import HBPO_TEMPLATES
 
-BUILD_VERSION = "3"  # bump when the build recipe changes in a way the config does not capture
+BUILD_VERSION = "4"  # bump when the build recipe changes in a way the config does not capture
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
 PAD_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_end|>"
 GENERATION_PROMPT = "<|im_start|>assistant\n<think>\n"
@@ -71,11 +73,14 @@ class EmbeddedModelConfig:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     max_position_embeddings: int = 1024
-    # SFT (small batches: this run is step-bound, not data-bound). 5000 steps: ~270 s on an idle
-    # 2-core machine, ~52% test accuracy at T=0.6 with ~2x the tokens a zero-re-check answer needs.
+    # SFT (small batches: this run is step-bound, not data-bound). 5000 steps: ~160 s on an idle
+    # 2-core Intel Xeon, ~95% test accuracy at T=0.6 with ~2x the tokens a zero-re-check answer
+    # needs. lr 1e-3, not 3e-3 (build version 3): at 3e-3 the result swung between 9% and 68%
+    # accuracy with small changes of the SFT data or seed (final loss 0.04-0.18); at 1e-3 every
+    # variant tried ended at loss ~0.02 and 89-98% accuracy.
     sft_steps: int = 5000
     batch_size: int = 8
-    lr: float = 3e-3
+    lr: float = 1e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 50
     weight_decay: float = 0.01
@@ -88,6 +93,12 @@ class EmbeddedModelConfig:
     # ends up stopping after 0 re-checks far more often than this), so a small value here keeps
     # the over-thinking strong while 0 stays common at temperature 1.
     recheck_p0: float = 0.15
+    # share of the later solutions that carry an HBPO budget prefill after <think> ("I will answer
+    # the question within b tokens.", arXiv 2507.15844 Sec. 3.1), b drawn from ``budgets``; such a
+    # solution has the most re-checks that fit within b tokens. HBPO assumes a base model that
+    # follows such a prefill, and this teaches it. The defaults are the `hbpo` recipe's budgets.
+    budget_frac: float = 0.5
+    budgets: tuple[int, ...] = (32, 64, 128, 160)
     # interleaved arithmetic-fact drill batches (share of all steps, tokens per drill sequence)
     drill_frac: float = 0.3
     drill_seq_len: int = 96
@@ -98,6 +109,11 @@ class EmbeddedModelConfig:
 
     def __post_init__(self) -> None:
         self.levels = tuple(int(x) for x in self.levels)
+        self.budgets = tuple(int(x) for x in self.budgets)
+        if not 0 <= self.budget_frac <= 1:
+            raise ConfigError(f"budget_frac must be in [0, 1], got {self.budget_frac}")
+        if self.budget_frac and (not self.budgets or min(self.budgets) < 1):
+            raise ConfigError(f"budgets must be positive token counts when budget_frac > 0, got {list(self.budgets)}")
         if self.n_eval > self.n_test:
             raise ConfigError(f"n_eval={self.n_eval} must be <= n_test={self.n_test}")
         if self.hidden_size % self.num_attention_heads:
@@ -211,7 +227,9 @@ def build_threads() -> int:
     Two threads were measured 1.6x faster than one on an idle 2-core machine; more threads gain
     little for these small matrices. On a machine shared with other busy processes, set
     ``RLSPEC_BUILD_THREADS=1``: there 2 threads were measured up to 30x slower than 1 (thread
-    barriers wait on the busy core). The build is deterministic whatever the thread count.
+    barriers wait on the busy core). The build is deterministic for a thread count; across thread
+    counts the weights are bit-identical on some CPUs and ~1e-6 apart on others (float summation
+    order; measured on an AMX Xeon).
     """
     raw = os.environ.get("RLSPEC_BUILD_THREADS", str(min(2, os.cpu_count() or 1)))
     try:
@@ -350,7 +368,16 @@ def _sft_batches(cfg: EmbeddedModelConfig, train: list[tasks.MathProblem], token
     probs = [rng.choice(by_level[rng.choice(levels)]) for _ in range(n)]
     prompts = [prompt_text(tokenizer, p) for p in probs]
     n_plain = int(cfg.plain_frac * n_sol_steps) * cfg.batch_size
-    comps = [tasks.worked_solution(p, rng, 0 if j < n_plain else _num_rechecks(rng, cfg)) for j, p in enumerate(probs)]
+    comps = []
+    for j, p in enumerate(probs):
+        if j < n_plain:
+            comps.append(tasks.worked_solution(p, rng, 0))
+        elif cfg.budget_frac and rng.random() < cfg.budget_frac:
+            i = rng.randrange(len(cfg.budgets))
+            prompts[j] += HBPO_TEMPLATES["paper"].format(budget=cfg.budgets[i])
+            comps.append(_fit_budget(p, rng, cfg.max_rechecks, cfg.budgets[i], tokenizer))
+        else:
+            comps.append(tasks.worked_solution(p, rng, _num_rechecks(rng, cfg)))
     p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     c_ids = tokenizer(comps, add_special_tokens=False)["input_ids"]
     examples = [(a, b + [eos_id]) for a, b in zip(p_ids, c_ids)]
@@ -405,6 +432,21 @@ def _sft_batches(cfg: EmbeddedModelConfig, train: list[tasks.MathProblem], token
         else:
             merged.append(out.pop(0) if out else drills[d])
     return merged
+
+
+def _fit_budget(problem: tasks.MathProblem, rng: random.Random, max_rechecks: int, budget: int, tokenizer) -> str:
+    """The worked solution with the most re-checks (<= max_rechecks) whose tokens, EOS included,
+    fit within ``budget``; zero re-checks when even that does not fit."""
+    state = rng.getstate()
+    best = None
+    for k in range(max_rechecks + 1):
+        rng.setstate(state)  # the same opener wording for every candidate
+        text = tasks.worked_solution(problem, rng, k)
+        if best is None or len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1 <= budget:
+            best = text
+        else:
+            break
+    return best
 
 
 def _num_rechecks(rng: random.Random, cfg: EmbeddedModelConfig) -> int:
@@ -477,7 +519,8 @@ def evaluate(
     Uses :class:`rlspec.rollout.native.NativeEngine` (HF ``generate`` when ``use_native=False``
     or the engine is unavailable). Lengths count generated tokens including the EOS.
     Returns accuracy, well_formed, mean/max/p50/p90 tokens, truncated fraction, the distribution
-    of re-check counts (and mean tokens per re-check count), and per-level accuracy/length.
+    of re-check counts (with accuracy and mean tokens per re-check count), and per-level
+    accuracy/length.
     """
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
@@ -540,10 +583,10 @@ def summarize(records: list[dict]) -> dict:
     def pct(q: float) -> int:
         return lens[min(n - 1, int(q * n))]
 
-    by_rc: dict[int, list[int]] = defaultdict(list)
+    by_rc: dict[int, list[dict]] = defaultdict(list)
     by_lv: dict[int, list[dict]] = defaultdict(list)
     for r in records:
-        by_rc[r["rechecks"]].append(r["tokens"])
+        by_rc[r["rechecks"]].append(r)
         by_lv[r["level"]].append(r)
     return {
         "n": n,
@@ -555,7 +598,9 @@ def summarize(records: list[dict]) -> dict:
         "p90_tokens": pct(0.9),
         "max_tokens": lens[-1],
         "frac_zero_rechecks": round(len(by_rc.get(0, [])) / n, 4),
-        "by_rechecks": {str(k): {"frac": round(len(v) / n, 4), "mean_tokens": round(sum(v) / len(v), 1)}
+        "by_rechecks": {str(k): {"frac": round(len(v) / n, 4),
+                                 "accuracy": round(sum(r["correct"] for r in v) / len(v), 4),
+                                 "mean_tokens": round(sum(r["tokens"] for r in v) / len(v), 1)}
                         for k, v in sorted(by_rc.items())},
         "by_level": {str(k): {"n": len(v), "accuracy": round(sum(r["correct"] for r in v) / len(v), 4),
                               "mean_tokens": round(sum(r["tokens"] for r in v) / len(v), 1)}
