@@ -147,6 +147,7 @@ class GRPOTrainer:
         # TLT spot trainer (rollout.speculative.online): trains the engine's drafter during the long tail
         self.spot = spot_trainer
         self._spot_added: set[int] = set()
+        self._in_training_rollout = False  # the long-tail hook trains the drafter only then, not in evals
         if spot_trainer is not None:
             engine.on_long_tail = self._on_long_tail
         self.tc = cfg.trainer
@@ -299,7 +300,11 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         if self.spot is not None:
             self._spot_added = set()
-            result = self.engine.generate(repeated, self._sampling_params(seed), return_hidden_states=True)
+            self._in_training_rollout = True
+            try:
+                result = self.engine.generate(repeated, self._sampling_params(seed), return_hidden_states=True)
+            finally:
+                self._in_training_rollout = False
             self._spec_metrics.update(self.spot.stop(self.global_step + 1))  # preempt + publish with the policy
             self._buffer_rollout(repeated, result)
         else:
@@ -453,7 +458,11 @@ class GRPOTrainer:
 
     def _on_long_tail(self, finished: list[tuple[list[int], list[int], torch.Tensor]]) -> None:
         """The engine reached the long tail: buffer the responses finished so far (this step's
-        data, mixed with the previous steps' long ones) and start training the drafter."""
+        data, mixed with the previous steps' long ones) and start training the drafter. Evaluation
+        rollouts reach a long tail too: there it does nothing, since nothing would stop the
+        training before the next checkpoint or publish it with the policy."""
+        if not self._in_training_rollout:
+            return
         step = self.global_step + 1
         for prompt, response, hidden in finished:
             if self.spot.buffer.add_response(step, prompt, response, hidden):

@@ -284,6 +284,26 @@ def test_anytime_step_hand_computed(make_trainer):
                 pos += len(closing) + len(summary)
 
 
+def test_evaluation_long_tail_does_not_start_the_spot_trainer(make_trainer):
+    """An evaluation rollout reaches the long tail too; the spot trainer must not start there (it
+    would still run at the next checkpoint, which then failed: seen in a `grpo` run with SD)."""
+    over = ["rollout.speculative.enable=true", "rollout.speculative.mode=always", "rollout.speculative.drafter_warmup_steps=5",
+            "rollout.speculative.threshold=64", "rollout.speculative.warmup_checks=1", "eval.at_start=false", "eval.at_end=false"]
+    trainer = make_trainer("+recipe=grpo", *over)
+    trainer.train_step()  # fills the spot trainer's buffer, so a long tail would have data to train on
+    assert trainer.spot.buffer.num_pairs > 0 and trainer.spot._thread is None
+    calls = []
+    hook = trainer.engine.on_long_tail
+    trainer.engine.on_long_tail = lambda finished: (calls.append(len(finished)), hook(finished))
+    trainer.evaluate(trainer.global_step)
+    assert calls, "the evaluation never reached the long tail: the test would not test anything"
+    assert trainer.spot._thread is None
+    trainer.save()  # took the spot trainer's state: failed while it was training
+    assert trainer.spot.trainer.total_steps == 0
+    trainer.train_step()  # a training rollout's long tail still trains it (stopped after the rollout)
+    assert trainer.spot.trainer.total_steps > 0 and trainer.spot._thread is None
+
+
 def test_speculative_run_trains_the_drafter_checkpoints_and_restores_it(make_trainer):
     """rollout.speculative with the spot trainer: metrics logged, the drafter saved in each
     checkpoint and restored on resume (it is trained online, so it is run state)."""
