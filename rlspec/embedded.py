@@ -6,7 +6,8 @@ supervised fine-tuning on worked solutions that carry 0..``max_rechecks`` redund
 The result solves most test problems but spends most of its tokens re-checking: the over-thinking
 that efficient-reasoning RL (e.g. DLER's truncation length penalty) should remove while keeping
 accuracy. Part of its SFT data carries HBPO's budget prefill with as many re-checks as fit within
-the budget, so the model follows a budget the way HBPO (arXiv 2507.15844) assumes of its base. No hub access is needed; the output directory loads with plain
+the budget, so the model follows a budget the way HBPO (arXiv 2507.15844) assumes of its base.
+No hub access is needed; the output directory loads with plain
 ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``.
 
 Cache layout (``$RLSPEC_HOME`` or ``~/.cache/rlspec``)::
@@ -228,8 +229,8 @@ def build_threads() -> int:
     little for these small matrices. On a machine shared with other busy processes, set
     ``RLSPEC_BUILD_THREADS=1``: there 2 threads were measured up to 30x slower than 1 (thread
     barriers wait on the busy core). The build is deterministic for a thread count; across thread
-    counts the weights are bit-identical on some CPUs and ~1e-6 apart on others (float summation
-    order; measured on an AMX Xeon).
+    counts the weights are bit-identical on some CPUs and up to ~1e-5 apart on others (float
+    summation order; measured on an AMX Xeon).
     """
     raw = os.environ.get("RLSPEC_BUILD_THREADS", str(min(2, os.cpu_count() or 1)))
     try:
