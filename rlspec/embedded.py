@@ -76,9 +76,9 @@ class EmbeddedModelConfig:
     max_position_embeddings: int = 1024
     # SFT (small batches: this run is step-bound, not data-bound). 5000 steps: ~160 s on an idle
     # 2-core Intel Xeon, ~95% test accuracy at T=0.6 with ~2x the tokens a zero-re-check answer
-    # needs. lr 1e-3, not 3e-3 (build version 3): at 3e-3 ten small changes (of the SFT data, one of the width) ended
-    # between 8% and 59% accuracy (unchanged data: 61%, another seed: 68%; final loss 0.04-0.18);
-    # at 1e-3 the three variants tried all ended at loss ~0.02 and 95-98% accuracy.
+    # needs. lr 1e-3, not 3e-3 (build version 3): at 3e-3 ten small changes (nine of the SFT data,
+    # one of the width) ended between 8% and 59% accuracy (unchanged data: 61%, another seed: 68%;
+    # final loss 0.04-0.18); at 1e-3 the three variants tried all ended at loss ~0.02 and 95-98%.
     sft_steps: int = 5000
     batch_size: int = 8
     lr: float = 1e-3
