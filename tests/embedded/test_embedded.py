@@ -32,14 +32,19 @@ def test_cache_key_deterministic_and_sensitive():
     assert EmbeddedModelConfig(levels=[1, 2, 3, 4, 5]).cache_key() == EmbeddedModelConfig().cache_key()
 
 
-def test_budget_solutions_fit_the_budget():
-    """A budget-prefilled SFT solution has the most re-checks that fit within the budget (EOS counted)."""
-    from rlspec import tasks
-    from rlspec.embedded import _fit_budget, build_tokenizer
-
+def _small_split_and_tokenizer():
+    """300 train problems and a 512-token tokenizer trained on their worked solutions."""
     train, _ = tasks.make_splits(0, 300, 20)
     rng = random.Random(0)
-    tok = build_tokenizer([tasks.worked_solution(p, rng, tasks.sample_num_rechecks(rng, 4)) for p in train], 512)
+    return train, embedded.build_tokenizer(
+        [tasks.worked_solution(p, rng, tasks.sample_num_rechecks(rng, 4)) for p in train], 512)
+
+
+def test_budget_solutions_fit_the_budget():
+    """A budget-prefilled SFT solution has the most re-checks that fit within the budget (EOS counted)."""
+    from rlspec.embedded import _fit_budget
+
+    train, tok = _small_split_and_tokenizer()
 
     def n_tokens(text):
         return len(tok(text, add_special_tokens=False)["input_ids"]) + 1
@@ -55,13 +60,10 @@ def test_budget_solutions_fit_the_budget():
 
 def test_sft_batches_carry_budget_prefills():
     """About budget_frac of the later solutions carry the HBPO prefill, and fit their budget."""
-    from rlspec import tasks
-    from rlspec.embedded import _sft_batches, build_tokenizer
+    from rlspec.embedded import _sft_batches
 
     cfg = EmbeddedModelConfig.tiny(sft_steps=200, drill_frac=0.0, plain_frac=0.5, budget_frac=0.5)
-    train, _ = tasks.make_splits(0, 300, 20)
-    rng = random.Random(0)
-    tok = build_tokenizer([tasks.worked_solution(p, rng, tasks.sample_num_rechecks(rng, 4)) for p in train], 512)
+    train, tok = _small_split_and_tokenizer()
     eos = tok.convert_tokens_to_ids(embedded.EOS_TOKEN)
     texts = [tok.decode(row[row != tok.pad_token_id]) for ids, _ in _sft_batches(cfg, train, tok, eos) for row in ids]
     budgeted = [t for t in texts if "I will answer the question within" in t]
