@@ -30,22 +30,17 @@ def main() -> None:
     ap.add_argument("--arm", default="4_1_4", help="draft shape depth_topk_verify for the probes")
     args, overrides = ap.parse_known_args()
 
-    from hydra import compose, initialize_config_module
-
-    from rlspec.config import validate_config
+    from rlspec.config import SpeculativeConfig
     from rlspec.rollout.base import SamplingParams
     from rlspec.rollout.native import NativeEngine
-    from rlspec.rollout.spec_decode import SpeculativeSettings
-    from rlspec.train import build_trainer
+    from rlspec.session import build_trainer, compose
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with initialize_config_module(config_module="rlspec.configs", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[
-            f"recipe={args.recipe}", f"run_dir={out / 'run'}", f"trainer.steps={args.steps}", "eval.at_start=false",
-            "eval.at_end=false", "trainer.save_every=0", "trainer.resume=disable", "logger.progress=off",
-            "rollout.speculative.enable=true", *overrides])
-    typed = validate_config(cfg)
+    typed = compose([
+        f"recipe={args.recipe}", f"run_dir={out / 'run'}", f"trainer.steps={args.steps}", "eval.at_start=false",
+        "eval.at_end=false", "trainer.save_every=0", "trainer.resume=disable", "logger.progress=off",
+        "rollout.speculative.enable=true", *overrides])
     import shutil
 
     shutil.rmtree(out / "run", ignore_errors=True)
@@ -57,7 +52,7 @@ def main() -> None:
     params = SamplingParams(max_new_tokens=args.probe_tokens, temperature=0.0)
 
     def acceptance(drafter) -> float:
-        engine = NativeEngine(trainer.model, trainer.eos_ids, speculative=SpeculativeSettings(
+        engine = NativeEngine(trainer.model, trainer.eos_ids, speculative=SpeculativeConfig(
             mode="always", bandit={"policy": "fixed", "fixed_arms": [args.arm] * 4}))
         engine.set_drafter(drafter)
         return engine.generate(probe, params).stats["spec/accept_length"]

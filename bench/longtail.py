@@ -54,13 +54,12 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlspec.data import load_split
+    from rlspec.config import STANDARD_INSTRUCTION, SpeculativeConfig
+    from rlspec.data import build_prompt_ids, load_split
     from rlspec.models import eos_token_ids
     from rlspec.rollout.base import SamplingParams
-    from rlspec.rollout.drafter import EagleDrafter
     from rlspec.rollout.native import NativeEngine
-    from rlspec.rollout.spec_decode import SpeculativeSettings
-    from rlspec.train import build_prompt_ids
+    from rlspec.rollout.speculative.eagle import EagleDrafter
 
     if args.model is None:
         from rlspec.embedded import get_embedded_drafter_path, get_embedded_model_path
@@ -71,11 +70,11 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     rows = load_split(model_dir, "test", "question", "answer")[: args.prompts]
-    instruction = "Please reason step by step, and put your final answer within \\boxed{}."
+    instruction = STANDARD_INSTRUCTION
     prompts = [p for p in build_prompt_ids(tokenizer, rows, instruction) for _ in range(args.n)]
     if args.drafter is None:
         if args.model is not None:
-            raise SystemExit("--drafter DIR is required with --model (warm one up: python -m rlspec.rollout.drafter)")
+            raise SystemExit("--drafter DIR is required with --model (warm one up: python -m rlspec.warmup_drafter)")
         train = load_split(model_dir, "train", "question", "answer")
         drafter_dir = get_embedded_drafter_path(model_dir, model, tokenizer, build_prompt_ids(tokenizer, train, instruction), 300)
     else:
@@ -85,7 +84,7 @@ def main() -> None:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0, seed=args.seed)
 
     def engine(mode: str, use_drafter: bool = True) -> NativeEngine:
-        spec = SpeculativeSettings(mode=mode, threshold=args.threshold, warmup_checks=args.warmup_checks)
+        spec = SpeculativeConfig(mode=mode, threshold=args.threshold, warmup_checks=args.warmup_checks)
         e = NativeEngine(model, eos, tokenizer=tokenizer, speculative=spec)
         if use_drafter:
             e.set_drafter(drafter)

@@ -65,7 +65,7 @@ def chat_prompts(tokenizer, n: int) -> list[list[int]] | None:
 def load(args) -> Setup:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlspec.rollout import default_eos_token_ids
+    from rlspec.models import eos_token_ids as default_eos_token_ids
 
     if args.random_tiny:
         model = random_tiny_qwen2(args.seed)
@@ -148,7 +148,8 @@ def main(argv=None) -> None:
     ap.add_argument("--generic", action="store_true", help="force the native engine's generic HF-forward path")
     args = ap.parse_args(argv)
 
-    from rlspec.rollout import NativeEngine, SamplingParams
+    from rlspec.rollout.base import SamplingParams
+    from rlspec.rollout.native import NativeEngine
 
     torch.set_num_threads(args.threads)
     setup = load(args)

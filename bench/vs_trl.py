@@ -65,10 +65,7 @@ def time_rlspec_steps(
     TRL is configured. Each step time covers the whole step: rollout + reward + update.
     """
 
-    from hydra import compose, initialize_config_module
-
-    from rlspec.config import validate_config
-    from rlspec.train import build_trainer
+    from rlspec.session import build_trainer, compose
 
     work = Path(tempfile.mkdtemp(prefix="rlspec-bench-vs-trl-"))
     data = work / "train.jsonl"
@@ -96,8 +93,7 @@ def time_rlspec_steps(
         f"run_dir={work / 'run'}",
     ]
     started = time.perf_counter()
-    with initialize_config_module(config_module="rlspec.configs", version_base="1.3"):
-        cfg = validate_config(compose(config_name="train", overrides=overrides))
+    cfg = compose(overrides)
     trainer = build_trainer(cfg, work / "run")
     setup = time.perf_counter() - started
     timing = StepTiming(framework="rlspec", step_seconds=[], completion_lengths=[], accuracy=[], setup_seconds=setup)
@@ -126,7 +122,7 @@ def resolve_model(args: argparse.Namespace) -> Path:
             sys.exit(f"--model {args.model}: no config.json there; pass a save_pretrained directory")
         return path
     try:
-        from rlspec.models import resolve_model_path
+        from rlspec.embedded import resolve_model_path
     except ImportError:
         sys.exit("rlspec's embedded default is not importable yet; pass --model PATH or --tiny-random")
     print(f"resolving the embedded default (preset {args.embedded_preset}; built on first use) ...", flush=True)

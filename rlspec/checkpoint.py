@@ -10,18 +10,22 @@ Layout::
 
 A checkpoint is written to ``step_N.tmp-<pid>`` and renamed into place (``os.replace``), and
 ``latest`` is updated last, so a crash at any moment leaves the previous checkpoint intact and
-never a half-written one under a real name.
+never a half-written one under a real name. :class:`Checkpointer` writes and restores a run's
+checkpoints: the policy, the trainer's state, DeepSpeed's shards and the checkpoint *parts* that
+other pieces own (the speculative drafter: ``drafter/``, ``spot_trainer/``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol, Sequence
 
+import numpy as np
 import torch
 
 from rlspec.errors import RLSpecError
@@ -55,13 +59,13 @@ def save_checkpoint(
     meta: dict[str, Any] | None = None,
     keep: int = 2,
     protected: tuple[str, ...] = (),
-    extras: dict[str, Any] | None = None,
+    writers: Sequence[Callable[[Path], None]] = (),
 ) -> Path:
     """Write checkpoint ``step`` atomically, point ``latest`` at it, rotate older ones.
 
     ``keep`` newest step checkpoints are kept; names in ``protected`` are never rotated away.
-    ``extras`` maps a sub-directory name to a function that writes it (inside the same atomic
-    write as the model), e.g. the rollout engine's drafter.
+    ``writers`` write more into the (temporary) checkpoint directory, inside the same atomic
+    write as the model, e.g. the rollout engine's drafter.
     """
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -74,8 +78,8 @@ def save_checkpoint(
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / "model")
     torch.save(trainer_state, tmp / "trainer_state.pt")
-    for name, write in (extras or {}).items():  # e.g. "drafter": the online-trained EAGLE drafter
-        write(tmp / name)
+    for write in writers:  # e.g. the online-trained EAGLE drafter
+        write(tmp)
     (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time(), **(meta or {})}, indent=2))
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it
         shutil.rmtree(final)
@@ -123,18 +127,86 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
 
 
 def rng_state() -> dict[str, Any]:
-    import random
-
-    import numpy as np
-
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+
+
+class CheckpointPart(Protocol):
+    """Something beyond the policy and the trainer state that a checkpoint keeps."""
+
+    def save(self, checkpoint: Path) -> None:
+        """Write into the (temporary) checkpoint directory."""
+
+    def load(self, checkpoint: Path) -> None:
+        """Restore from a complete checkpoint directory (after the policy weights)."""
+
+
+class Checkpointer:
+    """Writes and restores a run's checkpoints.
+
+    ``strategy`` is the trainer's (:mod:`rlspec.trainers.strategy`): with DeepSpeed every rank first
+    writes its optimizer partition into a shared temporary directory, which the main rank moves
+    into the checkpoint inside the same atomic write. ``tags`` (e.g. SIRI's ``siri-low``) mark
+    checkpoints and protect them from rotation; they are listed in ``checkpoints/tags.json``.
+    """
+
+    def __init__(self, run_dir: str | Path, model: torch.nn.Module, tokenizer: Any, strategy: Any, *, keep: int,
+                 run_name: str, parts: Sequence[CheckpointPart] = ()) -> None:
+        self.run_dir, self.model, self.tokenizer, self.strategy = Path(run_dir), model, tokenizer, strategy
+        self.keep, self.run_name, self.parts = keep, run_name, list(parts)
+        self.tags: dict[str, list[str]] = {}  # tag -> checkpoint dir names
+
+    def save(self, step: int, trainer_state: Callable[[], dict[str, Any]], tag: str | None = None) -> Path:
+        """Checkpoint ``step``; ``trainer_state()`` is taken once the tags include this one."""
+        name = step_dir_name(step)
+        if tag is not None and name not in self.tags.setdefault(tag, []):
+            self.tags[tag].append(name)
+        writers: list[Callable[[Path], None]] = [part.save for part in self.parts]
+        if self.strategy.name == "deepspeed":
+            sharded = checkpoint_root(self.run_dir) / f"{name}.tmp-deepspeed"
+            if self.strategy.is_main:
+                shutil.rmtree(sharded, ignore_errors=True)
+                sharded.mkdir(parents=True)
+            self.strategy.barrier()
+            self.strategy.save_sharded(sharded)
+            self.strategy.barrier()
+            writers.append(lambda checkpoint: os.replace(sharded, checkpoint / "deepspeed"))
+        path = checkpoint_root(self.run_dir) / name
+        if self.strategy.is_main:
+            path = save_checkpoint(
+                self.run_dir, step, self.model, self.tokenizer, trainer_state(),
+                meta={"run_name": self.run_name, "tags": sorted(t for t, ns in self.tags.items() if name in ns)},
+                keep=self.keep, protected=tuple(n for names in self.tags.values() for n in names), writers=writers,
+            )
+            if self.tags:
+                (path.parent / "tags.json").write_text(json.dumps(self.tags, indent=2))
+        self.strategy.barrier()
+        return path
+
+    def resume(self, resume: str, seed: int) -> tuple[Path, dict[str, Any]] | None:
+        """Apply ``trainer.resume`` (``auto``: the latest complete checkpoint, ``disable``, or a path):
+        load the policy weights, DeepSpeed's shards and the parts; return ``(path, trainer state)``."""
+        if resume == "disable":
+            return None
+        path = find_latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            return None
+        state = load_trainer_state(path)
+        if state.get("seed") != seed:
+            raise RLSpecError(
+                f"checkpoint {path} was trained with trainer.seed={state.get('seed')} but the config says "
+                f"{seed}; resume with the same seed or start a new run (run_name=...)"
+            )
+        from transformers import AutoModelForCausalLM
+
+        saved = AutoModelForCausalLM.from_pretrained(path / "model", dtype=next(self.model.parameters()).dtype)
+        self.model.load_state_dict(saved.state_dict())
+        self.strategy.load_sharded(path)  # DeepSpeed: optimizer partitions (and ZeRO's master weights)
+        for part in self.parts:
+            part.load(path)
+        return path, state

@@ -13,34 +13,30 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from rlspec.cli import parse_key_values, run_main
+from rlspec.config import RLSpecConfig
 from rlspec.errors import ConfigError, RLSpecError
+from rlspec.evals.efficiency import aes
+from rlspec.session import compose, group_options, run
 
 DEFAULT_RECIPES = ("grpo", "dler")
+USAGE = "python -m rlspec.compare recipes=[grpo,dler,...] [out=runs/compare] [training key=value ...]"
 
 
 def parse_argv(argv: Sequence[str]) -> tuple[list[str], Path, list[str]]:
     """``(recipes, out_dir, overrides)`` from ``recipes=[a,b] out=DIR key=value ...``."""
-    from rlspec.train import group_options
-
-    recipes: list[str] = list(DEFAULT_RECIPES)
-    out = Path("runs/compare")
-    overrides: list[str] = []
+    own, overrides = [], []
     for arg in argv:
-        if arg.startswith("recipes="):
-            value = arg[len("recipes="):].strip()
-            if value.startswith("[") and value.endswith("]"):
-                value = value[1:-1]
-            recipes = [r.strip() for r in value.split(",") if r.strip()]
-        elif arg.startswith("out="):
-            out = Path(arg[len("out="):])
-        elif arg.startswith(("recipe=", "+recipe=", "run_name=", "run_dir=")):
-            raise ConfigError(f"{arg.split('=')[0]} is set per recipe by rlspec.compare; use recipes=[...] and out=DIR")
-        else:
-            overrides.append(arg)
+        key = arg.lstrip("+").split("=", 1)[0]
+        if key in ("recipe", "run_name", "run_dir"):
+            raise ConfigError(f"{key} is set per recipe by rlspec.compare; use recipes=[...] and out=DIR")
+        (own if key in ("recipes", "out") else overrides).append(arg)
+    values = parse_key_values(own, USAGE)
+    recipes = values.get("recipes", list(DEFAULT_RECIPES))
+    recipes = [str(r) for r in (recipes if isinstance(recipes, list) else [recipes]) if str(r).strip()]
     if not recipes:
         raise ConfigError("recipes=[...] is empty; name at least one recipe, e.g. recipes=[grpo,dler]")
     available = group_options("recipe")
@@ -49,26 +45,15 @@ def parse_argv(argv: Sequence[str]) -> tuple[list[str], Path, list[str]]:
             raise ConfigError(f"unknown recipe {r!r} in recipes=[...]; available: {', '.join(available)}")
     if len(set(recipes)) != len(recipes):
         raise ConfigError(f"recipes=[...] names a recipe twice: {recipes}")
-    return recipes, out, overrides
+    return recipes, Path(str(values.get("out", "runs/compare"))), overrides
 
 
 def run_recipe(recipe: str, out: Path, overrides: Sequence[str]) -> dict[str, Any]:
     """Compose, validate and run one recipe; return its ``summary.json``."""
-    from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
-
-    from rlspec.config import validate_config
-    from rlspec.train import precheck_overrides, run
-
-    args = [f"recipe={recipe}", f"run_name={recipe}", f"run_dir={out / recipe}", *overrides]
-    precheck_overrides(args)
-    with initialize_config_module(config_module="rlspec.configs", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=args)
-    typed = validate_config(cfg)
+    typed = compose([f"recipe={recipe}", f"run_name={recipe}", f"run_dir={out / recipe}", *overrides])
     if not (typed.eval.at_start and typed.eval.at_end):
         raise ConfigError("rlspec.compare needs eval.at_start=true and eval.at_end=true (it compares those evals)")
-    resolved = OmegaConf.to_container(OmegaConf.structured(typed), resolve=True)
-    return run(typed, resolved)
+    return run(typed)
 
 
 def comparison_rows(summaries: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -77,8 +62,6 @@ def comparison_rows(summaries: dict[str, dict[str, Any]]) -> tuple[dict[str, Any
     Raises :class:`RLSpecError` if the recipes' start evaluations differ (then they did not
     share the base model or the evaluation settings, and a comparison would be meaningless).
     """
-    from rlspec.evals.efficiency import aes
-
     for name, s in summaries.items():
         if not s.get("start") or not s.get("end"):
             raise RLSpecError(f"recipe {name!r} has no start or end evaluation (trainer.steps must be >= 1)")
@@ -169,16 +152,15 @@ def compare(recipes: Sequence[str], out: Path, overrides: Sequence[str]) -> str:
     return table
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        recipes, out, overrides = parse_argv(argv)
-        table = compare(recipes, out, overrides)
-    except RLSpecError as err:
-        print(f"rlspec: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(table)
+def _main(argv: list[str]) -> None:
+    recipes, out, overrides = parse_argv(argv)
+    print(compare(recipes, out, overrides))
     print(f"written: {out / 'compare.md'}, {out / 'compare.json'}, {out / 'pareto.png'}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m rlspec.compare recipes=[...] [out=DIR] [training overrides]`` (``--help``: every training key)."""
+    run_main(_main, argv, RLSpecConfig, tool="rlspec.compare", usage=USAGE)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,27 @@ def build_messages(question: str, instruction: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": content}]
 
 
+def build_prompt_ids(tokenizer: Any, rows: list[dict[str, Any]], instruction: str) -> list[list[int]]:
+    """The chat prompt (generation prompt included) of every row, as token ids."""
+    texts = [
+        tokenizer.apply_chat_template(build_messages(r["question"], instruction), tokenize=False, add_generation_prompt=True)
+        for r in rows
+    ]
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def derive_seed(base: int, *parts: int) -> int:
+    """A per-(step, chunk) sampling seed, so a resumed run samples exactly what it would have.
+
+    >>> derive_seed(0, 1, 0) == derive_seed(0, 1, 0) != derive_seed(0, 1, 1)
+    True
+    """
+    seed = base
+    for part in parts:
+        seed = (seed * 1_000_003 + part * 7919 + 17) % (2**31 - 1)
+    return seed
+
+
 @dataclass
 class PromptSampler:
     """Deterministic, resumable stream of training rows: shuffled per epoch with ``seed + epoch``.

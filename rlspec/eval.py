@@ -16,122 +16,101 @@ benchmark then gets an AES score against it (same benchmark; use the same settin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence
 
-from rlspec.cli_args import parse_bool, parse_float, parse_int
-from rlspec.errors import ConfigError, RLSpecError
-from rlspec.evals.runner import RunnerSettings
 
+from rlspec.cli import parse_options, run_main
+from rlspec.config import ModelConfig
+from rlspec.embedded import resolve_model_path
+from rlspec.errors import ConfigError
+from rlspec.evals.benchmarks import benchmark_names, load_benchmark
+from rlspec.evals.metrics import aes_against
+from rlspec.evals.runner import RunnerSettings, engine_and_eos, evaluate_benchmark
+from rlspec.models import load_causal_lm, load_tokenizer
+from rlspec.schema import setting
+from rlspec.session import resolve_device
+
+TOOL = "rlspec.eval"
 USAGE = (
     "python -m rlspec.eval [model.path=DIR] [eval.benchmarks=[math500,heldout]] [eval.samples=4] "
     "[eval.max_new_tokens=N] [eval.limit=N] [eval.benchmarks.NAME.path=FILE] [eval.base=DIR] [out=DIR]"
 )
-DEFAULT_BENCHMARKS = ("heldout",)
-_SETTING_TYPES = {f.name: f.type for f in fields(RunnerSettings)}
+# the spelling users know, kept: eval.benchmarks.NAME.path=FILE is eval.paths.NAME=FILE
+ALIASES = ((r"eval\.benchmarks\.([^.]+)\.path", r"eval.paths.\1"),)
+
+
+@dataclass
+class ModelOptions(ModelConfig):
+    """The model(s) to evaluate (the training config's ``model`` keys; ``path`` may list several)."""
+
+    path: Optional[Any] = setting(None, "a save_pretrained dir or hub id; [A,B,...]: several models, one table "
+                                        "and plot; null = the embedded default")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.path == "":
+            self.path = None
+        if isinstance(self.path, list) and len(self.path) < 2:
+            raise ConfigError("model.path=[...] needs at least two models (give one as model.path=DIR)")
+
+
+@dataclass
+class EvalSection(RunnerSettings):
+    """What to evaluate (``benchmarks``, ``paths``, ``limit``, ``base``) and how (the runner's settings)."""
+
+    benchmarks: List[str] = setting(help="benchmarks to run", default_factory=lambda: ["heldout"])
+    paths: Dict[str, str] = setting(help="local copy per benchmark (also eval.benchmarks.NAME.path=FILE); "
+                                         "unset: the hub", default_factory=dict)
+    limit: Optional[int] = setting(None, "the first N problems of each benchmark")
+    base: Optional[str] = setting(None, "an earlier rlspec.eval out= dir (or its summary.json) of the base "
+                                        "model: AES against it")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        names = benchmark_names()
+        if not self.benchmarks:
+            raise ConfigError(f"eval.benchmarks is empty; name at least one of {', '.join(names)}")
+        for b in self.benchmarks:
+            if b not in names:
+                raise ConfigError(f"unknown benchmark {b!r} in eval.benchmarks; available: {', '.join(names)}")
+        if len(set(self.benchmarks)) != len(self.benchmarks):
+            raise ConfigError(f"eval.benchmarks names a benchmark twice: {self.benchmarks}")
+        for b in self.paths:
+            if b not in self.benchmarks:
+                raise ConfigError(f"eval.benchmarks.{b}.path is set but {b!r} is not in eval.benchmarks="
+                                  f"{self.benchmarks}; add it there or drop the path")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"eval.limit must be >= 1 (or null: every problem), got {self.limit}")
+
+    @property
+    def settings(self) -> RunnerSettings:
+        return RunnerSettings(**self.record())
 
 
 @dataclass
 class EvalOptions:
-    model_path: str | None = None
-    model_paths: list[str] = field(default_factory=list)  # model.path=[A,B]: several models, one table + plot
-    embedded_preset: str = "default"
-    dtype: str = "float32"
-    benchmarks: list[str] = field(default_factory=lambda: list(DEFAULT_BENCHMARKS))
-    paths: dict[str, str] = field(default_factory=dict)
-    limit: int | None = None
-    base: str | None = None
-    out: Path | None = None
-    progress: str = "auto"
-    settings: RunnerSettings = field(default_factory=RunnerSettings)
+    """``python -m rlspec.eval`` options."""
 
-
-def _list(value: str) -> list[str]:
-    value = value.strip()
-    if value.startswith("[") and value.endswith("]"):
-        value = value[1:-1]
-    return [v.strip().strip("'\"") for v in value.split(",") if v.strip()]
+    model: ModelOptions = setting(help="the model(s)", default_factory=ModelOptions)
+    eval: EvalSection = setting(help="benchmarks and sampling", default_factory=EvalSection)
+    out: Optional[str] = setting(None, "output dir; default runs/eval/<model name>")
+    progress: Literal["auto", "on", "off"] = setting("auto", "progress bar (auto: on a TTY)")
 
 
 def parse_args(argv: Sequence[str]) -> EvalOptions:
     """Options from ``key=value`` arguments (see the module docstring).
 
     >>> o = parse_args(["eval.benchmarks=[math500,heldout]", "eval.samples=2", "eval.limit=5", "out=x"])
-    >>> (o.benchmarks, o.settings.samples, o.limit, str(o.out))
+    >>> (o.eval.benchmarks, o.eval.samples, o.eval.limit, o.out)
     (['math500', 'heldout'], 2, 5, 'x')
     """
-    from rlspec.evals.benchmarks import benchmark_names
-
-    opts = EvalOptions()
-    setting_values: dict[str, Any] = {}
-    for arg in argv:
-        key, sep, value = arg.lstrip("+").partition("=")
-        if not sep:
-            raise ConfigError(f"argument {arg!r} is not key=value; usage: {USAGE}")
-        if key == "model.path":
-            if value.startswith("["):
-                opts.model_paths = _list(value)
-                if len(opts.model_paths) < 2:
-                    raise ConfigError("model.path=[...] needs at least two models (give one as model.path=DIR)")
-            else:
-                opts.model_path = value or None
-        elif key == "model.embedded_preset":
-            if value not in ("default", "tiny"):
-                raise ConfigError(f"model.embedded_preset must be default or tiny, got {value!r}")
-            opts.embedded_preset = value
-        elif key == "model.dtype":
-            if value not in ("float32", "bfloat16", "float16"):
-                raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {value!r}")
-            opts.dtype = value
-        elif key == "out":
-            if not value:
-                raise ConfigError("out= is empty; give the output directory, e.g. out=runs/eval/mymodel")
-            opts.out = Path(value)
-        elif key == "progress":
-            if value not in ("auto", "on", "off"):
-                raise ConfigError(f"progress must be auto, on or off, got {value!r}")
-            opts.progress = value
-        elif key == "eval.benchmarks":
-            opts.benchmarks = _list(value)
-            if not opts.benchmarks:
-                raise ConfigError(f"eval.benchmarks is empty; name at least one of {', '.join(benchmark_names())}")
-        elif key.startswith("eval.benchmarks.") and key.endswith(".path"):
-            opts.paths[key[len("eval.benchmarks."):-len(".path")]] = value
-        elif key == "eval.limit":
-            opts.limit = None if value.lower() in ("", "null", "none") else parse_int(key, value, 1)
-        elif key == "eval.base":
-            opts.base = value or None
-        elif key.startswith("eval.") and key[5:] in _SETTING_TYPES:
-            name = key[5:]
-            kind = _SETTING_TYPES[name]
-            if kind in ("int", int):
-                setting_values[name] = parse_int(key, value, 0)
-            elif kind in ("float", float):
-                setting_values[name] = parse_float(key, value)
-            elif kind in ("bool", bool):
-                setting_values[name] = parse_bool(key, value)
-            else:
-                setting_values[name] = value
-        else:
-            known = ["model.path", "model.dtype", "model.embedded_preset", "out", "progress", "eval.benchmarks",
-                     "eval.benchmarks.NAME.path", "eval.limit", "eval.base", *(f"eval.{n}" for n in _SETTING_TYPES)]
-            raise ConfigError(f"unknown key {key!r}; valid keys: {', '.join(known)}")
-    names = benchmark_names()
-    for b in opts.benchmarks:
-        if b not in names:
-            raise ConfigError(f"unknown benchmark {b!r} in eval.benchmarks; available: {', '.join(names)}")
-    if len(set(opts.benchmarks)) != len(opts.benchmarks):
-        raise ConfigError(f"eval.benchmarks names a benchmark twice: {opts.benchmarks}")
-    for b in opts.paths:
-        if b not in opts.benchmarks:
-            raise ConfigError(f"eval.benchmarks.{b}.path is set but {b!r} is not in eval.benchmarks={opts.benchmarks}; "
-                              f"add it there or drop the path")
-    opts.settings = RunnerSettings(**setting_values)
-    return opts
+    return parse_options(EvalOptions, argv, tool=TOOL, usage=USAGE, aliases=ALIASES)
 
 
 def _fmt(x: Any, pct: bool = False) -> str:
@@ -192,40 +171,32 @@ def _json_safe(value: Any) -> Any:
 
 def run_eval(opts: EvalOptions) -> dict[str, Any]:
     """Load the model, evaluate every benchmark, write ``summary.json`` / ``summary.md``; return the summary."""
-    import torch
-
-    from rlspec.evals.benchmarks import load_benchmark
-    from rlspec.evals.metrics import aes_against
-    from rlspec.evals.runner import evaluate_benchmark
-    from rlspec.models import load_causal_lm, load_tokenizer, resolve_model_path
-
-    base = _load_base(opts.base) if opts.base else None
-    model_path = resolve_model_path(opts.model_path, opts.embedded_preset)
-    out = opts.out or Path("runs/eval") / (Path(model_path).name if opts.model_path else f"embedded-{opts.embedded_preset}")
-    problems = {name: load_benchmark(name, opts.paths.get(name), opts.limit) for name in opts.benchmarks}
-    tokenizer = load_tokenizer(model_path)
-    model = load_causal_lm(model_path, opts.dtype)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
+    ev, mo = opts.eval, opts.model
+    base = _load_base(ev.base) if ev.base else None
+    model_path = resolve_model_path(mo.path, mo.embedded_preset)
+    out = Path(opts.out).expanduser() if opts.out else Path("runs/eval") / (
+        Path(model_path).name if mo.path else f"embedded-{mo.embedded_preset}")
+    problems = {name: load_benchmark(name, ev.paths.get(name), ev.limit) for name in ev.benchmarks}
+    tokenizer = load_tokenizer(model_path, mo.trust_remote_code)
+    model = load_causal_lm(model_path, mo.dtype, mo.trust_remote_code).to(resolve_device(mo.device))
     progress = opts.progress == "on" or (opts.progress == "auto" and sys.stderr.isatty())
+    settings = ev.settings
     summary: dict[str, Any] = {
-        "model": opts.model_path or f"embedded:{opts.embedded_preset}",
+        "model": mo.path or f"embedded:{mo.embedded_preset}",
         "model_path": str(model_path),
-        "settings": opts.settings.record(),
-        "limit": opts.limit,
+        "settings": settings.record(),
+        "limit": ev.limit,
         "benchmarks": {},
     }
-    from rlspec.evals.runner import _engine_and_eos
-
-    engine, _ = _engine_and_eos(model, tokenizer, opts.settings.max_batch_size)
+    engine, _ = engine_and_eos(model, tokenizer, settings.max_batch_size)
     for name, probs in problems.items():
-        result = evaluate_benchmark(engine, tokenizer, probs, opts.settings, out, progress, benchmark=name)
-        entry = {"metrics": result["metrics"], "settings": result["settings"], "path": opts.paths.get(name),
+        result = evaluate_benchmark(engine, tokenizer, probs, settings, out, progress, benchmark=name)
+        entry = {"metrics": result["metrics"], "settings": result["settings"], "path": ev.paths.get(name),
                  "generated": result["generated"]}
         base_entry = (base or {}).get("benchmarks", {}).get(name)
         if base_entry is not None:
             entry["aes"] = aes_against(result["metrics"], base_entry["metrics"])
-            entry["base"] = opts.base
+            entry["base"] = ev.base
         summary["benchmarks"][name] = entry
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n", encoding="utf-8")
@@ -238,15 +209,15 @@ def run_many(opts: EvalOptions) -> dict[str, Any]:
     """Several models (``model.path=[A,B,...]``): each evaluated into ``<out>/<name>/`` (resumable),
     then one table over models x benchmarks (``compare.md``) and an accuracy-vs-tokens plot per
     benchmark (``pareto.png``) in ``<out>``."""
-    import dataclasses
-
-    out = opts.out or Path("runs/eval/compare")
-    names = [Path(p).name or p.replace("/", "_") for p in opts.model_paths]
+    paths = [str(p) for p in opts.model.path]
+    out = Path(opts.out).expanduser() if opts.out else Path("runs/eval/compare")
+    names = [Path(p).name or p.replace("/", "_") for p in paths]
     if len(set(names)) != len(names):  # same dir names from different parents: use the full paths
-        names = [p.strip("/").replace("/", "_") for p in opts.model_paths]
+        names = [p.strip("/").replace("/", "_") for p in paths]
     summaries = {}
-    for name, path in zip(names, opts.model_paths):
-        summaries[name] = run_eval(dataclasses.replace(opts, model_path=path, model_paths=[], out=out / name))
+    for name, path in zip(names, paths):
+        one = dataclasses.replace(opts, model=dataclasses.replace(opts.model, path=path), out=str(out / name))
+        summaries[name] = run_eval(one)
     lines = ["| model | benchmark | pass@1 | mean tokens | tokens (correct) | truncated |", "| --- | --- | --- | --- | --- | --- |"]
     for name, summ in summaries.items():
         for bench, entry in summ["benchmarks"].items():
@@ -282,21 +253,21 @@ def plot_accuracy_vs_tokens(summaries: dict[str, dict[str, Any]], path: Path) ->
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m rlspec.eval key=value ...`` (see the module docstring)."""
-    try:
-        opts = parse_args(list(sys.argv[1:] if argv is None else argv))
-        if opts.model_paths:
-            result = run_many(opts)
-            print(result["table"], end="")
-            print(f"written to {result['out']}/ (compare.md, pareto.png, one folder per model)")
-            return
-        summary = run_eval(opts)
-    except (RLSpecError, ValueError) as err:
-        print(f"rlspec: error: {err}", file=sys.stderr)
-        sys.exit(2)
+def _main(argv: list[str]) -> None:
+    opts = parse_args(argv)
+    if isinstance(opts.model.path, list):
+        result = run_many(opts)
+        print(result["table"], end="")
+        print(f"written to {result['out']}/ (compare.md, pareto.png, one folder per model)")
+        return
+    summary = run_eval(opts)
     print(markdown_summary(summary), end="")
     print(f"written to {summary['out']}/ (summary.json, summary.md, <benchmark>.jsonl)")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m rlspec.eval key=value ...`` (see the module docstring; ``--help`` lists the keys)."""
+    run_main(_main, argv, EvalOptions, tool=TOOL, usage=USAGE)
 
 
 if __name__ == "__main__":

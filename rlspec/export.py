@@ -27,79 +27,91 @@ with ``os.replace``; an existing non-empty ``out`` is only replaced with ``overw
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
-from rlspec.cli_args import parse_bool, parse_float
-from rlspec.errors import ConfigError, ModelLoadError, RLSpecError
+import torch
 
-__all__ = ["ExportOptions", "parse_args", "resolve_checkpoint", "generation_settings", "eval_table",
-           "export_run", "main"]
+from rlspec.cli import parse_options, run_main
+from rlspec.embedded import resolve_model_path
+from rlspec.evals.model_card import RunInfo, generation_settings, get_key, load_run_info, model_card
+from rlspec.errors import ConfigError, ModelLoadError
+from rlspec.merging import update_selective_merge
+from rlspec.schema import setting
 
+__all__ = ["ExportOptions", "parse_args", "resolve_checkpoint", "export_run", "main"]
+
+TOOL = "rlspec.export"
 USAGE = ("python -m rlspec.export run_dir=DIR out=DIR [checkpoint=latest|step_N|N|TAG] [merge.base=start|DIR] "
          "[merge.top_k=0.25] [merge.scale=0.7] [merge.per_tensor=true] [overwrite=false]")
-KEYS = ("run_dir", "out", "checkpoint", "merge.base", "merge.top_k", "merge.scale", "merge.per_tensor", "overwrite")
-DEFAULT_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 0}  # the standard reasoning-model sampling
 
 
 # ------------------------------------------------------------------------------------- options
 @dataclass
+class MergeOptions:
+    """DLER's update-selective merge (arXiv 2510.15110, Sec. 4.6) of the checkpoint into a base."""
+
+    base: Optional[str] = setting(None, "start (the model the run started from) or a model dir; null = no merge")
+    top_k: Optional[float] = setting(None, "fraction of each update kept, by magnitude (default 0.25, DLER's)")
+    scale: Optional[float] = setting(None, "scale of the kept update (default 0.7, DLER's)")
+    per_tensor: Optional[bool] = setting(None, "top-k per tensor (default true) or over the whole model")
+
+    def __post_init__(self) -> None:
+        set_keys = [f"merge.{k}" for k in ("top_k", "scale", "per_tensor") if getattr(self, k) is not None]
+        if self.base == "":
+            self.base = None
+        if set_keys and self.base is None:
+            raise ConfigError(f"{set_keys[0]} is set but merge.base is not; add merge.base=start "
+                              f"(the run's starting model) or merge.base=DIR")
+        self.top_k = 0.25 if self.top_k is None else self.top_k
+        self.scale = 0.7 if self.scale is None else self.scale
+        self.per_tensor = True if self.per_tensor is None else self.per_tensor
+        if not 0 < self.top_k <= 1:
+            raise ConfigError(f"merge.top_k must be a fraction in (0, 1] of each update to keep (DLER: 0.25), "
+                              f"got {self.top_k}")
+
+
+@dataclass
 class ExportOptions:
-    run_dir: Path
-    out: Path
-    checkpoint: str = "latest"
-    merge_base: str | None = None  # None = no merge; "start" = the run's starting model; else a dir
-    top_k: float = 0.25
-    scale: float = 0.7
-    per_tensor: bool = True
-    overwrite: bool = False
+    """``python -m rlspec.export`` options."""
+
+    run_dir: Optional[str] = setting(None, "the training run's directory (required)")
+    out: Optional[str] = setting(None, "the exported model's directory (required)")
+    checkpoint: str = setting("latest", "latest | step_N | N | a tag from checkpoints/tags.json (e.g. siri-low)")
+    merge: MergeOptions = setting(help="DLER update-selective merge", default_factory=MergeOptions)
+    overwrite: bool = setting(False, "replace an existing non-empty out")
+
+    def __post_init__(self) -> None:
+        missing = [k for k in ("run_dir", "out") if not getattr(self, k)]
+        if missing:
+            raise ConfigError(f"missing {', '.join(m + '=DIR' for m in missing)}; usage: {USAGE}")
+        self.checkpoint = str(self.checkpoint).strip() or "latest"
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir).expanduser()
+
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out).expanduser()
 
 
 def parse_args(argv: Sequence[str]) -> ExportOptions:
     """Options from ``key=value`` arguments (see :data:`USAGE`).
 
     >>> o = parse_args(["run_dir=runs/dler", "out=exports/dler", "merge.base=start", "merge.scale=0.5"])
-    >>> (o.checkpoint, o.merge_base, o.top_k, o.scale, o.per_tensor, o.overwrite)
+    >>> (o.checkpoint, o.merge.base, o.merge.top_k, o.merge.scale, o.merge.per_tensor, o.overwrite)
     ('latest', 'start', 0.25, 0.5, True, False)
     >>> parse_args(["run_dir=r", "out=o", "merge.top_k=0.5"])
     Traceback (most recent call last):
     ...
     rlspec.errors.ConfigError: merge.top_k is set but merge.base is not; add merge.base=start (the run's starting model) or merge.base=DIR
     """
-    args: dict[str, str] = {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in KEYS:
-            raise ConfigError(f"unknown argument {arg!r}; usage: {USAGE}")
-        args[key] = value
-    missing = [k for k in ("run_dir", "out") if not args.get(k)]
-    if missing:
-        raise ConfigError(f"missing {', '.join(m + '=DIR' for m in missing)}; usage: {USAGE}")
-    merge_keys = [k for k in ("merge.top_k", "merge.scale", "merge.per_tensor") if k in args]
-    base = args.get("merge.base") or None
-    if merge_keys and base is None:
-        raise ConfigError(f"{merge_keys[0]} is set but merge.base is not; add merge.base=start "
-                          f"(the run's starting model) or merge.base=DIR")
-    top_k = parse_float("merge.top_k", args.get("merge.top_k", "0.25"))
-    if not 0 < top_k <= 1:
-        raise ConfigError(f"merge.top_k must be a fraction in (0, 1] of each update to keep (DLER: 0.25), got {top_k}")
-    checkpoint = args.get("checkpoint", "latest").strip() or "latest"
-    return ExportOptions(
-        run_dir=Path(args["run_dir"]).expanduser(),
-        out=Path(args["out"]).expanduser(),
-        checkpoint=checkpoint,
-        merge_base=base,
-        top_k=top_k,
-        scale=parse_float("merge.scale", args.get("merge.scale", "0.7")),
-        per_tensor=parse_bool("merge.per_tensor", args.get("merge.per_tensor", "true")),
-        overwrite=parse_bool("overwrite", args.get("overwrite", "false")),
-    )
+    return parse_options(ExportOptions, argv, tool=TOOL, usage=USAGE)
 
 
 # --------------------------------------------------------------------------------- checkpoints
@@ -175,271 +187,6 @@ def _available(run_dir: Path, names: list[str], tags: dict[str, list[str]]) -> s
     return text
 
 
-# ------------------------------------------------------------------------------------ run info
-@dataclass
-class RunInfo:
-    config: dict[str, Any] | None = None
-    config_path: Path | None = None
-    summary: dict[str, Any] | None = None
-    evals: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> eval/* metrics
-    recipe: str | None = None  # the Hydra recipe choice, when the run was started by rlspec.train
-
-
-def _get(config: dict[str, Any] | None, dotted: str, default: Any = None) -> Any:
-    node: Any = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    return node
-
-
-def load_run_info(run_dir: Path) -> RunInfo:
-    """The resolved config (``config.yaml``, else Hydra's ``.hydra/config.yaml``), ``summary.json``
-    and every evaluation logged in ``metrics.jsonl``; each may be missing (a run in progress)."""
-    import yaml
-    from omegaconf import OmegaConf
-
-    info = RunInfo()
-    for path in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
-        if path.is_file():
-            try:
-                info.config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-            except Exception as err:  # noqa: BLE001
-                raise ConfigError(f"cannot read the run's config {path} ({err}); fix or delete it") from None
-            info.config_path = path
-            break
-    hydra_yaml = run_dir / ".hydra" / "hydra.yaml"
-    if hydra_yaml.is_file():
-        try:
-            recipe = _get(yaml.safe_load(hydra_yaml.read_text()), "hydra.runtime.choices.recipe")
-            info.recipe = str(recipe) if recipe not in (None, "null") else None
-        except yaml.YAMLError:
-            pass
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a crash
-                continue
-            if isinstance(row, dict) and "eval/accuracy" in row and "step" in row:
-                info.evals[int(row["step"])] = {k: v for k, v in row.items() if k.startswith("eval/")}
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        try:
-            info.summary = json.loads(summary.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{summary} is not valid JSON ({err}); fix or delete it") from None
-        end_step = _get(info.config, "trainer.steps", info.summary.get("steps"))
-        for step, key in ((0, "start"), (end_step, "end")):
-            if step is not None and isinstance(info.summary.get(key), dict):
-                info.evals[int(step)] = {**info.evals.get(int(step), {}), **info.summary[key]}
-    info.evals = dict(sorted(info.evals.items()))
-    return info
-
-
-# ------------------------------------------------------------------------------------ sampling
-def generation_settings(config: dict[str, Any] | None) -> dict[str, Any]:
-    """The sampling of the run's held-out evaluation (``eval.temperature/top_p/top_k``), else the
-    standard reasoning-model sampling. ``top_k=0`` (no top-k) is written explicitly: transformers
-    otherwise applies its default top-k of 50.
-
-    >>> generation_settings(None)
-    {'do_sample': True, 'temperature': 0.6, 'top_p': 0.95, 'top_k': 0}
-    >>> generation_settings({"eval": {"temperature": 0.7, "top_p": 1.0}})
-    {'do_sample': True, 'temperature': 0.7, 'top_p': 1.0, 'top_k': 0}
-    """
-    out: dict[str, Any] = {"do_sample": True}
-    for key, default in DEFAULT_SAMPLING.items():
-        value = _get(config, f"eval.{key}")
-        out[key] = default if value is None else type(default)(value)
-    return out
-
-
-# --------------------------------------------------------------------------------- model card
-def _fmt(value: Any, percent: bool = False) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{100 * value:.1f}%" if percent else f"{value:.1f}"
-
-
-EVAL_COLUMNS = (  # (header, key, percent)
-    ("accuracy", "eval/accuracy", True),
-    ("mean tokens", "eval/mean_tokens", False),
-    ("tokens (correct)", "eval/mean_tokens_correct", False),
-    ("tokens (incorrect)", "eval/mean_tokens_incorrect", False),
-    ("truncated", "eval/truncation_rate", True),
-    ("accuracy / 1k tokens", "eval/accuracy_per_1k_tokens", False),
-)
-
-
-def eval_table(evals: dict[int, dict[str, float]], exported_step: int | None = None) -> str:
-    """Markdown table of the held-out evaluations, one row per evaluated step.
-
-    >>> print(eval_table({0: {"eval/accuracy": 0.5, "eval/mean_tokens": 130.25},
-    ...                   40: {"eval/accuracy": 0.75, "eval/mean_tokens": 65.0}}, exported_step=40))
-    | checkpoint | accuracy | mean tokens | tokens (correct) | tokens (incorrect) | truncated | accuracy / 1k tokens |
-    | --- | --- | --- | --- | --- | --- | --- |
-    | start (step 0) | 50.0% | 130.2 | n/a | n/a | n/a | n/a |
-    | **step 40 (exported)** | 75.0% | 65.0 | n/a | n/a | n/a | n/a |
-    """
-    lines = ["| checkpoint | " + " | ".join(h for h, _, _ in EVAL_COLUMNS) + " |",
-             "| --- |" + " --- |" * len(EVAL_COLUMNS)]
-    for step, m in evals.items():
-        label = "start (step 0)" if step == 0 else f"step {step}"
-        if step == exported_step:
-            label = f"**{label} (exported)**"
-        lines.append(f"| {label} | " + " | ".join(_fmt(m.get(k), p) for _, k, p in EVAL_COLUMNS) + " |")
-    return "\n".join(lines)
-
-
-def _group_table(evals: dict[int, dict[str, float]]) -> str:
-    """Accuracy / mean tokens per group (e.g. difficulty level) of the evaluations that have groups."""
-    groups = sorted({k.split("/")[1] for m in evals.values() for k in m
-                     if k.count("/") == 2 and k.endswith("/accuracy")})
-    if not groups:
-        return ""
-    lines = ["| checkpoint | " + " | ".join(groups) + " |", "| --- |" + " --- |" * len(groups)]
-    for step, m in evals.items():
-        cells = [f"{_fmt(m.get(f'eval/{g}/accuracy'), True)} / {_fmt(m.get(f'eval/{g}/mean_tokens'))}" for g in groups]
-        lines.append(f"| {'start' if step == 0 else f'step {step}'} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _recipe_lines(info: RunInfo) -> list[str]:
-    c = info.config
-    lines = [f"- **run name:** `{_get(c, 'run_name') or (info.summary or {}).get('run_name', 'unknown')}`"]
-    if info.recipe:
-        lines.append(f"- **recipe:** `{info.recipe}` (`rlspec/configs/recipe/{info.recipe}.yaml`)")
-    if _get(c, "recipe_notes"):
-        lines.append(f"- **notes:** {' '.join(str(_get(c, 'recipe_notes')).split())}")
-    if c is None:
-        lines.append("- the run directory has no resolved config (config.yaml); the recipe is unknown")
-        return lines
-    start = _get(c, "model.path") or f"rlspec embedded default (preset `{_get(c, 'model.embedded_preset', 'default')}`)"
-    lines.append(f"- **starting model:** {start}")
-    t = lambda k: _get(c, f"trainer.{k}")  # noqa: E731
-    lines.append(f"- **algorithm:** {t('algorithm')}, advantages `{t('adv_estimator')}`, loss `{t('loss_agg_mode')}`, "
-                 f"clip {t('clip_ratio_low')}/{t('clip_ratio_high')}, KL {t('kl_coef')}, lr {t('lr')}, "
-                 f"{t('steps')} steps x {t('prompts_per_step')} prompts, seed {t('seed')}")
-    lines.append(f"- **rollouts:** n={_get(c, 'rollout.n')}, max {_get(c, 'rollout.max_response_length')} tokens, "
-                 f"T={_get(c, 'rollout.temperature')}, top-p {_get(c, 'rollout.top_p')}")
-    for part in ("length_schedule", "truncation", "budget"):
-        name = _get(c, f"rollout.{part}.name")
-        if name:
-            kwargs = json.dumps(_get(c, f"rollout.{part}.kwargs", {}))
-            lines.append(f"- **{part.replace('_', ' ')}:** `{name}` {kwargs}")
-    terms = _get(c, "reward.terms", {}) or {}
-    if terms:
-        described = []
-        for term, spec in terms.items():
-            spec = spec or {}
-            kwargs = f" {json.dumps(spec['kwargs'])}" if spec.get("kwargs") else ""
-            described.append(f"{spec.get('weight', 1.0)} x `{term}`{kwargs}")
-        lines.append("- **reward:** " + " + ".join(described))
-    if _get(c, "reward.custom.path"):
-        lines.append(f"- **custom reward:** `{_get(c, 'reward.custom.path')}:{_get(c, 'reward.custom.name')}`")
-    if _get(c, "anytime.enable"):
-        lines.append("- **AnytimeReasoner** budget-truncated summaries enabled (see config)")
-    data = _get(c, "data.path") or "rlspec embedded procedural math"
-    lines.append(f"- **data:** {data} (train split `{_get(c, 'data.split')}`, held-out "
-                 f"`{_get(c, 'data.test_path') or _get(c, 'data.test_split')}`)")
-    return lines
-
-
-def model_card(info: RunInfo, *, run_dir: Path, checkpoint: Path, step: int | None, note: str, out: Path,
-               generation: dict[str, Any], merge: dict[str, Any] | None, drafter: Path | None) -> str:
-    """The ``README.md`` of the exported model."""
-    import yaml
-
-    c = info.config
-    name = _get(c, "run_name") or (info.summary or {}).get("run_name") or run_dir.name
-    tags = ["rlspec", "reasoning", "efficient-reasoning"] + ([info.recipe] if info.recipe else [])
-    front = {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": tags}
-    model_path = _get(c, "model.path")
-    if merge is None and model_path and not os.path.isabs(os.path.expanduser(model_path)) \
-            and not model_path.startswith((".", "~")) and model_path.count("/") == 1:
-        front["base_model"] = model_path  # a hub id
-    parts = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {name}", ""]
-    total = _get(c, "trainer.steps")
-    origin = f"checkpoint `{checkpoint.name}`"
-    if step is not None:
-        origin += f" (step {step} of {total})" if total else f" (step {step})"
-    meta_tags = _meta(checkpoint).get("tags") or []
-    if meta_tags:
-        origin += f", tagged {', '.join(f'`{t}`' for t in meta_tags)}"
-    parts.append(f"Trained with rlspec (reinforcement learning for efficient reasoning); exported from the run "
-                 f"`{run_dir}`, {origin}." + (f" {note}." if note else ""))
-    if merge is not None:
-        parts.append("")
-        parts.append(f"**The weights are a DLER update-selective merge** (arXiv 2510.15110, Sec. 4.6) of this "
-                     f"checkpoint into `{merge['base']}`, not the trained checkpoint itself; see *Merge* below.")
-    parts += ["", "## Training recipe", "", *_recipe_lines(info), ""]
-
-    parts += ["## Evaluation", ""]
-    if info.evals:
-        if c is not None:
-            parts.append(f"Held-out pass@1 on {_get(c, 'eval.num_problems')} problems x "
-                         f"{_get(c, 'eval.samples_per_problem')} samples, T={_get(c, 'eval.temperature')}, "
-                         f"top-p {_get(c, 'eval.top_p')}, at most {_get(c, 'eval.max_new_tokens')} new tokens "
-                         f"(from `summary.json` and `metrics.jsonl`).")
-            parts.append("")
-        parts += [eval_table(info.evals, step), ""]
-        start, here = info.evals.get(0), info.evals.get(step) if step is not None else None
-        if step not in info.evals:
-            parts += [f"The exported checkpoint (step {step}) was not evaluated; the rows above are other "
-                      f"checkpoints of the run.", ""]
-        elif start and here and step != 0 and start.get("eval/mean_tokens"):
-            acc = 100 * (here["eval/accuracy"] - start["eval/accuracy"])
-            tok = 100 * (here["eval/mean_tokens"] / start["eval/mean_tokens"] - 1)
-            parts += [f"Against the starting model: accuracy {acc:+.1f} points, mean response tokens {tok:+.1f}%.", ""]
-        groups = _group_table(info.evals)
-        if groups:
-            parts += ["By group (accuracy / mean tokens):", "", groups, ""]
-        if merge is not None:
-            parts += ["These numbers are of the trained (unmerged) checkpoints; the merged weights were not "
-                      "evaluated.", ""]
-    else:
-        parts += ["The run has no evaluation (no `summary.json` and no `eval/*` rows in `metrics.jsonl`).", ""]
-
-    if merge is not None:
-        parts += ["## Merge", "",
-                  "DLER update-selective merging (`rlspec.merging.update_selective_merge`): with "
-                  "`delta = tuned - base`, the largest `top_k` fraction of the entries of `delta` by magnitude "
-                  "are kept, scaled by `scale` and added to the base; all other entries stay at the base.", "",
-                  f"- base: `{merge['base']}`" + (f" (`merge.base=start`: {merge['why']})" if merge.get("why") else ""),
-                  f"- top_k: {merge['top_k']} ({'per tensor' if merge['per_tensor'] else 'over all weights at once'})",
-                  f"- scale: {merge['scale']}", ""]
-    if drafter is not None:
-        parts += ["## Drafter", "", f"The checkpoint's drafter model was exported beside this one, to "
-                  f"`{drafter.name}/` (a sibling directory).", ""]
-
-    instruction = _get(c, "data.instruction", "Please reason step by step, and put your final answer within \\boxed{}.")
-    question = "What is 17 * 23?"
-    content = f"{question}\n{instruction}" if instruction else question
-    sampling = ", ".join(f"{k}={v}" for k, v in generation.items())
-    parts += ["## Usage", "",
-              f"`generation_config.json` holds the sampling the run was evaluated with ({sampling}); "
-              "`generate` uses it by default. Prompts are the question followed by the instruction the model "
-              "was trained with, as a single user turn of the chat template.", "",
-              "```python",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "",
-              f"model = AutoModelForCausalLM.from_pretrained({str(out)!r})",
-              f"tokenizer = AutoTokenizer.from_pretrained({str(out)!r})",
-              f"messages = [{{\"role\": \"user\", \"content\": {content!r}}}]",
-              "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",",
-              "                                       return_dict=True)",
-              "output = model.generate(**inputs)",
-              "print(tokenizer.decode(output[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=False))",
-              "```", ""]
-    if c is not None:
-        parts += ["## Resolved config", "", f"From `{info.config_path}`.", "", "```yaml",
-                  yaml.safe_dump(c, sort_keys=False, allow_unicode=True).rstrip(), "```", ""]
-    return "\n".join(parts)
-
-
 # ------------------------------------------------------------------------------------- export
 def _meta(checkpoint: Path) -> dict[str, Any]:
     try:
@@ -476,15 +223,14 @@ def resolve_merge_base(spec: str, info: RunInfo) -> tuple[Path | str, str]:
     recorded = (info.summary or {}).get("model_path")  # the directory the run actually loaded
     if recorded and Path(recorded).is_dir():
         return _model_dir(Path(recorded), "merge.base"), f"the model the run started from ({recorded})"
-    model_path = _get(info.config, "model.path")
+    model_path = get_key(info.config, "model.path")
     if model_path:
         expanded = Path(os.path.expanduser(model_path))
         if expanded.is_dir():
             return _model_dir(expanded, "merge.base"), f"the run's model.path={model_path}"
         return model_path, f"the run's model.path={model_path} (a hub id)"
-    from rlspec.models import resolve_model_path
 
-    preset = _get(info.config, "model.embedded_preset", "default")
+    preset = get_key(info.config, "model.embedded_preset", "default")
     return Path(resolve_model_path(None, preset)), (f"the run's model.path is null, so the embedded default "
                                                      f"(preset {preset}) as built by this rlspec version")
 
@@ -563,22 +309,20 @@ class ExportResult:
 
 def export_run(opts: ExportOptions) -> ExportResult:
     """Export the chosen checkpoint of ``opts.run_dir`` to ``opts.out`` (see the module docstring)."""
-    import torch
     from transformers import AutoTokenizer, GenerationConfig
 
-    from rlspec.merging import update_selective_merge
-
-    checkpoint, note = resolve_checkpoint(opts.run_dir, opts.checkpoint)
+    run_dir, m = opts.run_path, opts.merge
+    checkpoint, note = resolve_checkpoint(run_dir, opts.checkpoint)
     notes = [note] if note else []
-    info = load_run_info(opts.run_dir)
+    info = load_run_info(run_dir)
     step = _step_of(checkpoint)
-    trust = bool(_get(info.config, "model.trust_remote_code", False))
-    out = opts.out
+    trust = bool(get_key(info.config, "model.trust_remote_code", False))
+    out = opts.out_path
     drafter_src = checkpoint / "drafter"
     drafter_out = out.parent / f"{out.name}-drafter" if drafter_src.is_dir() else None
 
-    base_path, why = (resolve_merge_base(opts.merge_base, info) if opts.merge_base else (None, ""))
-    protected = {"the run directory": opts.run_dir, "the checkpoint": checkpoint}
+    base_path, why = (resolve_merge_base(m.base, info) if m.base else (None, ""))
+    protected = {"the run directory": run_dir, "the checkpoint": checkpoint}
     if isinstance(base_path, Path):
         protected["the merge base"] = base_path
     _check_destination(out, opts.overwrite, protected)
@@ -594,19 +338,19 @@ def export_run(opts: ExportOptions) -> ExportResult:
     if base_path is not None:
         base = _load_model(base_path, trust, "merge base")
         if type(base) is not type(model):
-            raise ConfigError(f"merge.base={opts.merge_base}: cannot merge a {type(model).__name__} checkpoint into a "
+            raise ConfigError(f"merge.base={m.base}: cannot merge a {type(model).__name__} checkpoint into a "
                               f"{type(base).__name__}; give the model the run started from")
         try:
-            merged = update_selective_merge(base.state_dict(), model.state_dict(), opts.top_k, opts.scale,
-                                            opts.per_tensor)
+            merged = update_selective_merge(base.state_dict(), model.state_dict(), m.top_k, m.scale,
+                                            m.per_tensor)
         except ValueError as err:
-            raise ConfigError(f"merge.base={opts.merge_base}: {err}; merge.base must be the model the run started "
+            raise ConfigError(f"merge.base={m.base}: {err}; merge.base must be the model the run started "
                               f"from (same architecture and shapes)") from None
         with torch.no_grad():
             model.load_state_dict(merged)
         del base, merged
-        merge = {"base": str(base_path), "why": why, "top_k": opts.top_k, "scale": opts.scale,
-                 "per_tensor": opts.per_tensor}
+        merge = {"base": str(base_path), "why": why, "top_k": m.top_k, "scale": m.scale,
+                 "per_tensor": m.per_tensor}
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
     except Exception as err:  # noqa: BLE001
@@ -629,8 +373,8 @@ def export_run(opts: ExportOptions) -> ExportResult:
     if gen.pad_token_id is None:
         pad = getattr(model.config, "pad_token_id", None)
         gen.pad_token_id = pad if pad is not None else tokenizer.pad_token_id
-    if gen.max_new_tokens is None and gen.max_length is None and _get(info.config, "eval.max_new_tokens"):
-        gen.max_new_tokens = int(_get(info.config, "eval.max_new_tokens"))
+    if gen.max_new_tokens is None and gen.max_length is None and get_key(info.config, "eval.max_new_tokens"):
+        gen.max_new_tokens = int(get_key(info.config, "eval.max_new_tokens"))
     if gen.eos_token_id is None:
         raise ModelLoadError(f"{model_dir} has no EOS token id (config, generation_config or tokenizer); set one")
     gen.validate(strict=True)
@@ -643,8 +387,9 @@ def export_run(opts: ExportOptions) -> ExportResult:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         gen.save_pretrained(tmp)
-        card = model_card(info, run_dir=opts.run_dir, checkpoint=checkpoint, step=step, note=note, out=out,
-                          generation=generation, merge=merge, drafter=drafter_out)
+        card = model_card(info, run_dir=run_dir, checkpoint=checkpoint, step=step, note=note, out=out,
+                          generation=generation, merge=merge, drafter=drafter_out,
+                          checkpoint_tags=_meta(checkpoint).get("tags") or [])
         (tmp / "README.md").write_text(card, encoding="utf-8")
         if drafter_out is not None:
             tmp_drafter = _make_tmp(drafter_out)
@@ -682,15 +427,13 @@ def describe(result: ExportResult) -> str:
     return "\n".join(lines)
 
 
+def _main(argv: list[str]) -> None:
+    print(describe(export_run(parse_args(argv))))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m rlspec.export run_dir=DIR out=DIR [checkpoint=latest] [merge.base=start|DIR] ...``."""
-    try:
-        opts = parse_args(list(sys.argv[1:] if argv is None else argv))
-        result = export_run(opts)
-    except (RLSpecError, ValueError) as err:
-        print(f"rlspec: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(describe(result))
+    run_main(_main, argv, ExportOptions, tool=TOOL, usage=USAGE)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,18 @@ averaging or interpolation did not work in the paper. The released code has no m
 from __future__ import annotations
 
 import math
-from typing import Mapping
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
 
 import torch
+
+from rlspec.cli import parse_options, run_main
+from rlspec.errors import ConfigError, ModelLoadError
+from rlspec.schema import setting
 
 __all__ = ["update_selective_merge", "top_k_mask", "merge_checkpoints"]
 
@@ -154,14 +163,7 @@ def merge_checkpoints(base: str, tuned: str, out: str, top_k: float = 0.25, scal
     ``tuned`` may be a run's checkpoint (``runs/NAME/checkpoints/step_N``; its ``model/`` dir is
     used). Written atomically: a temporary directory renamed into place.
     """
-    import os
-    import shutil
-    import tempfile
-    from pathlib import Path
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rlspec.errors import ModelLoadError
 
     def resolve(path: str) -> Path:
         p = Path(path).expanduser()
@@ -194,35 +196,35 @@ def merge_checkpoints(base: str, tuned: str, out: str, top_k: float = 0.25, scal
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@dataclass
+class MergeCLIOptions:
+    """``python -m rlspec.merging`` options."""
+
+    base: Optional[str] = setting(None, "the base model dir (required)")
+    tuned: Optional[str] = setting(None, "the tuned model dir or a run checkpoint dir (required)")
+    out: Optional[str] = setting(None, "the merged model's dir (required)")
+    top_k: float = setting(0.25, "fraction of each update kept, by magnitude (DLER: 0.25)")
+    scale: float = setting(0.7, "scale of the kept update (DLER: 0.7)")
+    per_tensor: bool = setting(True, "top-k per tensor, or over the whole model")
+
+    def __post_init__(self) -> None:
+        missing = [k for k in ("base", "tuned", "out") if not getattr(self, k)]
+        if missing:
+            raise ConfigError(f"missing {', '.join(m + '=DIR' for m in missing)}; usage: {USAGE}")
+
+
+USAGE = "python -m rlspec.merging base=DIR tuned=DIR out=DIR [top_k=0.25] [scale=0.7] [per_tensor=true]"
+
+
+def _main(argv: list[str]) -> None:
+    o = parse_options(MergeCLIOptions, argv, tool="rlspec.merging", usage=USAGE)
+    merge_checkpoints(o.base, o.tuned, o.out, o.top_k, o.scale, o.per_tensor)
+    print(f"merged model written to {o.out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m rlspec.merging base=DIR tuned=DIR out=DIR [top_k=0.25] [scale=0.7] [per_tensor=true]``."""
-    import sys
-
-    from rlspec.errors import ConfigError, RLSpecError
-
-    args = dict(top_k="0.25", scale="0.7", per_tensor="true")
-    try:
-        for arg in sys.argv[1:] if argv is None else argv:
-            key, sep, value = arg.partition("=")
-            if not sep or key not in ("base", "tuned", "out", "top_k", "scale", "per_tensor"):
-                raise ConfigError(f"unknown argument {arg!r}; usage: python -m rlspec.merging base=DIR tuned=DIR "
-                                  f"out=DIR [top_k=0.25] [scale=0.7] [per_tensor=true]")
-            args[key] = value
-        missing = [k for k in ("base", "tuned", "out") if k not in args]
-        if missing:
-            raise ConfigError(f"missing {', '.join(m + '=DIR' for m in missing)}")
-        try:
-            top_k, scale = float(args["top_k"]), float(args["scale"])
-        except ValueError:
-            raise ConfigError(f"top_k and scale must be numbers, got {args['top_k']!r} and {args['scale']!r}") from None
-        flag = args["per_tensor"].lower()
-        if flag not in ("true", "false", "1", "0", "yes", "no"):
-            raise ConfigError(f"per_tensor must be true or false, got {args['per_tensor']!r}")
-        merge_checkpoints(args["base"], args["tuned"], args["out"], top_k, scale, flag in ("true", "1", "yes"))
-    except (RLSpecError, ValueError) as err:
-        print(f"rlspec: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(f"merged model written to {args['out']}")
+    run_main(_main, argv, MergeCLIOptions, tool="rlspec.merging", usage=USAGE)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Loading the policy (and reference) model and tokenizer from a path, a hub id or the embedded default."""
+"""Loading the policy (and reference) model and tokenizer from a local directory or a hub id.
+
+(``model.path=null``, the embedded default, is resolved by :func:`rlspec.embedded.resolve_model_path`.)
+"""
 
 from __future__ import annotations
 
@@ -13,13 +16,9 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_model_path(path: str | None, embedded_preset: str = "default") -> str:
-    """``None`` -> the embedded default (built and cached on first use); else the given path/id."""
-    if path is None:
-        from rlspec.embedded import EmbeddedModelConfig, get_embedded_model_path
-
-        cfg = EmbeddedModelConfig.tiny() if embedded_preset == "tiny" else EmbeddedModelConfig()
-        return str(get_embedded_model_path(cfg))
+def check_model_path(path: str) -> str:
+    """A local ``save_pretrained`` directory (``~`` expanded) or a hub id; a path that cannot be
+    either raises ModelLoadError naming the fix."""
     expanded = os.path.expanduser(path)
     if os.path.isdir(expanded):
         if not os.path.isfile(os.path.join(expanded, "config.json")):
@@ -71,7 +70,7 @@ def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = 
 def eos_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
     """All ids that end a response: the tokenizer's EOS plus the generation config's."""
     ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
+    if getattr(tokenizer, "eos_token_id", None) is not None:  # tokenizer may be None (the model's config only)
         ids.add(int(tokenizer.eos_token_id))
     gen_cfg = getattr(model, "generation_config", None)
     gen_eos = getattr(gen_cfg, "eos_token_id", None)

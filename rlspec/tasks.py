@@ -33,11 +33,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
+from rlspec.config import STANDARD_INSTRUCTION as INSTRUCTION
 from rlspec.errors import ConfigError, DataError
 
 ALL_LEVELS: tuple[int, ...] = (1, 2, 3, 4, 5)
 KINDS: dict[int, str] = {1: "add", 2: "add_sub", 3: "mul_add", 4: "paren", 5: "linear"}
-INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 RECHECK_OPENERS: tuple[str, ...] = (
     "Wait, let me verify.",
     "Wait, let me double-check.",

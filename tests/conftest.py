@@ -3,10 +3,9 @@
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
 
-from rlspec.config import RLSpecConfig, validate_config
-from rlspec.train import normalize_argv
+from rlspec.config import RLSpecConfig
+from rlspec.session import compose
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -37,5 +36,4 @@ TINY_OVERRIDES = [
 
 
 def compose_config(overrides: list[str]) -> RLSpecConfig:
-    with initialize_config_module(config_module="rlspec.configs", version_base="1.3"):
-        return validate_config(compose(config_name="train", overrides=normalize_argv(overrides)))
+    return compose(overrides)

@@ -36,8 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from rlspec import tasks
+from rlspec.data import DATA_SUFFIXES, read_rows
+from rlspec.embedded_build import EmbeddedModelConfig
 from rlspec.errors import DataError
-from rlspec.registry import Registry
+from rlspec.registry import BENCHMARKS
 
 __all__ = [
     "BENCHMARKS",
@@ -92,7 +95,6 @@ class BenchmarkSpec:
     last_number_fallback: bool = False
 
 
-BENCHMARKS: Registry[BenchmarkSpec] = Registry("benchmark", "eval.benchmarks")
 
 
 def _add(spec: BenchmarkSpec) -> BenchmarkSpec:
@@ -309,7 +311,6 @@ def _read_matharena(directory: Path) -> list[dict[str, Any]]:
 
 
 def _read_local(spec: BenchmarkSpec, path: Path) -> tuple[list[Any], str]:
-    from rlspec.data import DATA_SUFFIXES, read_rows
 
     if not path.exists():
         raise DataError(f"benchmark {spec.name}: {path} does not exist; check eval.benchmarks.{spec.name}.path")
@@ -341,9 +342,6 @@ def _read_hub(spec: BenchmarkSpec) -> tuple[list[Any], str]:
 
 
 def _procedural_rows() -> tuple[list[dict[str, Any]], str]:
-    from rlspec import tasks
-    from rlspec.embedded import EmbeddedModelConfig
-
     cfg = EmbeddedModelConfig()
     # The test split is drawn before the train split, so n_train=0 gives the shipped test.jsonl.
     _, test = tasks.make_splits(cfg.seed, 0, cfg.n_test, cfg.levels)

@@ -9,25 +9,13 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from rlspec.config import EvalConfig
 from rlspec.models import decode_responses
 from rlspec.rewards.grader import grade_batch
 from rlspec.rollout.base import FINISH_LENGTH, RolloutEngine, SamplingParams
-
-
-@dataclass
-class EvalSettings:
-    samples_per_problem: int = 4
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 0
-    max_new_tokens: int = 512
-    seed: int = 1234
-    require_think_close: bool = False
-    grader_timeout_s: float = 5.0
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -64,11 +52,15 @@ def evaluate(
     tokenizer: Any,
     rows: Sequence[dict[str, Any]],
     prompt_ids: Sequence[Sequence[int]],
-    settings: EvalSettings,
+    settings: EvalConfig,
     eos_ids: Sequence[int],
+    *,
+    require_think_close: bool = False,
+    grader_timeout_s: float = 5.0,
     out_path: str | Path | None = None,
 ) -> dict[str, float]:
-    """Sample ``k`` responses per problem, grade them, return summary metrics.
+    """Sample ``k`` responses per problem (``eval.*``: samples, sampling, seed), grade them
+    (``reward.require_think_close``, ``reward.grader_timeout_s``), return summary metrics.
 
     ``prompt_ids[i]`` is the tokenised chat prompt of ``rows[i]``.
     """
@@ -85,9 +77,7 @@ def evaluate(
     result = engine.generate(repeated, params)
     texts = decode_responses(tokenizer, result.response_ids, eos_ids)
     golds = [rows[i // k]["answer"] for i in range(len(repeated))]
-    verdicts = grade_batch(
-        texts, golds, require_think_close=settings.require_think_close, timeout_s=settings.grader_timeout_s
-    )
+    verdicts = grade_batch(texts, golds, require_think_close=require_think_close, timeout_s=grader_timeout_s)
     records = []
     for i, (text, ok) in enumerate(zip(texts, verdicts)):
         row = rows[i // k]

@@ -27,41 +27,44 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
+import torch
+
+from rlspec.config import STANDARD_INSTRUCTION, EvalSampling
+from rlspec.data import build_prompt_ids
 from rlspec.errors import ConfigError
-from rlspec.evals.benchmarks import BenchmarkProblem
+from rlspec.evals.benchmarks import BENCHMARKS, BenchmarkProblem
 from rlspec.evals.metrics import summarize_problems
+from rlspec.models import decode_responses, eos_token_ids
 from rlspec.rewards.grader import extract_final_answer, grade
 from rlspec.rollout.base import SamplingParams
+from rlspec.rollout.native import NativeEngine
+from rlspec.schema import setting
 
-__all__ = ["DEFAULT_INSTRUCTION", "RunnerSettings", "evaluate_benchmark", "problem_seed", "read_records"]
-
-DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-SEEDINGS = ("per_problem", "shared")
+__all__ = ["RunnerSettings", "evaluate_benchmark", "problem_seed", "read_records"]
 
 
 @dataclass
-class RunnerSettings:
-    """Everything that decides a benchmark result (recorded in the JSONL lines and the summary).
+class RunnerSettings(EvalSampling):
+    """Everything that decides a benchmark result (recorded in the JSONL lines and the summary);
+    the ``eval.*`` keys of ``python -m rlspec.eval``.
 
     ``max_batch_size`` only sets how many sequences the native engine decodes at once; it does not
     change the samples (beyond floating-point rounding) and is not part of the fingerprint.
     """
 
-    samples: int = 4
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 0
-    max_new_tokens: int = 32768
-    seed: int = 1234
-    seeding: str = "per_problem"
-    instruction: str = DEFAULT_INSTRUCTION
-    require_think_close: bool = False
-    grader_timeout_s: float = 5.0
-    max_batch_size: int = 256
+    samples: int = setting(4, "samples per problem (pass@1 averages over them; pass@k, maj@k use all)")
+    max_new_tokens: int = setting(32768, "token cap per answer")
+    seeding: Literal["per_problem", "shared"] = setting(
+        "per_problem", "per_problem: each problem's samples from its own seed (independent of the problem set); "
+                       "shared: one call over all problems, as the trainer's held-out eval")
+    instruction: str = setting(STANDARD_INSTRUCTION, "appended to every question")
+    require_think_close: bool = setting(False, "grade only the text after </think>")
+    grader_timeout_s: float = setting(5.0, "math-verify timeout per answer")
+    max_batch_size: int = setting(256, "sequences decoded at once")
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, what: str) -> None:
@@ -73,17 +76,17 @@ class RunnerSettings:
         need(self.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)")
         need(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         need(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be an integer >= 0 (0 = off)")
-        need(self.seeding in SEEDINGS, "seeding", f"must be one of {', '.join(SEEDINGS)}")
+        need(self.seeding in ("per_problem", "shared"), "seeding", "must be one of per_problem, shared")
         need(self.grader_timeout_s > 0, "grader_timeout_s", "must be > 0 seconds")
         need(isinstance(self.max_batch_size, int) and self.max_batch_size >= 1, "max_batch_size", "must be an integer >= 1")
 
     def record(self) -> dict[str, Any]:
-        """The settings as written to result files."""
-        return asdict(self)
+        """The settings as written to result files (these fields only, also in a subclass)."""
+        return {f.name: getattr(self, f.name) for f in fields(RunnerSettings)}
 
     def fingerprint(self) -> str:
         """A short hash of the settings that change the samples or their grading."""
-        keep = {k: v for k, v in asdict(self).items() if k != "max_batch_size"}
+        keep = {k: v for k, v in self.record().items() if k != "max_batch_size"}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -139,14 +142,9 @@ def _rewrite_complete(path: Path, records: dict[str, dict[str, Any]]) -> None:
         os.replace(tmp, path)
 
 
-def _engine_and_eos(model_or_engine: Any, tokenizer: Any, max_batch_size: int) -> tuple[Any, list[int]]:
-    import torch
-
-    from rlspec.models import eos_token_ids
-
+def engine_and_eos(model_or_engine: Any, tokenizer: Any, max_batch_size: int) -> tuple[Any, list[int]]:
+    """A native engine for a model (or the given engine) and the EOS ids it stops at."""
     if isinstance(model_or_engine, torch.nn.Module):
-        from rlspec.rollout.native import NativeEngine
-
         eos = eos_token_ids(model_or_engine, tokenizer)
         model_or_engine.eval()
         return NativeEngine(model_or_engine, eos, tokenizer=tokenizer, max_batch_size=max_batch_size), eos
@@ -211,9 +209,6 @@ def evaluate_benchmark(
     :func:`rlspec.evals.metrics.summarize_problems` over ``problems`` (k = ``settings.samples``),
     ``generated`` the number of problems sampled in this call (the rest came from the file).
     """
-    from rlspec.models import decode_responses
-    from rlspec.train import build_prompt_ids
-
     if not problems:
         raise ConfigError("no problems to evaluate (eval.limit or the benchmark file is empty)")
     uids = [p.uid for p in problems]
@@ -228,7 +223,7 @@ def evaluate_benchmark(
     done = read_records(path, fingerprint)
     _rewrite_complete(path, done)
     pending = [p for p in problems if p.uid not in done]
-    engine, eos = (None, []) if not pending else _engine_and_eos(model_or_engine, tokenizer, settings.max_batch_size)
+    engine, eos = (None, []) if not pending else engine_and_eos(model_or_engine, tokenizer, settings.max_batch_size)
 
     k = settings.samples
     finished = [done[p.uid] for p in problems if p.uid in done]
@@ -245,8 +240,6 @@ def evaluate_benchmark(
         chunks = [(pending, settings.seed)] if pending else []
     else:
         chunks = [([p], problem_seed(settings.seed, p.uid)) for p in pending]
-    from rlspec.evals.benchmarks import BENCHMARKS
-
     # GSM8K's convention: a response without \boxed{} is graded on its last number
     fallback = bool(name in BENCHMARKS.names() and BENCHMARKS.get(name).last_number_fallback)
     try:

@@ -279,7 +279,7 @@ def register_custom_reward(path_or_module: str, name: str, *, style: str = "auto
     return key
 
 
-def build_reward_terms(reward: Any) -> dict[str, dict[str, Any]]:
+def build_reward_terms(reward: Any, hbpo: Any = None) -> dict[str, dict[str, Any]]:
     """The ``reward`` config as the ``terms`` mapping of :func:`~rlspec.rewards.compute_rewards`.
 
     ``reward`` has ``terms`` (``{name: {weight, kwargs}}``) and optionally ``custom`` (``path``,
@@ -287,6 +287,9 @@ def build_reward_terms(reward: Any) -> dict[str, dict[str, Any]]:
     (a dict / DictConfig). The custom function is loaded and registered as ``custom:<name>``.
     Everything is checked here, before any model is loaded: unknown term names, weights,
     kwargs that do not fit a term's signature, the custom file and function.
+
+    HBPO's constants live in the config's ``hbpo`` section (shared with its prefill and advantage):
+    with ``hbpo`` given, they become the ``hbpo`` term's kwargs.
 
     Returns plain ``{name: {"weight": float, "kwargs": dict}}``.
     """
@@ -311,4 +314,6 @@ def build_reward_terms(reward: Any) -> dict[str, dict[str, Any]]:
         )
         weight, _ = _term_spec("custom", {"weight": get(custom, "weight", 1.0)})
         resolved[key] = {"weight": weight, "kwargs": {}}
+    if "hbpo" in resolved and hbpo is not None:
+        resolved["hbpo"]["kwargs"] = {k: get(hbpo, k) for k in ("variant", "l_max", "beta", "alpha")}
     return resolved

@@ -21,15 +21,14 @@ import dataclasses
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 from rlspec.errors import ConfigError
-from rlspec.registry import Registry
+from rlspec.registry import REWARD_TERMS
 from rlspec.rewards.grader import extract_final_answer, grade_batch
-from rlspec.rollout.base import FINISH_LENGTH, FINISH_STOP
+from rlspec.rollout.base import FINISH_STOP
 
 RewardTerm = Callable[..., list[float]]
-REWARD_TERMS: Registry[RewardTerm] = Registry("reward term", "reward.terms")
 
 
 @dataclass
@@ -111,46 +110,6 @@ def format_reward(batch: RewardBatch) -> list[float]:
         if reason == FINISH_STOP and extract_final_answer(text, require_think_close=True) is not None
         else 0.0
         for text, reason in zip(batch.completions, batch.finish_reasons)
-    ]
-
-
-@REWARD_TERMS.register("dler_truncation")
-def dler_truncation(batch: RewardBatch, penalty_coef: float = 0.0) -> list[float]:
-    r"""DLER's truncation length penalty (arXiv 2510.15110, Sec. 2-3), as an additive term.
-
-    DLER sets ``R'_i = R_i + L_i`` where ``L_i`` gives **total reward 0** to a response cut at the
-    target length (the rollout's ``max_response_length``; ``finish_reason == "length"``). With a
-    correctness reward ``R_i`` of weight 1 that is
-
-    ``L_i = -(1 - penalty_coef) * R_i`` if response ``i`` was truncated, else ``0``,
-
-    so a truncated response totals ``penalty_coef * R_i``: 0 with the paper's rule
-    (``penalty_coef=0.0``, the default) and ``0.1 * R_i`` with the released code's
-    ``stop_properly_penalty.penalty_coef=0.1``, which multiplies the reward of any response whose
-    vLLM finish reason is not ``stop`` by 0.1. A truncated response is correct only if it boxed
-    the right answer (after ``</think>`` when ``reward.require_think_close``) before being cut,
-    so the two settings rarely differ in practice.
-
-    This term assumes the ``correctness`` term has weight 1 (as in ``reward=dler``); scale its
-    weight with the correctness weight otherwise. Other terms (e.g. a custom reward) are not
-    zeroed for truncated responses.
-
-    >>> b = RewardBatch(prompts=["q"] * 3, completions=["..."] * 3, completion_ids=[[1]] * 3,
-    ...     finish_reasons=["stop", "length", "length"], answers=["4"] * 3,
-    ...     correct=[True, True, False], group_ids=[0, 0, 0])
-    >>> dler_truncation(b)  # totals with correctness: [1.0, 0.0, 0.0]
-    [0.0, -1.0, 0.0]
-    >>> dler_truncation(b, penalty_coef=0.1)  # totals: [1.0, 0.1, 0.0]
-    [0.0, -0.9, 0.0]
-    """
-    if not 0.0 <= penalty_coef <= 1.0:
-        raise ConfigError(
-            f"reward.terms.dler_truncation.kwargs.penalty_coef must be in [0, 1] (0 = paper, 0.1 = DLER code), "
-            f"got {penalty_coef}"
-        )
-    return [
-        -(1.0 - penalty_coef) if reason == FINISH_LENGTH and c else 0.0
-        for reason, c in zip(batch.finish_reasons, batch.correct)
     ]
 
 

@@ -7,9 +7,11 @@ so speculative decoding (TLT) and a vLLM backend plug in behind it without touch
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
+
+from rlspec.errors import DataError
 
 FINISH_STOP = "stop"  # EOS token or a stop string was produced
 FINISH_LENGTH = "length"  # max_new_tokens reached without stopping (truncated)
@@ -61,11 +63,22 @@ class RolloutResult:
         return [len(r) for r in self.response_ids]
 
 
+@dataclass
+class RolloutResultWithHidden(RolloutResult):
+    """A :class:`RolloutResult` plus the hidden states that produced each generated token.
+
+    ``response_hidden_states[i][t]`` is the last-layer hidden state (after the final norm, i.e.
+    what ``lm_head`` saw) at the position *before* response token ``t`` -- the state whose logits
+    sampled that token (what an EAGLE drafter trains on). Shape ``[len(response_ids[i]), hidden_size]``,
+    in the model's dtype.
+    """
+
+    response_hidden_states: list[torch.Tensor] = field(default_factory=list)
+
+
 def check_prompt_ids(prompt_ids: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
     """The prompts as lists of ints; an empty prompt or an id outside ``[0, vocab_size)`` raises
     DataError naming the prompt (every engine checks its input the same way)."""
-    from rlspec.errors import DataError
-
     prompts = []
     for i, p in enumerate(prompt_ids):
         ids = [int(t) for t in p]
@@ -81,9 +94,51 @@ def check_prompt_ids(prompt_ids: Sequence[Sequence[int]], vocab_size: int) -> li
     return prompts
 
 
+def merge_results(parts: Sequence[RolloutResult], want_hidden: bool) -> RolloutResult:
+    """Concatenate per-chunk results (in chunk order) into one result; stats are not merged here."""
+    kw: dict[str, Any] = dict(prompt_ids=[], response_ids=[], response_logprobs=[], finish_reasons=[], stats={})
+    hidden: list[torch.Tensor] = []
+    for part in parts:
+        kw["prompt_ids"] += part.prompt_ids
+        kw["response_ids"] += part.response_ids
+        kw["response_logprobs"] += part.response_logprobs
+        kw["finish_reasons"] += part.finish_reasons
+        if want_hidden:
+            hidden += part.response_hidden_states
+    if not want_hidden:
+        return RolloutResult(**kw)
+    return RolloutResultWithHidden(**kw, response_hidden_states=hidden)
+
+
+_SUMMED = ("tokens", "prompt_tokens", "decode_steps", "spec/sd_steps", "spec/switch_seconds", "spec/reentered")
+
+
+def merge_stats(parts: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Per-chunk engine stats -> one dict: counts summed, ``spec/*`` rates averaged with the chunks'
+    speculative steps as weights (``spec/frac_steps_sd`` = SD steps / decode steps), ``spec/arm/*``
+    summed, ``spec/reverted`` = max. ``seconds`` / ``tokens_per_s`` are set by the caller (wall time)."""
+    out: dict[str, float] = {k: 0.0 for k in ("tokens", "prompt_tokens", "decode_steps")}
+    keys = {k for p in parts for k in p}
+    for key in keys:
+        vals = [float(p.get(key, 0.0)) for p in parts]
+        if key in _SUMMED or key.startswith("spec/arm/"):
+            out[key] = sum(vals)
+        elif key == "spec/reverted":
+            out[key] = max(vals)
+        elif key.startswith("spec/") and key != "spec/frac_steps_sd":
+            weights = [float(p.get("spec/sd_steps", 0.0)) for p in parts]
+            total = sum(weights)
+            out[key] = sum(w * v for w, v in zip(weights, vals)) / total if total else 0.0
+    if "spec/sd_steps" in out:
+        out["spec/frac_steps_sd"] = out["spec/sd_steps"] / out["decode_steps"] if out["decode_steps"] else 0.0
+    return out
+
+
 class RolloutEngine(Protocol):
-    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> RolloutResult:
-        """Sample one response per prompt (repeat a prompt n times for a GRPO group)."""
+    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *,
+                 return_hidden_states: bool = False) -> RolloutResult:
+        """Sample one response per prompt (repeat a prompt n times for a GRPO group); with
+        ``return_hidden_states`` a :class:`RolloutResultWithHidden`."""
         ...
 
     def update_weights(self) -> None:

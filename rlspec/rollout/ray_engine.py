@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import threading
 import time
 from collections import deque
@@ -55,20 +54,19 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from rlspec.config import RayConfig, RolloutConfig
 from rlspec.errors import ConfigError, TrainingError
-from rlspec.rollout.base import RolloutResult, SamplingParams, check_prompt_ids
+from rlspec.rollout.base import RolloutResult, SamplingParams, check_prompt_ids, merge_results, merge_stats
+from rlspec.rollout.ray_worker import (
+    import_ray,
+    init_ray,
+    learner_spec,
+    pack_state,
+    state_dict_cpu,
+    worker_actor_class,
+)
 
 WORKER_NAME = "rlspec-rollout"
-RAY_INSTALL_HINT = 'pip install "rlspec[ray]"'
-
-
-def import_ray():
-    """``import ray`` with a clear error naming the extra when it is missing."""
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError(f"runtime=ray needs Ray, which is not installed: {RAY_INSTALL_HINT}") from None
-    return ray
 
 
 def chunk_seed(seed: int, chunk: int) -> int:
@@ -83,249 +81,6 @@ def split_chunks(n: int, chunk_size: int) -> list[range]:
     if chunk_size < 1:
         raise ConfigError(f"ray.chunk_size must be >= 1, got {chunk_size}")
     return [range(i, min(i + chunk_size, n)) for i in range(0, n, chunk_size)]
-
-
-def state_dict_cpu(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The module's state dict as detached, contiguous CPU tensors (what is shipped to workers)."""
-    return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-
-
-_PACKED = "__rlspec_packed_state__"
-_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def pack_state(state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """A state dict as numpy arrays (what Ray's object store shares zero-copy with every reader on
-    a node; pickled torch tensors would be copied per reader). Dtypes numpy lacks (bfloat16, float8)
-    travel as same-size integers and are viewed back by :func:`unpack_state`."""
-    arrays, dtypes = {}, {}
-    for name, t in state.items():
-        t = t.detach().to("cpu").contiguous()
-        try:
-            arrays[name] = t.numpy()
-        except TypeError:
-            arrays[name] = t.view(_SAME_SIZE_INT[t.element_size()]).numpy()
-        dtypes[name] = t.dtype
-    return {_PACKED: True, "arrays": arrays, "dtypes": dtypes}
-
-
-def unpack_state(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`pack_state` (a plain state dict is returned as is). The tensors view the
-    (read-only) object-store memory: load them with ``load_state_dict``, which copies."""
-    if not obj.get(_PACKED):
-        return obj
-    import warnings
-
-    out = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
-        for name, arr in obj["arrays"].items():
-            t = torch.from_numpy(arr)
-            dtype = obj["dtypes"][name]
-            out[name] = t if t.dtype == dtype else t.view(dtype)
-    return out
-
-
-def merge_results(parts: Sequence[RolloutResult], want_hidden: bool) -> RolloutResult:
-    """Concatenate per-chunk results (in chunk order) into one result; stats are not merged here."""
-    kw: dict[str, Any] = dict(prompt_ids=[], response_ids=[], response_logprobs=[], finish_reasons=[], stats={})
-    hidden: list[torch.Tensor] = []
-    for part in parts:
-        kw["prompt_ids"] += part.prompt_ids
-        kw["response_ids"] += part.response_ids
-        kw["response_logprobs"] += part.response_logprobs
-        kw["finish_reasons"] += part.finish_reasons
-        if want_hidden:
-            hidden += part.response_hidden_states
-    if not want_hidden:
-        return RolloutResult(**kw)
-    from rlspec.rollout.native import RolloutResultWithHidden
-
-    return RolloutResultWithHidden(**kw, response_hidden_states=hidden)
-
-
-_SUMMED = ("tokens", "prompt_tokens", "decode_steps", "spec/sd_steps", "spec/switch_seconds", "spec/reentered")
-
-
-def merge_stats(parts: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Per-chunk engine stats -> one dict: counts summed, ``spec/*`` rates averaged with the chunks'
-    speculative steps as weights (``spec/frac_steps_sd`` = SD steps / decode steps), ``spec/arm/*``
-    summed, ``spec/reverted`` = max. ``seconds`` / ``tokens_per_s`` are set by the caller (wall time)."""
-    out: dict[str, float] = {k: 0.0 for k in ("tokens", "prompt_tokens", "decode_steps")}
-    keys = {k for p in parts for k in p}
-    for key in keys:
-        vals = [float(p.get(key, 0.0)) for p in parts]
-        if key in _SUMMED or key.startswith("spec/arm/"):
-            out[key] = sum(vals)
-        elif key == "spec/reverted":
-            out[key] = max(vals)
-        elif key.startswith("spec/") and key != "spec/frac_steps_sd":
-            weights = [float(p.get("spec/sd_steps", 0.0)) for p in parts]
-            total = sum(weights)
-            out[key] = sum(w * v for w, v in zip(weights, vals)) / total if total else 0.0
-    if "spec/sd_steps" in out:
-        out["spec/frac_steps_sd"] = out["spec/sd_steps"] / out["decode_steps"] if out["decode_steps"] else 0.0
-    return out
-
-
-# ---------------------------------------------------------------------------------- the worker
-
-
-def _empty_init():
-    """Build a model without running its (expensive, overwritten anyway) weight initialisation."""
-    for mod in ("transformers.initialization", "transformers.modeling_utils"):
-        try:
-            return __import__(mod, fromlist=["no_init_weights"]).no_init_weights()
-        except (ImportError, AttributeError):
-            continue
-    return contextlib.nullcontext()
-
-
-def learner_spec(model: torch.nn.Module) -> dict[str, Any]:
-    """What a worker needs to rebuild the learner's model besides its state dict: the class, the
-    config, the dtype, and the buffers that are not in the state dict (e.g. RoPE's float32
-    ``inv_freq``, which a dtype cast would round: the learner keeps it in float32)."""
-    param = next(model.parameters())
-    persistent = set(model.state_dict())
-    buffers = {k: v.detach().to("cpu").clone() for k, v in model.named_buffers() if k not in persistent}
-    return {"cls": type(model), "config": model.config, "dtype": param.dtype, "buffers": buffers}
-
-
-def build_model(spec: dict[str, Any], state: dict[str, torch.Tensor], device: str) -> torch.nn.Module:
-    """A copy of the learner's model: ``spec["cls"](spec["config"])``, cast to ``spec["dtype"]``,
-    moved to ``device``, loaded with ``state`` (a state dict or :func:`pack_state`'s form) and the
-    learner's non-persistent buffers (``spec["buffers"]``, in their own dtypes)."""
-    with _empty_init():
-        try:
-            model = spec["cls"](spec["config"])
-        except Exception as err:  # e.g. a remote-code class that is not importable on this node
-            raise ConfigError(
-                f"a rollout worker cannot build {getattr(spec['cls'], '__name__', spec['cls'])} "
-                f"({type(err).__name__}: {err}); install the model's code on every Ray node"
-            ) from err
-    model = model.to(dtype=spec["dtype"], device=device).eval()
-    model.load_state_dict(unpack_state(state))
-    buffers = dict(model.named_buffers())
-    for name, value in (spec.get("buffers") or {}).items():
-        if name in buffers:
-            buffers[name].data = value.to(device)
-    model.requires_grad_(False)
-    return model
-
-
-class RolloutWorker:
-    """One rollout worker (run as a Ray actor by :class:`RayRolloutEngine`; plain Python here).
-
-    Holds a private model copy and an engine (``rlspec.rollout.make_engine(worker_engine, ...)``).
-    ``generate_chunk`` first brings the weights to the version the driver sends with the chunk.
-    """
-
-    def __init__(self, index: int, spec: dict[str, Any], state: dict[str, torch.Tensor], version: int,
-                 tokenizer: Any, drafter: tuple | None, options: dict[str, Any]) -> None:
-        threads = max(1, int(options.get("num_threads") or 1))
-        torch.set_num_threads(threads)
-        use_cuda = options.get("gpus", 0) > 0 and torch.cuda.is_available()
-        self.device = "cuda" if use_cuda else "cpu"
-        self.index = index
-        self.model = build_model(spec, state, self.device)
-        self.version = version
-        from rlspec.rollout import make_engine
-
-        self.engine = make_engine(options.get("worker_engine", "native"), self.model, tokenizer,
-                                  eos_token_ids=list(options["eos_token_ids"]),
-                                  max_batch_size=int(options["max_batch_size"]),
-                                  **dict(options.get("engine_kwargs") or {}))
-        self.drafter = None
-        self.drafter_version = -1
-        if drafter is not None:
-            self.load_drafter(*drafter)
-        self.chunks_done = 0
-        self.busy = False
-
-    def info(self) -> dict[str, Any]:
-        """Where the worker runs (also: the actor finished building)."""
-        return {"index": self.index, "pid": os.getpid(), "device": self.device, "version": self.version,
-                "drafter_version": self.drafter_version, "threads": torch.get_num_threads()}
-
-    def drafter_state(self) -> dict[str, torch.Tensor] | None:
-        """The worker's drafter weights (CPU copies), ``None`` without a drafter."""
-        if self.drafter is None:
-            return None
-        with self.drafter.lock:
-            return state_dict_cpu(self.drafter)
-
-    def progress(self) -> dict[str, Any]:
-        """Counters an operator (or a test) can poll while a chunk is being generated."""
-        return {"index": self.index, "pid": os.getpid(), "version": self.version, "busy": self.busy,
-                "chunks_done": self.chunks_done}
-
-    def load_weights(self, state: dict[str, torch.Tensor], version: int, drafter: tuple | None = None) -> int:
-        """Copy the learner's weights in (and the drafter's when given); returns the new version."""
-        with torch.no_grad():
-            self.model.load_state_dict(unpack_state(state))
-        self.engine.update_weights()
-        self.version = int(version)
-        if drafter is not None:
-            self.load_drafter(*drafter)
-        return self.version
-
-    def load_drafter(self, config: Any, state: dict[str, torch.Tensor], version: int) -> None:
-        from rlspec.rollout.drafter import EagleDrafter
-
-        if not isinstance(state, dict):  # an ObjectRef nested in an argument is not resolved by Ray
-            state = import_ray().get(state)
-        if self.drafter is None:
-            self.drafter = EagleDrafter(config, self.model, seed=None)
-            self.drafter.load_state_dict(state)
-            self.drafter.version = int(version)
-            self.engine.set_drafter(self.drafter)
-        else:
-            with self.drafter.lock, torch.no_grad():
-                self.drafter.load_state_dict(state)
-                self.drafter.version = int(version)
-        self.drafter_version = int(version)
-
-    def generate_chunk(self, prompts: list[list[int]], params: SamplingParams, want_hidden: bool,
-                       version: int, weights: list, drafter: tuple | None) -> RolloutResult:
-        """Sample a chunk with the learner's weights ``version``: a worker that is behind (a
-        replacement started before the last ``update_weights``) first loads ``weights[0]`` (the
-        object-store copy, passed inside a list so Ray does not fetch it unless needed) and the
-        drafter ``(config, state, version)`` when its version differs."""
-        if version != self.version:
-            self.load_weights(import_ray().get(weights[0]), version)
-        if drafter is not None and int(drafter[2]) != self.drafter_version:
-            self.load_drafter(*drafter)
-        self.busy = True
-        try:
-            kw = {"return_hidden_states": True} if want_hidden else {}
-            result = self.engine.generate(prompts, params, **kw)
-        finally:
-            self.busy = False
-        if want_hidden:
-            result.response_hidden_states = [h.detach().to("cpu") for h in result.response_hidden_states]
-        result.response_logprobs = [lp.to("cpu") for lp in result.response_logprobs]
-        self.chunks_done += 1
-        return result
-
-
-_ACTOR_CLASS = None
-
-
-def _worker_actor_class():
-    """``RolloutWorker`` as a Ray actor class; ``progress`` runs in its own concurrency group so it
-    answers while a chunk is being generated (chunks themselves run one at a time)."""
-    global _ACTOR_CLASS
-    if _ACTOR_CLASS is None:
-        ray = import_ray()
-
-        class _Worker(RolloutWorker):
-            @ray.method(concurrency_group="status")
-            def progress(self) -> dict[str, Any]:
-                return RolloutWorker.progress(self)
-
-        _Worker.__name__ = _Worker.__qualname__ = "RolloutWorker"
-        _ACTOR_CLASS = ray.remote(concurrency_groups={"status": 1})(_Worker)
-    return _ACTOR_CLASS
 
 
 # ---------------------------------------------------------------------------------- the pool
@@ -347,13 +102,13 @@ class RayRolloutEngine:
             samples on it.
         max_worker_restarts: worker deaths tolerated within one call (``ray.max_worker_restarts``).
         namespace: the Ray namespace of the named actors ``rlspec-rollout-{i}``.
-        worker_engine: the engine each worker builds (a name of :data:`rlspec.rollout.ENGINES`).
+        worker_engine: the engine each worker builds (a name of :data:`rlspec.registry.ENGINES`).
         engine_kwargs: extra keyword arguments for that engine (e.g. ``speculative=...``).
         max_inflight_per_worker: chunks queued on a worker at once (1: best long-tail balance).
         name_prefix: actor names are ``f"{name_prefix}-{i}"``.
         ready_timeout_s: how long to wait for the workers to start before failing.
 
-    Needs a connected Ray (:func:`rlspec.ray_runtime.init_ray`); it is initialised locally if not.
+    Needs a connected Ray (:func:`rlspec.rollout.ray_worker.init_ray`); it is initialised locally if not.
     ``on_chunk_done(engine, worker_index, chunk_index)``, if set, is called on the driver when a
     chunk result arrives, before that worker gets its next chunk (for monitoring and fault tests).
     """
@@ -374,8 +129,6 @@ class RayRolloutEngine:
             raise ConfigError(f"max_inflight_per_worker must be >= 1, got {max_inflight_per_worker}")
         ray = import_ray()
         if not ray.is_initialized():
-            from rlspec.ray_runtime import init_ray
-
             init_ray(None, namespace)
         self._check_resources(ray, num_workers, cpus_per_worker, gpus_per_worker)
         self.model = model
@@ -444,7 +197,7 @@ class RayRolloutEngine:
     def _spawn(self, index: int, replacing: bool = False):
         """Start worker ``index`` (a new actor under its name) with the current weights. When
         ``replacing`` a dead worker, wait (up to 30 s) for Ray to release the dead actor's name."""
-        cls = _worker_actor_class()
+        cls = worker_actor_class()
         opts = dict(name=self._name(index), namespace=self.namespace, num_cpus=self.cpus_per_worker,
                     num_gpus=self.gpus_per_worker, max_restarts=0, max_task_retries=0)
         deadline = time.monotonic() + (30.0 if replacing else 0.0)
@@ -677,7 +430,7 @@ class RayRolloutEngine:
 
     def weights_ref(self) -> tuple[int, Any]:
         """``(version, ObjectRef)`` of the learner weights the workers hold (shared with other actors,
-        e.g. :class:`rlspec.ray_runtime.RemoteSpotTrainer`, without another copy)."""
+        e.g. :class:`~rlspec.rollout.speculative.remote_spot_trainer.RemoteSpotTrainer`, without another copy)."""
         return self._version, self._weights_ref
 
     @property
@@ -711,22 +464,15 @@ class RayRolloutEngine:
             self.shutdown()
 
 
-def make_ray_engine(cfg: Any, model: torch.nn.Module, tokenizer: Any, eos_token_ids: Sequence[int],
-                    speculative: Any = None, **engine_kwargs: Any) -> RayRolloutEngine:
-    """The rollout pool for ``runtime=ray`` from a validated :class:`rlspec.config.RLSpecConfig`:
-    ``cfg.ray.*`` for the pool, ``cfg.rollout.backend`` / ``max_batch_size`` for each worker's engine
-    and ``speculative`` (a ``SpeculativeSettings``) for TLT decoding on the workers. Joins / starts
-    Ray as ``cfg.ray.address`` says if it is not connected yet."""
-    from rlspec.ray_runtime import init_ray
-
-    rc = cfg.ray
+def make_ray_engine(rc: RayConfig, rollout: RolloutConfig, model: torch.nn.Module, tokenizer: Any,
+                    eos_token_ids: Sequence[int], **engine_kwargs: Any) -> RayRolloutEngine:
+    """The rollout pool for ``runtime=ray``: ``ray.*`` for the pool, ``rollout.backend`` /
+    ``max_batch_size`` for each worker's engine, ``engine_kwargs`` (e.g. ``speculative``) passed to
+    it. Joins / starts Ray as ``ray.address`` says if it is not connected yet."""
     init_ray(rc.address, rc.namespace)
-    kwargs = dict(engine_kwargs)
-    if speculative is not None:
-        kwargs["speculative"] = speculative
     return RayRolloutEngine(
         model, tokenizer, eos_token_ids, num_workers=rc.num_rollout_workers, chunk_size=rc.chunk_size,
-        max_batch_size=cfg.rollout.max_batch_size, cpus_per_worker=rc.cpus_per_worker,
+        max_batch_size=rollout.max_batch_size, cpus_per_worker=rc.cpus_per_worker,
         gpus_per_worker=rc.gpus_per_worker, max_worker_restarts=rc.max_worker_restarts, namespace=rc.namespace,
-        worker_engine=cfg.rollout.backend, engine_kwargs=kwargs,
+        worker_engine=rollout.backend, engine_kwargs=engine_kwargs,
     )

@@ -13,9 +13,8 @@ import inspect
 import torch
 
 from rlspec.errors import ConfigError
-from rlspec.registry import Registry
+from rlspec.registry import ADVANTAGE_ESTIMATORS
 
-ADVANTAGE_ESTIMATORS: Registry = Registry("advantage estimator", "trainer.adv_estimator")
 
 
 def group_mean_std(rewards: torch.Tensor, group_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

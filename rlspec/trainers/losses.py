@@ -14,11 +14,6 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "se
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` over positions where ``mask`` is 1 (0 when the mask is empty)."""
-    return (values * mask).sum() / mask.sum().clamp(min=1)
-
-
 @dataclass
 class LossNormalizer:
     """Denominators for :func:`aggregate_loss`, fixed for a whole optimizer mini-batch.

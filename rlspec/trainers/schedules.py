@@ -30,9 +30,8 @@ import numbers
 from typing import Any, Callable, Mapping, Sequence
 
 from rlspec.errors import ConfigError
-from rlspec.registry import Registry
+from rlspec.registry import LENGTH_SCHEDULES
 
-LENGTH_SCHEDULES: Registry = Registry("length schedule", "rollout.length_schedule.name")
 
 KWARGS_KEY = "rollout.length_schedule.kwargs"
 
@@ -290,3 +289,30 @@ def length_at(name: str, step: int, kwargs: Mapping[str, Any] | None = None) -> 
             f"it takes: {', '.join(names)}"
         )
     return fn(step, **kwargs)
+
+
+SIRI_SCHEDULES = ("siri_cosine", "siri_stair", "siri_stair_cosine")
+
+
+def checkpoint_tag(name: str | None, completed: int, kwargs: Mapping[str, Any] | None = None) -> str | None:
+    """The tag of the checkpoint after ``completed`` steps under schedule ``name``: SIRI's
+    ``siri-low`` / ``siri-high`` at the end of a compression / expansion phase, else None."""
+    if name in SIRI_SCHEDULES:
+        return siri_phase_ends(completed, int(dict(kwargs or {})["period"]))
+    return None
+
+
+# ---------------------------------------------------------------------------------- learning rate
+def lr_factor(step: int, warmup_steps: int, schedule: str, total_steps: int) -> float:
+    """The learning-rate multiplier at optimizer-schedule step ``step``: linear warm-up, then
+    ``constant`` or ``cosine`` decay to 0 at ``total_steps``.
+
+    >>> [round(lr_factor(s, 2, "cosine", 10), 3) for s in (0, 1, 2, 6, 10)]
+    [0.5, 1.0, 1.0, 0.5, 0.0]
+    """
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0

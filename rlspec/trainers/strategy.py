@@ -23,17 +23,20 @@ over the ranks, so a full copy is kept and refreshed after each optimizer step
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import math
 import os
 import socket
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
+from rlspec.data import derive_seed
 from rlspec.errors import ConfigError, TrainingError
+from rlspec.rollout.base import merge_stats
 
 
 def _adamw(params: Sequence[torch.nn.Parameter], tc: Any) -> torch.optim.AdamW:
@@ -357,16 +360,15 @@ class DataParallelEngine:
     stay the same on every rank).
     """
 
-    def __init__(self, engine: Any, strategy: Any, derive_seed: Callable[..., int]) -> None:
+    def __init__(self, engine: Any, strategy: Any) -> None:
         self.inner = engine
         self.strategy = strategy
-        self._derive_seed = derive_seed
 
     def __getattr__(self, name: str) -> Any:  # drafter, on_long_tail, set_drafter, eos_token_ids, ...
         return getattr(self.inner, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("inner", "strategy", "_derive_seed"):
+        if name in ("inner", "strategy"):
             object.__setattr__(self, name, value)
         else:
             setattr(self.inner, name, value)
@@ -375,13 +377,11 @@ class DataParallelEngine:
         self.inner.update_weights()
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: Any, **kwargs: Any) -> Any:
-        import dataclasses
-
         world, rank = self.strategy.world_size, self.strategy.rank
         n = len(prompt_ids)
         bounds = [n * r // world for r in range(world + 1)]
         mine = list(prompt_ids[bounds[rank] : bounds[rank + 1]])
-        seed = None if params.seed is None else self._derive_seed(params.seed, rank, 7)
+        seed = None if params.seed is None else derive_seed(params.seed, rank, 7)
         local = self.inner.generate(mine, dataclasses.replace(params, seed=seed), **kwargs) if mine else None
         parts = self.strategy.all_gather_object(local)
         parts = [p for p in parts if p is not None]
@@ -399,9 +399,7 @@ class DataParallelEngine:
 def merge_rollout_stats(parts: Sequence[dict[str, float]]) -> dict[str, float]:
     """Combine the stats of rollout calls that ran concurrently (ranks): counts add and ``spec/*``
     rates are weighted by speculative steps exactly as for Ray's chunks
-    (:func:`rlspec.rollout.ray_engine.merge_stats`); the call took as long as the slowest part."""
-    from rlspec.rollout.ray_engine import merge_stats
-
+    (:func:`rlspec.rollout.base.merge_stats`); the call took as long as the slowest part."""
     out = merge_stats(parts)
     out["seconds"] = max((float(p.get("seconds", 0.0)) for p in parts), default=0.0)
     out["tokens_per_s"] = out["tokens"] / out["seconds"] if out["seconds"] > 0 else 0.0

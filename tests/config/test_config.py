@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from rlspec.config import RLSpecConfig, validate_config
 from rlspec.errors import ConfigError
-from rlspec.train import group_options, normalize_argv, precheck_overrides
+from rlspec.session import group_options, normalize_argv, precheck_overrides
 
 
 def _compose(overrides):
@@ -69,11 +69,16 @@ def test_free_form_reward_term_keys_are_allowed():
         ("trainer.lr=abc", "trainer.lr"),
         ("rollout.n=0", "rollout.n"),
         ("trainer.mini_batch_size=5", "divisible"),
+        # checked by the implementation's own rules, still when the config is built (no model loaded)
+        ("+rollout.budget.kwargs.lo=5", r"unknown key\(s\) rollout.budget.kwargs.lo for rollout.budget.name=l1"),
+        ("rollout.speculative.bandit.buckets=[1,4]", "rollout.speculative.bandit.buckets has 2 buckets"),
+        ("rollout.speculative.bandit.arms=[[6_4_16]]", "rollout.speculative.bandit.arms has 1 arm lists"),
     ],
 )
 def test_bad_values_fail_at_start_naming_the_key(override, message):
+    overrides = ["+recipe=l1_exact", override] if "budget" in override else [override]
     with pytest.raises(ConfigError, match=message):
-        validate_config(_compose([override]))
+        validate_config(_compose(overrides))
 
 
 def _run_cli(*args):
@@ -85,7 +90,7 @@ def test_cli_misspelled_key_is_one_clear_line():
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == ["rlspec: error: unknown config key 'trainer.stepz' (did you mean 'trainer.steps'?). "
-                     "See all keys with: python -m rlspec.train --cfg job"]
+                     "See all keys with: python -m rlspec.train --help"]
 
 
 def test_cli_bad_value_is_one_clear_line(tmp_path):
@@ -93,3 +98,50 @@ def test_cli_bad_value_is_one_clear_line(tmp_path):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "trainer.loss_agg_mode='token_mean'" in lines[0] and "token-mean" in lines[0]
+
+
+def test_cli_help_lists_every_key_with_default_and_help():
+    proc = _run_cli("--help")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "trainer.lr = 5e-05  [float]" in out and "learning rate" in out
+    assert "trainer.loss_agg_mode = 'token-mean'  [token-mean | seq-mean-token-mean" in out
+    assert "rollout.speculative.bandit.policy = 'bucketed_egreedy'" in out
+    from rlspec.schema import iter_keys
+
+    keys = [info.key for info in iter_keys(RLSpecConfig)]
+    assert len(keys) > 100 and all(f"  {k} = " in out for k in keys)
+    assert all(info.help for info in iter_keys(RLSpecConfig)), [i.key for i in iter_keys(RLSpecConfig) if not i.help]
+
+
+@pytest.mark.parametrize("tool", ["rlspec.eval", "rlspec.export", "rlspec.merging", "rlspec.warmup_drafter"])
+def test_every_tool_answers_help(tool):
+    proc = subprocess.run([sys.executable, "-m", tool, "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m " + tool), proc.stderr[-2000:]
+    assert " = " in proc.stdout
+
+
+def test_group_yaml_holds_only_what_differs_from_the_defaults():
+    """The typed schema is the one source of defaults: a group option that repeats a default is noise."""
+    from importlib import resources
+
+    import yaml
+
+    from rlspec.config import defaults
+
+    def flat(prefix, value, out):
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                flat(f"{prefix}.{k}" if prefix else k, v, out)
+        else:
+            out[prefix] = value
+        return out
+
+    base = flat("", defaults(), {})
+    root = resources.files("rlspec.configs")
+    for group in ("model", "data", "rollout", "trainer", "reward", "logger"):
+        for path in (root / group).iterdir():
+            if path.name.endswith(".yaml"):
+                content = yaml.safe_load(path.read_text()) or {}
+                repeated = [k for k, v in flat(group, content, {}).items() if k in base and base[k] == v]
+                assert not repeated, (path.name, repeated)

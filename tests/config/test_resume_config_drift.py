@@ -1,6 +1,6 @@
 """Resuming a run checks its saved config; keys a newer rlspec added with their defaults are not drift."""
 
-from rlspec.train import config_differences
+from rlspec.session import config_differences
 
 
 def test_changed_value_is_a_difference():

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from rlspec import embedded, tasks
+from rlspec import embedded, embedded_build, tasks
 from rlspec.embedded import EmbeddedModelConfig, get_embedded_model_path
 from rlspec.errors import ConfigError
 
@@ -36,13 +36,13 @@ def _small_split_and_tokenizer():
     """300 train problems and a 512-token tokenizer trained on their worked solutions."""
     train, _ = tasks.make_splits(0, 300, 20)
     rng = random.Random(0)
-    return train, embedded.build_tokenizer(
+    return train, embedded_build.build_tokenizer(
         [tasks.worked_solution(p, rng, tasks.sample_num_rechecks(rng, 4)) for p in train], 512)
 
 
 def test_budget_solutions_fit_the_budget():
     """A budget-prefilled SFT solution has the most re-checks that fit within the budget (EOS counted)."""
-    from rlspec.embedded import _fit_budget
+    from rlspec.embedded_build import _fit_budget
 
     train, tok = _small_split_and_tokenizer()
 
@@ -60,11 +60,11 @@ def test_budget_solutions_fit_the_budget():
 
 def test_sft_batches_carry_budget_prefills():
     """About budget_frac of the later solutions carry the HBPO prefill, and fit their budget."""
-    from rlspec.embedded import _sft_batches
+    from rlspec.embedded_build import _sft_batches
 
     cfg = EmbeddedModelConfig.tiny(sft_steps=200, drill_frac=0.0, plain_frac=0.5, budget_frac=0.5)
     train, tok = _small_split_and_tokenizer()
-    eos = tok.convert_tokens_to_ids(embedded.EOS_TOKEN)
+    eos = tok.convert_tokens_to_ids(embedded_build.EOS_TOKEN)
     texts = [tok.decode(row[row != tok.pad_token_id]) for ids, _ in _sft_batches(cfg, train, tok, eos) for row in ids]
     budgeted = [t for t in texts if "I will answer the question within" in t]
     assert 0.15 < len(budgeted) / len(texts) < 0.35  # half of the later half
@@ -158,7 +158,7 @@ def test_summarize_hand_computed():
         {"level": 2, "tokens": 20, "truncated": True, "correct": True, "well_formed": False, "rechecks": 2},
         {"level": 2, "tokens": 40, "truncated": False, "correct": True, "well_formed": True, "rechecks": 3},
     ]
-    s = embedded.summarize(recs)
+    s = embedded_build.summarize(recs)
     assert s["accuracy"] == 0.75 and s["well_formed"] == 0.75 and s["truncated"] == 0.25
     assert s["mean_tokens"] == 25.0 and s["max_tokens"] == 40 and s["frac_zero_rechecks"] == 0.25
     assert s["by_rechecks"]["2"] == {"frac": 0.5, "accuracy": 0.5, "mean_tokens": 25.0}
@@ -167,11 +167,11 @@ def test_summarize_hand_computed():
 
 def test_lr_schedule():
     cfg = EmbeddedModelConfig(sft_steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
-    assert embedded._lr_at(0, cfg) == pytest.approx(1e-4)
-    assert embedded._lr_at(9, cfg) == pytest.approx(1e-3)
-    assert embedded._lr_at(10, cfg) == pytest.approx(1e-3)
-    assert embedded._lr_at(100, cfg) == pytest.approx(1e-4)
-    assert embedded._lr_at(55, cfg) == pytest.approx(1e-4 + 0.9e-3 * 0.5)
+    assert embedded_build._lr_at(0, cfg) == pytest.approx(1e-4)
+    assert embedded_build._lr_at(9, cfg) == pytest.approx(1e-3)
+    assert embedded_build._lr_at(10, cfg) == pytest.approx(1e-3)
+    assert embedded_build._lr_at(100, cfg) == pytest.approx(1e-4)
+    assert embedded_build._lr_at(55, cfg) == pytest.approx(1e-4 + 0.9e-3 * 0.5)
 
 
 def test_build_is_deterministic_for_a_thread_count(built, tmp_path, monkeypatch):
@@ -181,10 +181,10 @@ def test_build_is_deterministic_for_a_thread_count(built, tmp_path, monkeypatch)
     from safetensors.torch import load_file
 
     cfg, _, path, _ = built
-    monkeypatch.setenv("RLSPEC_BUILD_THREADS", str(embedded.build_threads()))
-    embedded.build_embedded_model(cfg, tmp_path / "again", progress=False)
-    monkeypatch.setenv("RLSPEC_BUILD_THREADS", "2" if embedded.build_threads() == 1 else "1")
-    embedded.build_embedded_model(cfg, tmp_path / "other", progress=False)
+    monkeypatch.setenv("RLSPEC_BUILD_THREADS", str(embedded_build.build_threads()))
+    embedded_build.build_embedded_model(cfg, tmp_path / "again", progress=False)
+    monkeypatch.setenv("RLSPEC_BUILD_THREADS", "2" if embedded_build.build_threads() == 1 else "1")
+    embedded_build.build_embedded_model(cfg, tmp_path / "other", progress=False)
     first = load_file(path / "model.safetensors")
     again, other = (load_file(tmp_path / d / "model.safetensors") for d in ("again", "other"))
     assert first.keys() == again.keys() == other.keys()
@@ -196,9 +196,9 @@ def test_build_is_deterministic_for_a_thread_count(built, tmp_path, monkeypatch)
 
 def test_build_threads_env(monkeypatch):
     monkeypatch.setenv("RLSPEC_BUILD_THREADS", "3")
-    assert embedded.build_threads() == 3
+    assert embedded_build.build_threads() == 3
     monkeypatch.setenv("RLSPEC_BUILD_THREADS", "zero")
     with pytest.raises(ConfigError, match="RLSPEC_BUILD_THREADS"):
-        embedded.build_threads()
+        embedded_build.build_threads()
     monkeypatch.delenv("RLSPEC_BUILD_THREADS")
-    assert 1 <= embedded.build_threads() <= 2
+    assert 1 <= embedded_build.build_threads() <= 2

@@ -15,7 +15,7 @@ def main() -> None:
     tests_dir = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(tests_dir))
     from conftest import TINY_OVERRIDES, compose_config
-    from rlspec.train import build_trainer
+    from rlspec.session import build_trainer
 
     work, stage = Path(sys.argv[1]), int(sys.argv[2])
     torch.set_num_threads(1)

@@ -14,7 +14,7 @@ pytest.importorskip("deepspeed")
 pytestmark = [pytest.mark.engines, pytest.mark.slow]
 
 from conftest import REPO, TINY_OVERRIDES, compose_config  # noqa: E402
-from rlspec.train import build_trainer  # noqa: E402
+from rlspec.session import build_trainer  # noqa: E402
 
 # 16 responses in micro-batches of 6 -> 3 micro-batches per optimizer step: rank 0 gets two, rank 1
 # one plus a zero-weighted one (both ranks must run as many forwards/backwards)

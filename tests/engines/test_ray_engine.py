@@ -19,18 +19,13 @@ ray = pytest.importorskip("ray")
 
 from rlspec.errors import ConfigError, DataError, TrainingError  # noqa: E402
 from rlspec.rollout.base import SamplingParams  # noqa: E402
-from rlspec.rollout.drafter import EagleDrafter  # noqa: E402
+from rlspec.rollout.speculative.eagle import EagleDrafter  # noqa: E402
 from rlspec.rollout.native import NativeEngine  # noqa: E402
-from rlspec.rollout.ray_engine import (  # noqa: E402
-    RayRolloutEngine,
-    chunk_seed,
-    import_ray,
-    merge_stats,
-    pack_state,
-    split_chunks,
-    unpack_state,
-)
-from rlspec.rollout.spec_decode import SpeculativeSettings  # noqa: E402
+from rlspec.rollout.base import merge_stats  # noqa: E402
+from rlspec.rollout.ray_engine import RayRolloutEngine, chunk_seed, split_chunks  # noqa: E402
+from rlspec.rollout.ray_worker import import_ray, pack_state, unpack_state  # noqa: E402
+from rlspec.config import SpeculativeConfig  # noqa: E402
+from rlspec.schema import to_dict  # noqa: E402
 
 pytestmark = pytest.mark.engines
 
@@ -68,7 +63,7 @@ def model():
 @pytest.fixture(scope="module")
 def pool(ray_session, model):
     # speculative mode "always": plain decoding until a drafter is set (test_drafter_...)
-    spec = SpeculativeSettings(mode="always", bandit={"policy": "fixed", "fixed_arms": ["3_1_3"] * 4})
+    spec = SpeculativeConfig(mode="always", bandit={"policy": "fixed", "fixed_arms": ["3_1_3"] * 4})
     engine = RayRolloutEngine(model, None, EOS, num_workers=2, chunk_size=CHUNK, max_batch_size=8,
                               cpus_per_worker=0.5, max_worker_restarts=1, namespace=NS,
                               engine_kwargs={"speculative": spec})
@@ -168,7 +163,7 @@ def test_missing_ray_names_the_extra(monkeypatch):
 def test_init_ray_joins_or_fails_with_the_key_named(ray_session):
     import socket
 
-    from rlspec.ray_runtime import _check_reachable, init_ray
+    from rlspec.rollout.ray_worker import _check_reachable, init_ray
 
     info = init_ray(None, NS)  # already connected: a no-op that says so
     assert info["started"] is False and info["namespace"] == NS and info["resources"]["CPU"] == 4
@@ -309,15 +304,16 @@ def test_too_many_deaths_raise_a_clear_error(pool):
 def test_remote_spot_trainer_trains_like_the_local_one(ray_session, model):
     """The drafter trainer as an actor: same buffer, seed and steps -> the same drafter weights as
     SpotDrafterTrainer in-process, published into the learner's drafter with its version."""
-    from rlspec.ray_runtime import RemoteSpotTrainer
-    from rlspec.rollout.spot_trainer import SpotDrafterTrainer
+    from rlspec.config import OnlineDrafterConfig
+    from rlspec.rollout.speculative.remote_spot_trainer import RemoteSpotTrainer
+    from rlspec.rollout.speculative.spot_trainer import SpotDrafterTrainer
 
     rollout = NativeEngine(model, EOS, max_batch_size=8).generate(
         PROMPTS, SamplingParams(max_new_tokens=16, temperature=1.0, seed=5), return_hidden_states=True)
-    kw = dict(lr=1e-3, batch_size=2, window=16, max_steps=3, seed=0)
+    settings = OnlineDrafterConfig(lr=1e-3, batch_size=2, window=16, max_steps=3)
     local_drafter, remote_drafter = EagleDrafter.from_target(model), EagleDrafter.from_target(model)
-    local = SpotDrafterTrainer(local_drafter, **kw)
-    remote = RemoteSpotTrainer(remote_drafter, model, namespace=NS, num_cpus=0.5, **kw)
+    local = SpotDrafterTrainer(local_drafter, settings, seed=0)
+    remote = RemoteSpotTrainer(remote_drafter, model, settings, seed=0, namespace=NS, num_cpus=0.5)
     try:
         samples = list(zip(rollout.prompt_ids, rollout.response_ids, rollout.response_hidden_states))
         added = [[spot.buffer.add_response(1, p, r, h) for p, r, h in samples] for spot in (local, remote)]
@@ -349,7 +345,6 @@ def test_dler_run_with_runtime_ray_survives_a_killed_rollout_worker(ray_session,
     """The acceptance test: DLER, runtime=ray, 2 rollout workers, the learner as an actor; one rollout
     worker is killed from outside (by name) while it generates step 1's rollouts."""
     from conftest import TINY_OVERRIDES, compose_config
-    from omegaconf import OmegaConf
 
     from rlspec.ray_runtime import run_learner
 
@@ -363,7 +358,7 @@ def test_dler_run_with_runtime_ray_survives_a_killed_rollout_worker(ray_session,
                           "trainer.filter_groups.enable=false",
                           "runtime=ray", "ray.num_rollout_workers=2", "ray.chunk_size=1", "ray.cpus_per_worker=0.5",
                           f"ray.namespace={ns}"])
-    resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    resolved = to_dict(cfg)
     victim = "rlspec-rollout-1"
     fired: list[dict] = []
     stop = threading.Event()
@@ -393,7 +388,7 @@ def test_dler_run_with_runtime_ray_survives_a_killed_rollout_worker(ray_session,
         stop.set()
         thread.join(timeout=30)
     assert fired, (f"the killer never saw {victim} (namespace {ns}) busy in step 1's rollout: is runtime=ray "
-                   "wired in rlspec.train.build_trainer?")
+                   "wired in rlspec.session.build_trainer?")
     assert summary["steps"] == steps
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_rows = {r["step"]: r for r in rows if "batch/groups_generated" in r}
@@ -414,8 +409,8 @@ def test_speculative_ray_run_trains_the_drafter_in_its_actor_and_resumes(ray_ses
     the learner's drafter (shipped to the workers with the policy), checkpointed and restored."""
     from conftest import TINY_OVERRIDES, compose_config
 
-    from rlspec.ray_runtime import RemoteSpotTrainer
-    from rlspec.train import build_trainer
+    from rlspec.rollout.speculative.remote_spot_trainer import RemoteSpotTrainer
+    from rlspec.session import build_trainer
 
     ns = f"{NS}-spec"
     cfg = compose_config([*TINY_OVERRIDES, f"run_dir={tmp_path}", "+recipe=grpo", "eval.at_start=false",
@@ -425,7 +420,8 @@ def test_speculative_ray_run_trains_the_drafter_in_its_actor_and_resumes(ray_ses
     trainers = [build_trainer(cfg, tmp_path)]
     try:
         trainer = trainers[0]
-        assert isinstance(trainer.engine, RayRolloutEngine) and isinstance(trainer.spot, RemoteSpotTrainer)
+        spot = trainer.online_drafting.spot
+        assert isinstance(trainer.engine, RayRolloutEngine) and isinstance(spot, RemoteSpotTrainer)
         metrics = [trainer.train_step() for _ in range(2)]
         assert all(m["spec/sd_steps"] > 0 for m in metrics)
         assert sum(m["drafter/steps"] for m in metrics) > 0  # trained in the actor during the long tail
@@ -434,10 +430,10 @@ def test_speculative_ray_run_trains_the_drafter_in_its_actor_and_resumes(ray_ses
         assert [w["drafter_version"] for w in trainer.engine.worker_info()] == [version, version]
         path = trainer.save()
         saved = {k: v.clone() for k, v in trainer.engine.drafter.state_dict().items()}
-        spot_steps, published = trainer.spot.trainer.total_steps, trainer.spot.published_step
+        spot_steps, published = spot.trainer.total_steps, spot.published_step
         assert spot_steps > 0 and (path / "spot_trainer" / "state.pt").is_file()
         trainer.engine.shutdown()
-        trainer.spot.shutdown()
+        spot.shutdown()
         trainers.append(build_trainer(cfg, tmp_path))
         resumed = trainers[1]
         with torch.no_grad():
@@ -448,13 +444,14 @@ def test_speculative_ray_run_trains_the_drafter_in_its_actor_and_resumes(ray_ses
         actor = ray.get_actor("rlspec-drafter-trainer", namespace=ns)
         assert ray.get(actor.info.remote())["drafter_version"] == version  # synced by sync_from_drafter
         # the actor's optimizer state, step count and buffer came back from the checkpoint
-        assert resumed.spot.trainer.total_steps == spot_steps and resumed.spot.published_step == published
-        assert resumed.spot.buffer.num_pairs > 0
+        resumed_spot = resumed.online_drafting.spot
+        assert resumed_spot.trainer.total_steps == spot_steps and resumed_spot.published_step == published
+        assert resumed_spot.buffer.num_pairs > 0
         assert [w["drafter_version"] for w in resumed.engine.worker_info()] == [version, version]
     finally:
         for t in trainers:
             t.engine.shutdown()
-            t.spot.shutdown()
+            t.online_drafting.spot.shutdown()
 
 
 def test_worker_copy_keeps_the_learners_float32_rope_buffers_in_bf16():
@@ -462,7 +459,7 @@ def test_worker_copy_keeps_the_learners_float32_rope_buffers_in_bf16():
     (a plain dtype cast rounds it, and rollout log-probs drift from the learner's with position)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from rlspec.rollout.ray_engine import build_model, learner_spec, pack_state
+    from rlspec.rollout.ray_worker import build_model, learner_spec, pack_state
 
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

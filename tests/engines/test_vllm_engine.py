@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from rlspec.rollout import make_engine  # noqa: E402
+from rlspec.rollout.engines import make_engine  # noqa: E402
 from rlspec.rollout.base import FINISH_LENGTH, FINISH_STOP, SamplingParams  # noqa: E402
 from rlspec.rollout.native import NativeEngine  # noqa: E402
 from rlspec.rollout.vllm_engine import VLLMEngine, eagle_layer_config, eagle_state_dict  # noqa: E402
@@ -33,8 +33,8 @@ def setup():
     from rlspec.data import load_split
     from rlspec.embedded import get_embedded_model_path
     from rlspec.models import eos_token_ids
-    from rlspec.rollout.spec_decode import SpeculativeSettings
-    from rlspec.train import build_prompt_ids
+    from rlspec.config import SpeculativeConfig
+    from rlspec.data import build_prompt_ids
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -47,7 +47,7 @@ def setup():
     # settings {}: dtype "auto" must mean the model's float32 (vLLM's own "auto" would pick bfloat16
     # and the log-prob checks below would fail); threshold >= max_batch_size: speculate at every size
     engine = make_engine("vllm", model, tok, eos_token_ids=eos, max_batch_size=8, settings={},
-                         speculative=SpeculativeSettings(mode="adaptive", threshold=8), max_len_hint=512)
+                         speculative=SpeculativeConfig(mode="adaptive", threshold=8), max_len_hint=512)
     assert isinstance(engine, VLLMEngine)
     yield dict(engine=engine, model=model, tok=tok, prompts=prompts, eos=eos, path=path)
     engine.close()
@@ -163,8 +163,8 @@ def test_eagle_drafter_in_vllm(setup):
     """The exported rlspec drafter runs in vLLM's EAGLE path; weights follow set_drafter/update_weights."""
     from rlspec.data import load_split
     from rlspec.embedded import get_embedded_drafter_path
-    from rlspec.rollout.drafter import EagleDrafter
-    from rlspec.train import build_prompt_ids
+    from rlspec.rollout.speculative.eagle import EagleDrafter
+    from rlspec.data import build_prompt_ids
 
     engine, model, tok, prompts = setup["engine"], setup["model"], setup["tok"], setup["prompts"]
     train = build_prompt_ids(tok, load_split(setup["path"], "train", "question", "answer"), INSTRUCTION)

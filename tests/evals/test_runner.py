@@ -152,15 +152,16 @@ def test_runner_grades_and_scores_scripted_answers(tiny, tmp_path):
 
 def test_shared_seeding_matches_training_heldout_eval(tiny, tmp_path):
     """seeding=shared reproduces rlspec.evals.heldout.evaluate (the trainer's eval) sample for sample."""
-    from rlspec.evals.heldout import EvalSettings, evaluate
-    from rlspec.train import build_prompt_ids
+    from rlspec.config import EvalConfig
+    from rlspec.data import build_prompt_ids
+    from rlspec.evals.heldout import evaluate
 
     _, tokenizer, engine = tiny
     problems = load_benchmark("heldout", limit=3)
     rows = [{"question": p.question, "answer": p.answer, "uid": p.uid, "level": p.level} for p in problems]
     instruction = RunnerSettings().instruction
     reference = evaluate(engine, tokenizer, rows, build_prompt_ids(tokenizer, rows, instruction),
-                         EvalSettings(samples_per_problem=2, max_new_tokens=12, seed=7), engine.eos_token_ids,
+                         EvalConfig(samples_per_problem=2, max_new_tokens=12, seed=7), engine.eos_token_ids,
                          out_path=tmp_path / "ref.jsonl")
     ours = evaluate_benchmark(engine, tokenizer, problems, RunnerSettings(**SETTINGS, seed=7, seeding="shared"),
                               tmp_path, progress=False)
@@ -232,14 +233,14 @@ def test_cli_local_benchmark_file(tiny_model_path, tmp_path):
 @pytest.mark.parametrize(
     "args, match",
     [
-        (["eval.sample=2"], "unknown key 'eval.sample'"),
+        (["eval.sample=2"], r"unknown config key 'eval.sample' \(did you mean 'eval.samples'\?\)"),
         (["eval.samples=two"], "eval.samples must be an integer"),
         (["eval.samples=0"], "eval.samples must be an integer >= 1"),
         (["eval.benchmarks=[math5000]"], "unknown benchmark 'math5000'"),
         (["eval.benchmarks=[heldout]", "eval.benchmarks.math500.path=x"], "eval.benchmarks.math500.path is set"),
         (["eval.top_p=1.5"], "eval.top_p"),
         (["eval.limit=0"], "eval.limit must be >= 1"),
-        (["progress=maybe"], "progress must be"),
+        (["progress=maybe"], "progress='maybe' is not valid"),
         (["model.path"], "not key=value"),
     ],
 )

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from conftest import TINY_OVERRIDES, compose_config
 from rlspec.errors import ConfigError
 from rlspec.export import main, parse_args, resolve_checkpoint
+from rlspec.schema import to_dict
 
 PROMPT = [{"role": "user", "content": "What is 3 + 4?"}]
 
@@ -27,13 +28,13 @@ PROMPT = [{"role": "user", "content": "What is 3 + 4?"}]
 def run_dir(tiny_model_path, tmp_path_factory) -> Path:
     from transformers import AutoModelForCausalLM
 
-    from rlspec.train import run
+    from rlspec.session import run
 
     torch.set_num_threads(1)
     path = tmp_path_factory.mktemp("export") / "run"
     cfg = compose_config([*TINY_OVERRIDES, "+recipe=dler", "run_name=tiny-dler", f"run_dir={path}",
                           "trainer.steps=1", "eval.num_problems=4", "logger.plot=false"])
-    run(cfg, OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+    run(cfg, to_dict(cfg))
     model_dir = path / "checkpoints" / "step_000001" / "model"
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     with torch.no_grad():
@@ -232,7 +233,7 @@ def test_checkpoint_resolution_latest_step_number_and_tags(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["run_dir=r"], "missing out=DIR"),
-    (["run_dir=r", "out=o", "checkpiont=latest"], "unknown argument 'checkpiont=latest'"),
+    (["run_dir=r", "out=o", "checkpiont=latest"], r"unknown config key 'checkpiont' \(did you mean 'checkpoint'\?\)"),
     (["run_dir=r", "out=o", "merge.scale=0.5"], "merge.scale is set but merge.base is not"),
     (["run_dir=r", "out=o", "merge.base=start", "merge.top_k=1.5"], r"merge.top_k must be a fraction in \(0, 1\]"),
     (["run_dir=r", "out=o", "merge.base=start", "merge.scale=x"], "merge.scale must be a number"),

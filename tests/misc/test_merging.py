@@ -137,4 +137,4 @@ def test_merge_cli_errors(tmp_path, capsys):
     assert "not a save_pretrained model directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bogus=1"])
-    assert "unknown argument" in capsys.readouterr().err
+    assert "unknown config key 'bogus'" in capsys.readouterr().err

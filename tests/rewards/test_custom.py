@@ -210,6 +210,8 @@ def test_missing_file_and_module(tmp_path):
 
 
 def test_build_terms_from_config_objects(tmp_path):
+    import dataclasses
+
     from omegaconf import OmegaConf
 
     from rlspec.config import CustomRewardConfig, RewardConfig, RewardTermConfig
@@ -217,7 +219,7 @@ def test_build_terms_from_config_objects(tmp_path):
     path = write(tmp_path, VERL_SOURCE)
     custom = CustomRewardConfig(path=path, name="plain", weight=0.25, style="verl")
     as_dataclass = RewardConfig(terms={"correctness": RewardTermConfig(weight=1.0)}, custom=custom)
-    as_omegaconf = OmegaConf.structured(as_dataclass)
+    as_omegaconf = OmegaConf.create(dataclasses.asdict(as_dataclass))  # a composed (DictConfig) reward section
     for reward_cfg in (as_dataclass, as_omegaconf):
         terms = build_reward_terms(reward_cfg)
         assert terms == {"correctness": {"weight": 1.0, "kwargs": {}}, "custom:plain": {"weight": 0.25, "kwargs": {}}}

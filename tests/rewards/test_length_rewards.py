@@ -1,4 +1,4 @@
-"""Efficiency rewards (rlspec.rewards.length) against values computed by hand from each formula."""
+"""Efficiency rewards (rlspec.rewards.<method>) against values computed by hand from each formula."""
 
 import json
 import math
@@ -9,29 +9,15 @@ from omegaconf import OmegaConf
 import rlspec.rewards  # noqa: F401  (the import must register the length terms)
 from rlspec.errors import ConfigError
 from rlspec.rewards import REWARD_TERMS, RewardBatch, score_batch
-from rlspec.rewards.length import (
-    COSINE_CODE_MARGIN,
-    HapoHistory,
-    apply_truncation,
-    cosine_length_reward,
-    dapo_overlong_penalty,
-    difficulty_aware_truncation_lengths,
-    grpo_lambda_reward,
-    grpo_lambda_select_groups,
-    hapo_length_reward,
-    hapo_length_rewards,
-    hbpo_f1,
-    hbpo_f2,
-    hbpo_parse_budget,
-    hbpo_reward,
-    hbpo_well_formed,
-    kimi_length_reward,
-    l1_exact_reward,
-    l1_max_reward,
-    l1_prompt_suffix,
-    palu_update_budget,
-    tlmre_length_reward,
-)
+from rlspec.rewards.cosine import COSINE_CODE_MARGIN, cosine_length_reward
+from rlspec.rewards.dapo import dapo_overlong_penalty
+from rlspec.rewards.dler import difficulty_aware_truncation_lengths
+from rlspec.rewards.grpo_lambda import grpo_lambda_reward, grpo_lambda_select_groups, tlmre_length_reward
+from rlspec.rewards.hapo import HapoHistory, hapo_length_reward, hapo_length_rewards
+from rlspec.rewards.hbpo import hbpo_f1, hbpo_f2, hbpo_parse_budget, hbpo_reward, hbpo_well_formed
+from rlspec.rewards.kimi import kimi_length_reward
+from rlspec.rewards.l1 import l1_exact_reward, l1_max_reward, l1_prompt_suffix
+from rlspec.rewards.palu import palu_update_budget
 
 LENGTH_TERMS = {"dapo_overlong", "kimi_length", "cosine", "l1_exact", "l1_max", "tlmre_length", "grpo_lambda"}
 
@@ -343,17 +329,12 @@ def test_da_dler_tiers_mapping():
             difficulty_aware_truncation_lengths([1], [0], bad)
 
 
-def test_apply_truncation():
-    # longer than the limit -> 0; exactly at the limit -> kept
-    assert apply_truncation([1, 1, 0, 1, 0.5], [1500, 2500, 2500, 4000, 2000], [2000, 2000, 4000, 4000, 2000]) == [
-        1.0, 0.0, 0.0, 1.0, 0.5]
-    # with the DA-DLER limits: easy group (limit 2000) loses its 3000-token correct answer
+def test_difficulty_aware_limits_follow_each_group():
+    # easy group (2/2 correct) and a group exactly at the threshold (1/2) both get the short limit
     correct = [True, True, False, True]
-    lengths = [1500, 3000, 3500, 3900]
-    limits = difficulty_aware_truncation_lengths(correct, [0, 0, 1, 1])  # g0 2/2 -> 2000, g1 1/2 -> 2000
-    assert limits == [2000, 2000, 2000, 2000]
-    assert apply_truncation(correct, lengths, limits) == [1.0, 0.0, 0.0, 0.0]
-    assert apply_truncation([], [], []) == []
+    assert difficulty_aware_truncation_lengths(correct, [0, 0, 1, 1]) == [2000, 2000, 2000, 2000]
+    # below the threshold the group keeps the long limit
+    assert difficulty_aware_truncation_lengths([False, False, True, False], [0, 0, 1, 1]) == [4000, 4000, 2000, 2000]
 
 
 # ---------------------------------------------------------------------------------------- PALU

@@ -9,7 +9,8 @@ import rlspec.rewards.terms as terms_module
 from rlspec.config import RewardTermConfig
 from rlspec.errors import ConfigError
 from rlspec.rewards import REWARD_TERMS, RewardBatch, compute_rewards, score_batch
-from rlspec.rewards.terms import correctness, dler_truncation, format_reward
+from rlspec.rewards.dler import dler_truncation
+from rlspec.rewards.terms import correctness, format_reward
 
 # Four responses to "2+2" (gold 4), one group:
 #   0 correct, stopped            1 correct box, then cut at the length limit

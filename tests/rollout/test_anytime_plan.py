@@ -1,9 +1,9 @@
-"""AnytimeReasoner's summary plan (rlspec.rollout.anytime): cuts, collapsed budgets, closing texts."""
+"""AnytimeReasoner's summary plan (rlspec.trainers.hooks.anytime): cuts, collapsed budgets, closing texts."""
 
 import pytest
 
 from rlspec.errors import ConfigError
-from rlspec.rollout.anytime import cut_positions, default_budgets, plan_summaries
+from rlspec.trainers.hooks.anytime import cut_positions, default_budgets, plan_summaries
 
 CLOSE, EOS = 99, 98
 CUT, FIN = [7, CLOSE, 8], [8]

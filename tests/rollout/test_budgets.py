@@ -5,7 +5,10 @@ import random
 import pytest
 
 from rlspec.errors import ConfigError
-from rlspec.rollout.budgets import HBPO_TEMPLATES, L1_TEMPLATE, hbpo_budgeted_prompts, l1_budgeted_prompts
+from rlspec.rewards.hbpo import HBPO_TEMPLATES
+from rlspec.rewards.l1 import L1_TEMPLATE
+from rlspec.trainers.hooks.hbpo import hbpo_budgeted_prompts
+from rlspec.trainers.hooks.l1 import l1_budgeted_prompts
 
 
 @pytest.fixture(scope="module")

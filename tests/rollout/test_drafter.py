@@ -10,17 +10,14 @@ import pytest
 import torch
 
 from rlspec.errors import ConfigError, ModelLoadError
-from rlspec.rollout.drafter import (
-    DrafterBuffer,
-    DrafterTrainer,
-    EagleDrafter,
-    drafter_loss,
-    eagle_training_pairs,
-    main,
-    warmup_drafter,
-)
-import rlspec.rollout.native as native
-from rlspec.rollout.native import LlamaFastBackend, NativeEngine
+from rlspec.rollout.speculative.drafter_buffer import DrafterBuffer
+from rlspec.rollout.speculative.drafter_training import DrafterTrainer, drafter_loss, eagle_training_pairs
+from rlspec.rollout.speculative.eagle import EagleDrafter
+from rlspec.rollout.speculative.warmup import warmup_drafter
+from rlspec.warmup_drafter import main
+import rlspec.rollout.fast_backend as fast_backend
+from rlspec.rollout.fast_backend import LlamaFastBackend
+from rlspec.rollout.native import NativeEngine
 from rlspec.rollout.base import SamplingParams
 
 torch.set_num_threads(1)
@@ -136,8 +133,8 @@ def test_unsupported_architecture_is_a_clear_error():
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "mistral"])
 def test_step_prefill_then_decode_equals_training_forward(arch, small_row_linear, monkeypatch):
     if small_row_linear:  # the (W @ x^T)^T path that large weights take on CPU
-        monkeypatch.setattr(native, "SMALL_ROW_LINEAR", True)
-        monkeypatch.setattr(native, "SMALL_LINEAR_MIN_WEIGHT", 0)
+        monkeypatch.setattr(fast_backend, "SMALL_ROW_LINEAR", True)
+        monkeypatch.setattr(fast_backend, "SMALL_LINEAR_MIN_WEIGHT", 0)
     tgt = tiny_target(arch)
     drafter = EagleDrafter.from_target(tgt, seed=1)
     torch.manual_seed(2)
@@ -389,7 +386,7 @@ def test_training_on_own_generations_lowers_loss_and_raises_top1(tiny_model_path
     from rlspec.config import DataConfig
     from rlspec.data import load_split
     from rlspec.models import eos_token_ids, load_causal_lm, load_tokenizer
-    from rlspec.train import build_prompt_ids
+    from rlspec.data import build_prompt_ids
 
     path = str(tiny_model_path)
     tokenizer, model = load_tokenizer(path), load_causal_lm(path).eval()
@@ -456,22 +453,23 @@ def test_cli_writes_a_loadable_drafter(tiny_model_path, tmp_path, capsys):
     assert drafter.version >= 1
     with pytest.raises(SystemExit):
         main([f"model={tiny_model_path}", "bogus=1"])
-    assert "unknown argument" in capsys.readouterr().err
+    assert "unknown config key 'bogus'" in capsys.readouterr().err
 
 
 def test_spot_trainer_state_round_trip_continues_training_exactly(target):
     """A resumed spot trainer (drafter weights + state_dict: optimizer moments, step count, RNG,
     buffer) takes the same next steps as the uninterrupted one."""
-    from rlspec.rollout.spot_trainer import SpotDrafterTrainer
+    from rlspec.config import OnlineDrafterConfig
+    from rlspec.rollout.speculative.spot_trainer import SpotDrafterTrainer
 
-    first = SpotDrafterTrainer(EagleDrafter.from_target(target), lr=1e-3, batch_size=2, window=16)
+    first = SpotDrafterTrainer(EagleDrafter.from_target(target), OnlineDrafterConfig(lr=1e-3, batch_size=2, window=16))
     first.buffer = random_buffer(target)
     first.trainer.train(first.buffer, 3)
     state = first.state_dict()
     assert state["buffer"] is not None and state["buffer_bytes"] == first.buffer.nbytes > 0
     saved = {k: v.clone() for k, v in first.drafter.state_dict().items()}
 
-    resumed = SpotDrafterTrainer(EagleDrafter.from_target(target), lr=1e-3, batch_size=2, window=16)
+    resumed = SpotDrafterTrainer(EagleDrafter.from_target(target), OnlineDrafterConfig(lr=1e-3, batch_size=2, window=16))
     resumed.drafter.load_state_dict(saved)
     resumed.trainer.sync_from_drafter()
     resumed.load_state_dict(state)
@@ -481,13 +479,13 @@ def test_spot_trainer_state_round_trip_continues_training_exactly(target):
     for (name, p), q in zip(first.drafter.named_parameters(), resumed.drafter.parameters()):
         assert torch.equal(p, q), name
     # a fresh optimizer (no moments) would have taken different steps
-    fresh = SpotDrafterTrainer(EagleDrafter.from_target(target), lr=1e-3, batch_size=2, window=16)
+    fresh = SpotDrafterTrainer(EagleDrafter.from_target(target), OnlineDrafterConfig(lr=1e-3, batch_size=2, window=16))
     fresh.drafter.load_state_dict(saved)
     fresh.trainer.sync_from_drafter()
     fresh.trainer.generator.set_state(state["trainer"]["generator"])
     fresh.trainer.train(first.buffer, 2)
     assert not torch.equal(fresh.drafter.fc.weight, first.drafter.fc.weight)
     # over the size limit the buffer is left out (a resumed run refills it from its next rollout)
-    tight = SpotDrafterTrainer(EagleDrafter.from_target(target), checkpoint_buffer_mb=0.0)
+    tight = SpotDrafterTrainer(EagleDrafter.from_target(target), OnlineDrafterConfig(checkpoint_buffer_mb=0.0))
     tight.buffer = first.buffer
     assert tight.state_dict()["buffer"] is None

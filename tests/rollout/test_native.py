@@ -18,16 +18,11 @@ from transformers import (
 )
 
 from rlspec.errors import ConfigError, DataError
-from rlspec.rollout import (
-    FINISH_LENGTH,
-    FINISH_STOP,
-    NativeEngine,
-    RolloutResultWithHidden,
-    SamplingParams,
-    make_engine,
-)
-import rlspec.rollout.native as native
-from rlspec.rollout.native import LlamaFastBackend
+from rlspec.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutResultWithHidden, SamplingParams
+from rlspec.rollout.engines import make_engine
+from rlspec.rollout.native import NativeEngine
+import rlspec.rollout.fast_backend as fast_backend
+from rlspec.rollout.fast_backend import LlamaFastBackend
 
 V = 128
 SMALL = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -468,40 +463,40 @@ def test_one_new_token_and_eos_as_first_token(qwen2, fast):
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_small_row_linear_equals_f_linear(monkeypatch, bias):
-    monkeypatch.setattr(native, "SMALL_ROW_LINEAR", True)
-    monkeypatch.setattr(native, "SMALL_LINEAR_MIN_WEIGHT", 0)  # every weight takes the (W @ x^T)^T path
+    monkeypatch.setattr(fast_backend, "SMALL_ROW_LINEAR", True)
+    monkeypatch.setattr(fast_backend, "SMALL_LINEAR_MIN_WEIGHT", 0)  # every weight takes the (W @ x^T)^T path
     g = torch.Generator().manual_seed(0)
     w = torch.randn(24, 16, generator=g)
     b = torch.randn(24, generator=g) if bias else None
     for lead in [(16,), (1, 16), (3, 16), (2, 4, 16), (1, 48, 16), (7, 7, 16), (0, 16)]:  # 49 rows: F.linear
         x = torch.randn(*lead, generator=g)
-        out = native.linear(x, w, b)
+        out = fast_backend.linear(x, w, b)
         assert out.shape == (*lead[:-1], 24) and out.is_contiguous()
         torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
     x16 = torch.randn(3, 16, generator=g).bfloat16()  # dtype mismatch: left to F.linear's error/handling
     with pytest.raises(RuntimeError):
-        native.linear(x16, w, b)
+        fast_backend.linear(x16, w, b)
 
 
 def test_small_row_linear_is_on_for_amd_cpus_unless_the_env_says_otherwise(monkeypatch):
-    assert native.small_row_linear_default("auto", "AuthenticAMD") is True
-    assert native.small_row_linear_default("auto", "GenuineIntel") is False
-    assert native.small_row_linear_default("1", "GenuineIntel") is True
-    assert native.small_row_linear_default(" off ", "AuthenticAMD") is False
+    assert fast_backend.small_row_linear_default("auto", "AuthenticAMD") is True
+    assert fast_backend.small_row_linear_default("auto", "GenuineIntel") is False
+    assert fast_backend.small_row_linear_default("1", "GenuineIntel") is True
+    assert fast_backend.small_row_linear_default(" off ", "AuthenticAMD") is False
     with pytest.raises(ConfigError, match="RLSPEC_SMALL_ROW_LINEAR='fast'"):
-        native.small_row_linear_default("fast", "AuthenticAMD")
+        fast_backend.small_row_linear_default("fast", "AuthenticAMD")
     # off: F.linear for every input, whatever its size
-    monkeypatch.setattr(native, "SMALL_ROW_LINEAR", False)
-    monkeypatch.setattr(native, "SMALL_LINEAR_MIN_WEIGHT", 0)
-    monkeypatch.setattr(native.torch, "mm", lambda *a: pytest.fail("took the (W @ x^T)^T path"))
+    monkeypatch.setattr(fast_backend, "SMALL_ROW_LINEAR", False)
+    monkeypatch.setattr(fast_backend, "SMALL_LINEAR_MIN_WEIGHT", 0)
+    monkeypatch.setattr(fast_backend.torch, "mm", lambda *a: pytest.fail("took the (W @ x^T)^T path"))
     w, x = torch.randn(24, 16), torch.randn(3, 16)
-    assert torch.equal(native.linear(x, w), torch.nn.functional.linear(x, w))
+    assert torch.equal(fast_backend.linear(x, w), torch.nn.functional.linear(x, w))
 
 
 def test_fast_forward_with_small_row_linear_matches_hf(monkeypatch):
     """The decode and verification forwards of a model whose weights take the small-row path."""
-    monkeypatch.setattr(native, "SMALL_ROW_LINEAR", True)
-    monkeypatch.setattr(native, "SMALL_LINEAR_MIN_WEIGHT", 0)
+    monkeypatch.setattr(fast_backend, "SMALL_ROW_LINEAR", True)
+    monkeypatch.setattr(fast_backend, "SMALL_LINEAR_MIN_WEIGHT", 0)
     for kind, attention in [("qwen2", "math"), ("llama", "math"), ("qwen3", "sdpa")]:
         test_fast_forward_logits_match_hf(kind, attention)
     test_fast_forward_several_new_tokens_per_row("math")

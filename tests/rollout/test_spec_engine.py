@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from rlspec.rollout.base import SamplingParams
-from rlspec.rollout.drafter import EagleDrafter
-import rlspec.rollout.native as native
+from rlspec.rollout.speculative.eagle import EagleDrafter
+import rlspec.rollout.fast_backend as fast_backend
+import rlspec.rollout.speculative.controller as controller
 from rlspec.rollout.native import NativeEngine
-from rlspec.rollout.spec_decode import SpeculativeSettings
+from rlspec.config import SpeculativeConfig
 
 V = 12
 
@@ -54,7 +55,7 @@ def _oracle_drafter(model):
 def _engine(model, drafter, mode="always", arm="4_1_4", **kw):
     bandit = {"policy": "fixed", "fixed_arms": [arm] * 4}
     engine = NativeEngine(model, eos_token_ids=kw.pop("eos", [V - 1]), max_batch_size=kw.pop("max_batch_size", 64),
-                          speculative=SpeculativeSettings(mode=mode, bandit=bandit, **kw))
+                          speculative=SpeculativeConfig(mode=mode, bandit=bandit, **kw))
     engine.set_drafter(drafter)
     return engine
 
@@ -81,8 +82,8 @@ def test_greedy_identical_to_plain(arm, oracle):
 
 def test_greedy_identical_with_small_row_linear(monkeypatch):
     """Plain decode and verification through the (W @ x^T)^T path that large weights take on CPU."""
-    monkeypatch.setattr(native, "SMALL_ROW_LINEAR", True)
-    monkeypatch.setattr(native, "SMALL_LINEAR_MIN_WEIGHT", 0)
+    monkeypatch.setattr(fast_backend, "SMALL_ROW_LINEAR", True)
+    monkeypatch.setattr(fast_backend, "SMALL_LINEAR_MIN_WEIGHT", 0)
     test_greedy_identical_to_plain("3_2_5", oracle=False)
     test_greedy_identical_to_plain("4_1_4", oracle=True)
 
@@ -106,17 +107,17 @@ def test_adaptive_probe_interleaves_plain_steps_losslessly():
 def _check_switch_states(monkeypatch) -> list[int]:
     """Make every switch into SD check that the states the engine kept equal a re-run of the
     prefixes (TLT's way); returns the list of the switches' row counts."""
-    from rlspec.rollout.spec_decode import SpeculativeDecoder
+    from rlspec.rollout.speculative.decoder import SpeculativeDecoder
 
     original = SpeculativeDecoder.start
     switches: list[int] = []
 
-    def spy(self, sequences, cur, states=None):
+    def spy(self, sequences, states=None):
         assert states is not None
-        original(self, sequences, cur, None)  # the re-run (rewrites the same cache columns)
-        rerun = [h.clone() for h in self.pending_hidden]
-        original(self, sequences, cur, states)
-        for a, b in zip(self.pending_hidden, rerun):
+        original(self, sequences, None)  # the re-run (rewrites the same cache columns)
+        rerun = [h.clone() for h in self.source.pending_hidden]
+        original(self, sequences, states)
+        for a, b in zip(self.source.pending_hidden, rerun):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         switches.append(len(sequences))
 
@@ -151,7 +152,7 @@ def test_after_a_revert_sd_is_probed_again_in_a_smaller_bucket(monkeypatch, want
         except StopIteration:  # later comparisons: SD wins
             return 1.0 if rigged_median.calls % 2 else 0.0
     rigged_median.calls = 0
-    monkeypatch.setattr(native, "_median", rigged_median)
+    monkeypatch.setattr(controller, "median", rigged_median)
     starts = _check_switch_states(monkeypatch)
     model = _model(2, bigram=False)  # greedy lengths with EOS 3: 8 .. 21 for ten rows, 60 for two
     rng = random.Random(0)
@@ -160,7 +161,7 @@ def test_after_a_revert_sd_is_probed_again_in_a_smaller_bucket(monkeypatch, want
     plain = NativeEngine(model, eos_token_ids=[3]).generate(prompts, params, return_hidden_states=True)
     engine = _engine(model, EagleDrafter.from_target(model), mode="adaptive", arm="3_1_3", threshold=12,
                      warmup_checks=2, probe_steps=2, eos=[3])
-    assert engine.bandit.config.buckets == (1, 2, 5, 21)
+    assert engine.bandit.buckets == (1, 2, 5, 21)
     out = engine.generate(prompts, params, return_hidden_states=want_hidden)
     assert out.response_ids == plain.response_ids
     assert out.stats["spec/reverted"] == 1 and out.stats["spec/reentered"] == 1
@@ -177,23 +178,23 @@ def test_after_a_revert_sd_is_probed_again_in_a_smaller_bucket(monkeypatch, want
 
 
 def test_default_arms_are_chains_on_cpu_unless_configured():
-    from rlspec.rollout.bandit import DEFAULT_ARMS_CPU
+    from rlspec.rollout.speculative.bandit import DEFAULT_ARMS_CPU
 
     model = _model(0, bigram=True)
-    engine = NativeEngine(model, eos_token_ids=[V - 1], speculative=SpeculativeSettings())
-    assert engine.bandit.config.arms == DEFAULT_ARMS_CPU
+    engine = NativeEngine(model, eos_token_ids=[V - 1], speculative=SpeculativeConfig())
+    assert engine.bandit.table.arms == DEFAULT_ARMS_CPU
     assert all(arm.topk == 1 and arm.num_verify == arm.depth for arms in DEFAULT_ARMS_CPU for arm in arms)
     assert all(len(set(arms)) == 3 for arms in DEFAULT_ARMS_CPU)  # the bandit has a real choice
     mine = NativeEngine(model, eos_token_ids=[V - 1],
-                        speculative=SpeculativeSettings(bandit={"arms": [["4_2_6", "3_1_3"]] * 4}))
-    assert [str(a) for a in mine.bandit.config.arms[0]] == ["4_2_6", "3_1_3"]
+                        speculative=SpeculativeConfig(bandit={"arms": [["4_2_6", "3_1_3"]] * 4}))
+    assert [str(a) for a in mine.bandit.table.arms[0]] == ["4_2_6", "3_1_3"]
 
 
 def test_tail_phase_is_timed_from_the_switch_point():
     model = _model(4, bigram=True)
     params = SamplingParams(max_new_tokens=30, temperature=1.0, seed=0)
     # speculative settings but no drafter: plain decoding that marks where the switch would fire
-    settings = SpeculativeSettings(mode="adaptive", threshold=1, warmup_checks=3)
+    settings = SpeculativeConfig(mode="adaptive", threshold=1, warmup_checks=3)
     engine = NativeEngine(model, eos_token_ids=[], speculative=settings)
     out = engine.generate([[1, 2]], params)  # one row: calm from the first decode step
     # token 1 from the prefill, tokens 2-3 from the first two decode steps; the third check switches
@@ -327,18 +328,19 @@ def test_long_tail_hook_gets_the_finished_responses_with_hidden_states():
 
 
 def test_spot_trainer_trains_in_the_background_and_publishes_on_stop():
-    from rlspec.rollout.spot_trainer import SpotDrafterTrainer
+    from rlspec.config import OnlineDrafterConfig
+    from rlspec.rollout.speculative.spot_trainer import SpotDrafterTrainer
 
     model = _model(6, bigram=False)
     drafter = EagleDrafter.from_target(model)
-    spot = SpotDrafterTrainer(drafter, lr=1e-3, batch_size=2, window=16, max_steps=10_000)
+    spot = SpotDrafterTrainer(drafter, OnlineDrafterConfig(lr=1e-3, batch_size=2, window=16, max_steps=10_000))
     assert spot.stop(1) == {"drafter/steps": 0.0, "drafter/lag_steps": 1.0}  # nothing started, never trained
     spot.start()  # empty buffer: nothing to train on, no thread
     assert spot._thread is None
     engine = NativeEngine(model, eos_token_ids=[V - 1])
     result = engine.generate(PROMPTS, SamplingParams(max_new_tokens=20, temperature=1.0, seed=0),
                              return_hidden_states=True)
-    assert spot.add_rollout(1, result) > 0
+    assert spot.buffer.add_rollout(1, result) > 0
     before = {k: v.clone() for k, v in drafter.fc.state_dict().items()}
     version = drafter.version
     spot.start()

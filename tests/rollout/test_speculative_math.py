@@ -17,17 +17,13 @@ import torch
 
 from rlspec.rollout.base import SamplingParams
 from rlspec.rollout.sampling import sample_from_probs, sample_next_tokens
-from rlspec.rollout.speculative import (
-    ArmShape,
+from rlspec.rollout.speculative.draft_tree import ArmShape, TreeBuilder, chain_parents, tree_attention_mask, tree_positions
+from rlspec.rollout.speculative.verification import (
     ChainVerifyResult,
-    TreeBuilder,
     TreeVerifyResult,
     chain_emitted,
-    chain_parents,
     target_probs,
-    tree_attention_mask,
     tree_emitted,
-    tree_positions,
     verify_chain,
     verify_tree,
 )

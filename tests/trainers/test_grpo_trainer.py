@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import TINY_OVERRIDES, compose_config
-from rlspec.train import build_trainer
+from rlspec.session import build_trainer
+from rlspec.trainers.batch import micro_batches
 
 
 @pytest.fixture()
@@ -40,7 +41,7 @@ def test_rollout_logprobs_equal_recomputed_logprobs(make_trainer):
     kept, _, _ = trainer.collect_rollouts(1, timing)
     batch = trainer.build_batch(kept)
     engine_logprobs = [lp.clone() for lp in batch.old_logprobs]
-    trainer.recompute_old_logprobs(batch)
+    trainer.actor.recompute_old_logprobs(batch)
     diff = max(float((a - b).abs().max()) for a, b in zip(engine_logprobs, batch.old_logprobs) if len(a))
     assert diff < 1e-3, diff
 
@@ -52,12 +53,12 @@ def test_gradient_accumulation_equals_one_big_batch(make_trainer):
     batch = trainer.build_batch(kept)
     batch.advantages = torch.linspace(-1, 1, batch.size)  # non-degenerate advantages
     start_model = copy.deepcopy(trainer.model.state_dict())
-    start_opt = copy.deepcopy(trainer.optimizer.state_dict())
+    start_opt = copy.deepcopy(trainer.strategy.optimizer.state_dict())
     results = []
     # one big micro-batch, fixed-size micro-batches, and a padded-token budget (dynamic bsz)
     for micro, budget in ((16, None), (3, None), (16, 160)):
         trainer.model.load_state_dict(start_model)
-        trainer.optimizer.load_state_dict(start_opt)
+        trainer.strategy.optimizer.load_state_dict(start_opt)
         trainer.tc.micro_batch_size = micro
         trainer.tc.micro_batch_tokens = budget
         trainer.update_policy(batch, step=1)
@@ -74,13 +75,13 @@ def test_token_budget_micro_batches(make_trainer):
     batch = trainer.build_batch(kept)
     members = list(range(batch.size))
     trainer.tc.micro_batch_size, trainer.tc.micro_batch_tokens = 1000, 160
-    micros = trainer._micro_batches(batch, members)
+    micros = micro_batches(batch, members, trainer.tc.micro_batch_size, trainer.tc.micro_batch_tokens)
     assert sorted(i for m in micros for i in m) == members  # every response exactly once
     for m in micros:
         padded = len(m) * (max(len(batch.prompt_ids[i]) for i in m) + max(len(batch.response_ids[i]) for i in m))
         assert padded <= 160 or len(m) == 1, (len(m), padded)
     trainer.tc.micro_batch_tokens = None
-    assert len(trainer._micro_batches(batch, members)) == 1
+    assert len(micro_batches(batch, members, trainer.tc.micro_batch_size, trainer.tc.micro_batch_tokens)) == 1
 
 
 def test_dynamic_sampling_keeps_only_informative_groups(make_trainer):

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from conftest import TINY_OVERRIDES, compose_config
-from rlspec.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutResult
-from rlspec.train import build_trainer, group_options
+from rlspec.rewards import RewardBatch, compute_rewards
+from rlspec.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutResult, SamplingParams
+from rlspec.session import build_trainer, group_options
+from rlspec.trainers.hooks import RolloutChunk
 from rlspec.trainers.schedules import length_at
 
 # tiny-model sizes for the recipes whose lengths are set for the embedded default
@@ -25,6 +27,18 @@ def make_trainer(tiny_model_path, tmp_path):
         return build_trainer(cfg, tmp_path)
 
     return _make
+
+
+def _chunk(trainer, batch: RewardBatch, result: RolloutResult | None = None) -> RolloutChunk:
+    """A generation chunk holding ``batch`` (and ``result``), as the trainer hands it to its hooks."""
+    return RolloutChunk(step=0, seed=0, max_length=trainer.max_length_at(0), engine=trainer.engine, row_indices=[],
+                        rows=[], prompt_ids=[], params=SamplingParams(), timing={}, result=result,
+                        texts=list(batch.completions), batch=batch)
+
+
+def _score(trainer, batch: RewardBatch):
+    batch.correct = []
+    return compute_rewards(batch, trainer.reward_terms, require_think_close=trainer.cfg.reward.require_think_close)
 
 
 @pytest.mark.parametrize("recipe", group_options("recipe"))
@@ -83,18 +97,19 @@ def test_difficulty_aware_truncation_cuts_easy_groups_and_rescores(make_trainer)
     result = RolloutResult(prompt_ids=[[1]] * 6, response_ids=[list(r) for r in responses],
                            response_logprobs=[torch.zeros(len(r)) for r in responses],
                            finish_reasons=[FINISH_STOP] * 6)
-    from rlspec.rewards import RewardBatch
-
     batch = RewardBatch(prompts=["q"] * 6, completions=[tok.decode(r) for r in responses],
                         completion_ids=result.response_ids, finish_reasons=result.finish_reasons,
                         answers=["7"] * 6, correct=[], group_ids=[0, 0, 1, 1, 2, 2])
-    _, _, correct = trainer._score(batch)
+    _, _, correct = _score(trainer, batch)
     assert correct == [True, True, True, False, False, False]
-    clipped_batch, clipped = trainer._truncate(batch, result, correct)
+    (hook,) = trainer.hooks  # rollout.truncation.name=difficulty_aware
+    chunk = _chunk(trainer, batch, result)
+    hook.before_scoring(chunk)
+    clipped = chunk.result
     assert [len(r) for r in clipped.response_ids] == [3, 3, 3, 3, len(wrong), len(wrong)]
     assert clipped.finish_reasons == [FINISH_LENGTH] * 4 + [FINISH_STOP] * 2
     assert [len(lp) for lp in clipped.response_logprobs] == [3, 3, 3, 3, len(wrong), len(wrong)]
-    rewards, _, correct_after = trainer._score(clipped_batch)
+    rewards, _, correct_after = _score(trainer, chunk.batch)
     assert correct_after == [False] * 6  # the clipped text has no answer
     assert rewards == [0.0] * 6
 
@@ -114,8 +129,6 @@ def test_hapo_history_is_checkpointed_and_restored(make_trainer):
 
 
 def test_hapo_term_uses_and_updates_the_history():
-    from rlspec.rewards import RewardBatch, compute_rewards
-
     state: dict = {}
 
     def batch(lengths, correct):
@@ -158,10 +171,9 @@ def test_hbpo_logs_per_budget_lengths(make_trainer):
 
 
 def test_palu_budgets_shrink_only_after_a_high_pass_rate(make_trainer):
-    from rlspec.rewards import RewardBatch
-
     trainer = make_trainer("+recipe=palu", "rollout.n=4")
-    trainer.reward_state["palu"] = {
+    (hook,) = trainer.hooks  # rollout.truncation.name=palu
+    hook.records = {
         "easy": {"budget": 96, "pass_rate": 1.0, "correct_lengths": [10, 20, 30, 40]},
         "hard": {"budget": 50, "pass_rate": 0.5, "correct_lengths": [10]},
     }
@@ -169,12 +181,16 @@ def test_palu_budgets_shrink_only_after_a_high_pass_rate(make_trainer):
                         finish_reasons=["stop"] * 6, answers=["1"] * 6, correct=[], group_ids=[0, 0, 1, 1, 2, 2],
                         columns={"uid": ["easy", "easy", "hard", "hard", "new", "new"]})
     # easy: 96 - floor(Q1.0 - Q0.5) = 96 - floor(40 - 25) = 81; hard: pass rate < 0.8 -> L_max 96; new: 96
-    assert trainer._truncation_limits(batch, [True] * 6) == [81, 81, 96, 96, 96, 96]
+    chunk = _chunk(trainer, batch)
+    assert hook.limits(chunk) == [81, 81, 96, 96, 96, 96]
     batch.columns["truncation_limit"] = [81, 81, 96, 96, 96, 96]
     batch.completion_ids = [[1] * 5, [1] * 7, [1] * 3, [1] * 4, [1], [1]]
-    trainer._record_palu(batch, [True, False, False, False, True, True])
-    assert trainer.reward_state["palu"]["easy"] == {"budget": 81, "pass_rate": 0.5, "correct_lengths": [5]}
-    assert trainer.reward_state["palu"]["new"]["pass_rate"] == 1.0
+    chunk.correct = [True, False, False, False, True, True]
+    hook.after_scoring(chunk)
+    assert hook.records["easy"] == {"budget": 81, "pass_rate": 0.5, "correct_lengths": [5]}
+    assert hook.records["new"]["pass_rate"] == 1.0
+    # the budgets are run state: in the checkpoint, and back on resume
+    assert trainer.state_dict()["hooks"]["palu"]["records"] == hook.records
 
 
 @pytest.mark.parametrize("overrides, key", [
@@ -235,7 +251,8 @@ def test_anytime_step_hand_computed(make_trainer):
     trainer.engine = engine
     metrics = trainer.train_step()
     prompt = trainer.train_prompt_ids[0]
-    cut, fin = trainer.anytime_cut_ids, trainer.anytime_finished_ids
+    (hook,) = trainer.hooks  # anytime.enable
+    cut, fin = hook.cut_ids, hook.finished_ids
     assert engine.params[0].max_new_tokens == 4 and "</think>" in engine.params[0].stop_strings
     assert engine.params[1].max_new_tokens == 32 and "</think>" not in engine.params[1].stop_strings
     # summary prompts: r0 cut at 2 and 4 (cut text), r1 cut at 2 (cut text) and its own end (finished text)
@@ -269,10 +286,10 @@ def test_anytime_step_hand_computed(make_trainer):
     # closing texts are not trained (inserted, not sampled)
     assert batch.loss_masks[0][4 : 4 + len(cut)].sum() == 0 and batch.loss_masks[0][:4].sum() == 4
     # the packed forward gives each summary the log-probs it has on its own prompt (tree mask + positions)
-    t = trainer._micro_tensors(batch, [0, 1])
+    t = trainer.actor.tensors(batch, [0, 1])
     assert t["advantages"].shape == t["mask"].shape == (2, len(batch.response_ids[0]))
     with torch.no_grad():
-        packed_lp, _ = trainer._response_logprobs(trainer.model, t, with_entropy=False)
+        packed_lp, _ = trainer.actor.response_logprobs(trainer.model, t, with_entropy=False)
         for row, (think, segs) in enumerate(((r0, segs0), (r1, segs1))):
             pos = len(think)
             for (closing, summary), c_at in zip(segs, [2, 2, 4, 4] if row == 0 else [2, 2, 3, 3]):
@@ -284,6 +301,29 @@ def test_anytime_step_hand_computed(make_trainer):
                 pos += len(closing) + len(summary)
 
 
+def test_anytime_thinking_rollout_goes_through_the_online_drafter(make_trainer):
+    """With TLT's spot trainer on, AnytimeReasoner's thinking is a training rollout like any other
+    (its long tail trains the drafter); the summaries sampled after it are not."""
+    trainer = make_trainer("+recipe=anytime", "rollout.n=2", "trainer.prompts_per_step=1",
+                           "anytime.budgets=[2,4]", "anytime.n_summary=1", "eval.at_start=false", "eval.at_end=false")
+    tok = trainer.tokenizer
+    think = tok("We need", add_special_tokens=False)["input_ids"][:1] * 4
+    summary = tok("\\boxed{1}", add_special_tokens=False)["input_ids"] + trainer.eos_ids[:1]
+    engine = _ScriptedEngine([think, think], [summary] * 4)
+    trainer.engine = engine
+    calls = []
+
+    class RecordingOnlineDrafting:
+        def generate(self, prompt_ids, params, step):
+            calls.append((len(prompt_ids), step))
+            return engine.generate(prompt_ids, params)
+
+    trainer.online_drafting = RecordingOnlineDrafting()
+    trainer.train_step()
+    assert calls == [(2, 1)]  # the thinking of the step's n=2 rollouts, at step 1
+    assert len(engine.prompts) == 2 and len(engine.prompts[1]) == 4  # the summaries went to the engine
+
+
 def test_evaluation_long_tail_does_not_start_the_spot_trainer(make_trainer):
     """An evaluation rollout reaches the long tail too; the spot trainer must not start there (it
     would still run at the next checkpoint, which then failed: seen in a `grpo` run with SD)."""
@@ -291,17 +331,18 @@ def test_evaluation_long_tail_does_not_start_the_spot_trainer(make_trainer):
             "rollout.speculative.threshold=64", "rollout.speculative.warmup_checks=1", "eval.at_start=false", "eval.at_end=false"]
     trainer = make_trainer("+recipe=grpo", *over)
     trainer.train_step()  # fills the spot trainer's buffer, so a long tail would have data to train on
-    assert trainer.spot.buffer.num_pairs > 0 and trainer.spot._thread is None
+    spot = trainer.online_drafting.spot
+    assert spot.buffer.num_pairs > 0 and spot._thread is None
     calls = []
     hook = trainer.engine.on_long_tail
     trainer.engine.on_long_tail = lambda finished: (calls.append(len(finished)), hook(finished))
     trainer.evaluate(trainer.global_step)
     assert calls, "the evaluation never reached the long tail: the test would not test anything"
-    assert trainer.spot._thread is None
+    assert spot._thread is None
     trainer.save()  # took the spot trainer's state: failed while it was training
-    assert trainer.spot.trainer.total_steps == 0
+    assert spot.trainer.total_steps == 0
     trainer.train_step()  # a training rollout's long tail still trains it (stopped after the rollout)
-    assert trainer.spot.trainer.total_steps > 0 and trainer.spot._thread is None
+    assert spot.trainer.total_steps > 0 and spot._thread is None
 
 
 def test_speculative_run_trains_the_drafter_checkpoints_and_restores_it(make_trainer):
@@ -324,14 +365,15 @@ def test_speculative_run_trains_the_drafter_checkpoints_and_restores_it(make_tra
     for k, v in resumed.engine.drafter.state_dict().items():
         torch.testing.assert_close(v, saved[k])
     # the spot trainer's own state comes back too: optimizer moments, step count, RNG, buffer
-    assert trainer.spot.trainer.total_steps > 0
-    assert resumed.spot.trainer.total_steps == trainer.spot.trainer.total_steps
-    assert resumed.spot.published_step == trainer.spot.published_step == 2
-    assert resumed.spot.buffer.num_pairs == trainer.spot.buffer.num_pairs > 0
-    assert torch.equal(resumed.spot.trainer.generator.get_state(), trainer.spot.trainer.generator.get_state())
-    a, b = trainer.spot.trainer.optimizer.state_dict(), resumed.spot.trainer.optimizer.state_dict()
+    spot, resumed_spot = trainer.online_drafting.spot, resumed.online_drafting.spot
+    assert spot.trainer.total_steps > 0
+    assert resumed_spot.trainer.total_steps == spot.trainer.total_steps
+    assert resumed_spot.published_step == spot.published_step == 2
+    assert resumed_spot.buffer.num_pairs == spot.buffer.num_pairs > 0
+    assert torch.equal(resumed_spot.trainer.generator.get_state(), spot.trainer.generator.get_state())
+    a, b = spot.trainer.optimizer.state_dict(), resumed_spot.trainer.optimizer.state_dict()
     assert a["state"].keys() == b["state"].keys() and a["state"]
     for key, moments in a["state"].items():
         torch.testing.assert_close(b["state"][key]["exp_avg_sq"], moments["exp_avg_sq"])
-    torch.testing.assert_close(dict(resumed.spot.trainer.shadow.named_parameters()),
+    torch.testing.assert_close(dict(resumed_spot.trainer.shadow.named_parameters()),
                                dict(resumed.engine.drafter.named_parameters()))

@@ -44,7 +44,6 @@ from rlspec.trainers.advantages import batch_normalized_advantages, grpo_advanta
 from rlspec.trainers.losses import (
     LossNormalizer,
     aggregate_loss,
-    masked_mean,
     ppo_clip_policy_loss,
     token_logprobs_and_entropy,
 )
@@ -65,6 +64,13 @@ GRAD_PARAMS = (  # tied embedding/lm_head, first attention, last MLP, final norm
     "model.layers.1.mlp.down_proj.weight",
     "model.norm.weight",
 )
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` is 1 (how TRL reports clip fractions and entropy)."""
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"

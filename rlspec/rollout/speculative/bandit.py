@@ -1,7 +1,7 @@
 """Draft-shape selector for speculative decoding: a multi-armed bandit per batch-size bucket.
 
 TLT ("Taming the Long-Tail", arXiv 2511.16665, Section "Adaptive Rollout Engine", BEG-MAB) picks
-the draft shape -- an :class:`~rlspec.rollout.speculative.ArmShape` ``(depth, topk, num_verify)``
+the draft shape -- an :class:`~rlspec.rollout.speculative.draft_tree.ArmShape` ``(depth, topk, num_verify)``
 -- for every SD step from the current batch size, learning online which shape gives the most
 throughput. The reward of one SD step is
 
@@ -70,12 +70,14 @@ import math
 import random
 import statistics
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
+from rlspec.config import BanditConfig
 from rlspec.errors import ConfigError
-from rlspec.registry import Registry
-from rlspec.rollout.speculative import ArmShape
+from rlspec.registry import BANDIT_POLICIES as POLICIES
+from rlspec.registry import CONFIG_CHECKS
+from rlspec.rollout.speculative.draft_tree import ArmShape
+from rlspec.schema import build
 
 KEY = "rollout.speculative.bandit"
 
@@ -108,10 +110,6 @@ def default_arms_for(device_type: str) -> tuple[tuple[ArmShape, ...], ...]:
     return DEFAULT_ARMS_CPU if device_type == "cpu" else DEFAULT_ARMS
 
 
-WINDOW_SCOPES = ("bucket", "arm")
-GROUP_BYS = ("bucket", "batch_size")
-
-
 def step_reward(tokens_per_row: float, batch_size: int, wall_time_s: float) -> float:
     """TLT's reward of one SD step: ``tokens_per_row * batch_size / wall_time_s`` (tokens/s).
 
@@ -142,7 +140,7 @@ def batch_size_group(batch_size: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# config
+# the arm table
 
 
 def _is_seq(x: Any) -> bool:
@@ -164,140 +162,84 @@ def _parse_arm(value: Any, key: str) -> ArmShape:
     return arm
 
 
-@dataclass
-class BanditConfig:
-    """``rollout.speculative.bandit.*``; build with :meth:`from_dict` (validates)."""
+class ArmTable(NamedTuple):
+    """The parsed ``buckets`` / ``arms`` / ``fixed_arms`` of a :class:`~rlspec.config.BanditConfig`."""
 
-    policy: str = "bucketed_egreedy"
-    buckets: tuple[int, ...] = DEFAULT_BUCKETS  # batch-size lower bounds, first must be 1
-    arms: tuple[tuple[ArmShape, ...], ...] = DEFAULT_ARMS  # one list per bucket
-    epsilon: float = 0.1
-    window: int = 300
-    window_scope: str = "bucket"  # "bucket" (last `window` pulls of the bucket) | "arm" (TLT code)
-    group_by: str = "bucket"  # "bucket" | "batch_size" (TLT's per-batch-size state)
-    fixed_arms: tuple[ArmShape, ...] | None = None  # policy "fixed": one arm per bucket
-    seed: int = 0
+    buckets: tuple[int, ...]  # batch-size lower bounds, first 1
+    arms: tuple[tuple[ArmShape, ...], ...]  # one tuple per bucket
+    fixed_arms: tuple[ArmShape, ...] | None  # policy "fixed": one arm per bucket
 
-    @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any] | None = None, **overrides: Any) -> "BanditConfig":
-        """Parse and validate a mapping (e.g. the Hydra node ``rollout.speculative.bandit``).
 
-        Arms may be ``ArmShape``, ``"depth_topk_numverify"`` strings or ``[depth, topk, num_verify]``;
-        ``arms`` is a list (one entry per bucket) or a mapping bucket-lower-bound -> list.
-        """
-        raw = dict(cfg or {})
-        raw.update(overrides)
-        known = {"policy", "buckets", "arms", "epsilon", "window", "window_scope", "group_by", "fixed_arms", "seed"}
-        unknown = sorted(set(raw) - known)
-        if unknown:
+@CONFIG_CHECKS.register(KEY)
+def check_arm_table(cfg: BanditConfig) -> None:
+    """The config-time check of the arm table (the device's default table is chosen later)."""
+    parse_arm_table(cfg)
+
+
+def parse_arm_table(cfg: BanditConfig, device_type: str | None = None) -> ArmTable:
+    """Validate and parse the arm table; with neither ``buckets`` nor ``arms`` set, the defaults
+    for ``device_type`` (:func:`default_arms_for`; ``None``: the GPU table).
+
+    Arms may be ``ArmShape``, ``"depth_topk_numverify"`` strings or ``[depth, topk, num_verify]``;
+    ``arms`` is a list (one entry per bucket) or a mapping bucket-lower-bound -> list.
+    """
+    buckets = tuple(cfg.buckets) if cfg.buckets is not None else DEFAULT_BUCKETS
+    if not buckets or buckets[0] != 1 or any(y <= x for x, y in zip(buckets, buckets[1:])):
+        raise ConfigError(
+            f"{KEY}.buckets must start at 1 and strictly increase (batch-size lower bounds), got {list(buckets)}"
+        )
+    a = cfg.arms
+    if a is None:
+        defaults = default_arms_for(device_type) if cfg.buckets is None and device_type else DEFAULT_ARMS
+        if len(buckets) != len(defaults):
             raise ConfigError(
-                f"unknown key(s) {', '.join(f'{KEY}.{k}' for k in unknown)}; valid keys: {', '.join(sorted(known))}"
-            )
-        out = cls()
-        if "buckets" in raw:
-            b = raw["buckets"]
-            if not _is_seq(b) or not b or not all(_int(x) for x in b):
-                raise ConfigError(
-                    f"{KEY}.buckets must be a non-empty list of ints (batch-size lower bounds), got {b!r}"
-                )
-            out.buckets = tuple(int(x) for x in b)
-        if "arms" in raw:
-            a = raw["arms"]
-            if isinstance(a, Mapping):
-                try:
-                    by_bound = {int(k): v for k, v in a.items()}
-                except (TypeError, ValueError):
-                    raise ConfigError(f"{KEY}.arms keys must be bucket lower bounds (ints), got {list(a)!r}") from None
-                if sorted(by_bound) != sorted(out.buckets):
-                    raise ConfigError(
-                        f"{KEY}.arms keys {sorted(by_bound)} must equal {KEY}.buckets {list(out.buckets)} "
-                        "(one arm list per bucket)"
-                    )
-                a = [by_bound[b] for b in out.buckets]
-            if not _is_seq(a):
-                raise ConfigError(f"{KEY}.arms must be a list with one list of arms per bucket, got {a!r}")
-            if len(a) != len(out.buckets):
-                raise ConfigError(
-                    f"{KEY}.arms has {len(a)} arm lists but {KEY}.buckets has {len(out.buckets)} buckets; "
-                    "give one list per bucket"
-                )
-            parsed = []
-            for i, arms in enumerate(a):
-                if not _is_seq(arms) or (len(arms) == 3 and all(_int(x) for x in arms)):
-                    raise ConfigError(
-                        f"{KEY}.arms[{i}] must be a list of arms (e.g. ['6_4_16', '5_1_5']), got {arms!r}"
-                    )
-                parsed.append(tuple(_parse_arm(arm, f"{KEY}.arms[{i}][{j}]") for j, arm in enumerate(arms)))
-            out.arms = tuple(parsed)
-        elif "buckets" in raw and len(out.buckets) != len(DEFAULT_ARMS):
-            raise ConfigError(
-                f"{KEY}.buckets has {len(out.buckets)} buckets but the default {KEY}.arms has {len(DEFAULT_ARMS)}; "
+                f"{KEY}.buckets has {len(buckets)} buckets but the default {KEY}.arms has {len(defaults)}; "
                 f"set {KEY}.arms too (one list per bucket)"
             )
-        if "fixed_arms" in raw and raw["fixed_arms"] is not None:
-            f = raw["fixed_arms"]
-            if not _is_seq(f) or len(f) != len(out.buckets):
-                raise ConfigError(f"{KEY}.fixed_arms must list one arm per bucket ({len(out.buckets)}), got {f!r}")
-            out.fixed_arms = tuple(_parse_arm(arm, f"{KEY}.fixed_arms[{i}]") for i, arm in enumerate(f))
-        for name in ("policy", "epsilon", "window", "window_scope", "group_by", "seed"):
-            if name in raw:
-                setattr(out, name, raw[name])
-        out.validate()
-        return out
-
-    def validate(self) -> None:
-        if self.policy not in POLICIES:
-            POLICIES.get(self.policy)  # raises ConfigError listing the valid names
-        b = self.buckets
-        if not b or b[0] != 1 or any(y <= x for x, y in zip(b, b[1:])):
+        a = defaults
+    if isinstance(a, Mapping):
+        try:
+            by_bound = {int(k): v for k, v in a.items()}
+        except (TypeError, ValueError):
+            raise ConfigError(f"{KEY}.arms keys must be bucket lower bounds (ints), got {list(a)!r}") from None
+        if sorted(by_bound) != sorted(buckets):
             raise ConfigError(
-                f"{KEY}.buckets must start at 1 and strictly increase (batch-size lower bounds), got {list(b)}"
+                f"{KEY}.arms keys {sorted(by_bound)} must equal {KEY}.buckets {list(buckets)} (one arm list per bucket)"
             )
-        if len(self.arms) != len(b):
+        a = [by_bound[b] for b in buckets]
+    if not _is_seq(a):
+        raise ConfigError(f"{KEY}.arms must be a list with one list of arms per bucket, got {a!r}")
+    if len(a) != len(buckets):
+        raise ConfigError(
+            f"{KEY}.arms has {len(a)} arm lists but {KEY}.buckets has {len(buckets)} buckets; give one list per bucket"
+        )
+    arms = []
+    for i, bucket_arms in enumerate(a):
+        if not _is_seq(bucket_arms) or (len(bucket_arms) == 3 and all(_int(x) for x in bucket_arms)):
+            raise ConfigError(f"{KEY}.arms[{i}] must be a list of arms (e.g. ['6_4_16', '5_1_5']), got {bucket_arms!r}")
+        parsed = tuple(_parse_arm(arm, f"{KEY}.arms[{i}][{j}]") for j, arm in enumerate(bucket_arms))
+        if not parsed:
+            raise ConfigError(f"{KEY}.arms[{i}] (batch size >= {buckets[i]}) is empty; list at least two arms")
+        if len(set(parsed)) != len(parsed):
+            raise ConfigError(f"{KEY}.arms[{i}] lists an arm twice: {[str(x) for x in parsed]}")
+        if cfg.policy != "fixed" and len(parsed) < 2:
             raise ConfigError(
-                f"{KEY}.arms has {len(self.arms)} arm lists for {len(b)} {KEY}.buckets; give one list per bucket"
+                f"{KEY}.arms[{i}] (batch size >= {buckets[i]}) has only {str(parsed[0])!r}: a bandit with one arm "
+                f"never explores (TLT's default table has this flaw); list >= 2 arms or set {KEY}.policy=fixed"
             )
-        for i, arms in enumerate(self.arms):
-            if not arms:
-                raise ConfigError(f"{KEY}.arms[{i}] (batch size >= {b[i]}) is empty; list at least two arms")
-            if len(set(arms)) != len(arms):
-                raise ConfigError(f"{KEY}.arms[{i}] lists an arm twice: {[str(a) for a in arms]}")
-            for j, arm in enumerate(arms):
-                _parse_arm(arm, f"{KEY}.arms[{i}][{j}]")
-            if self.policy != "fixed" and len(arms) < 2:
-                raise ConfigError(
-                    f"{KEY}.arms[{i}] (batch size >= {b[i]}) has only {str(arms[0])!r}: a bandit with one arm never "
-                    f"explores (TLT's default table has this flaw); list >= 2 arms or set {KEY}.policy=fixed"
-                )
-        if not (
-            isinstance(self.epsilon, (int, float)) and not isinstance(self.epsilon, bool) and 0 <= self.epsilon <= 1
-        ):
-            raise ConfigError(
-                f"{KEY}.epsilon must be a number in [0, 1] (exploration probability), got {self.epsilon!r}"
-            )
-        if not _int(self.window) or self.window < 1:
-            raise ConfigError(f"{KEY}.window must be an int >= 1 (sliding window of pulls), got {self.window!r}")
-        if self.window_scope not in WINDOW_SCOPES:
-            raise ConfigError(f"{KEY}.window_scope must be one of {list(WINDOW_SCOPES)}, got {self.window_scope!r}")
-        if self.group_by not in GROUP_BYS:
-            raise ConfigError(f"{KEY}.group_by must be one of {list(GROUP_BYS)}, got {self.group_by!r}")
-        if not _int(self.seed):
-            raise ConfigError(f"{KEY}.seed must be an int, got {self.seed!r}")
-        if self.fixed_arms is not None and len(self.fixed_arms) != len(b):
-            raise ConfigError(f"{KEY}.fixed_arms must list one arm per bucket ({len(b)}), got {len(self.fixed_arms)}")
-
-    def bucket_arms(self, bucket: int) -> tuple[ArmShape, ...]:
-        """The arms the policy chooses from in bucket ``bucket`` (index)."""
-        if self.policy == "fixed":
-            return (self.fixed_arms[bucket],) if self.fixed_arms is not None else (self.arms[bucket][0],)
-        return self.arms[bucket]
+        arms.append(parsed)
+    fixed_arms = None
+    if cfg.fixed_arms is not None:
+        if len(cfg.fixed_arms) != len(buckets):
+            raise ConfigError(f"{KEY}.fixed_arms must list one arm per bucket ({len(buckets)}), got {cfg.fixed_arms!r}")
+        fixed_arms = tuple(_parse_arm(arm, f"{KEY}.fixed_arms[{i}]") for i, arm in enumerate(cfg.fixed_arms))
+    return ArmTable(buckets, tuple(arms), fixed_arms)
 
 
 # ----------------------------------------------------------------------------------------------
 # policies: (rewards per arm in the window, rng, config) -> arm index
 
 Policy = Callable[[list[list[float]], random.Random, BanditConfig], int]
-POLICIES: Registry[Policy] = Registry("bandit policy", f"{KEY}.policy")
 
 
 def _first_untried(rewards: list[list[float]]) -> int | None:
@@ -408,21 +350,35 @@ class DraftShapeBandit:
         bandit.update(batch_size, arm, step_reward(tokens_per_row, batch_size, seconds))
 
     Args:
-        config: a :class:`BanditConfig` or a mapping for :meth:`BanditConfig.from_dict`
-            (``None`` = defaults). ``overrides`` are merged into a mapping config.
+        config: ``rollout.speculative.bandit`` (a :class:`~rlspec.config.BanditConfig` or a mapping
+            of its keys; ``None`` = defaults).
+        device_type: picks the default arm table when the config sets neither ``buckets`` nor
+            ``arms``: chains on ``"cpu"``, trees otherwise (:func:`default_arms_for`).
     """
 
-    def __init__(self, config: BanditConfig | Mapping[str, Any] | None = None, **overrides: Any):
-        if isinstance(config, BanditConfig):
-            if overrides:
-                raise TypeError("pass overrides with a mapping config, not with a BanditConfig")
-            config.validate()
-            self.config = config
-        else:
-            self.config = BanditConfig.from_dict(config, **overrides)
-        self._policy = POLICIES.get(self.config.policy)
-        self._rng = random.Random(self.config.seed)
+    def __init__(self, config: BanditConfig | Mapping[str, Any] | None = None, device_type: str | None = None):
+        if not isinstance(config, BanditConfig):
+            config = build(BanditConfig, config, KEY)
+        self.config = config
+        self.table = parse_arm_table(config, device_type)
+        self._policy = POLICIES.get(config.policy)
+        self._rng = random.Random(config.seed)
         self._states: dict[tuple[int, int], _State] = {}
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        return self.table.buckets
+
+    def bucket_arms(self, bucket: int) -> tuple[ArmShape, ...]:
+        """The arms the policy chooses from in bucket ``bucket`` (index)."""
+        if self.config.policy == "fixed":
+            fixed_arms = self.table.fixed_arms
+            return (fixed_arms[bucket],) if fixed_arms is not None else (self.table.arms[bucket][0],)
+        return self.table.arms[bucket]
+
+    def all_arms(self) -> list[ArmShape]:
+        """Every arm of the table (the largest bounds the cache a speculative step may use)."""
+        return [arm for bucket in self.table.arms for arm in bucket] + list(self.table.fixed_arms or ())
 
     # -- lookup
     def bucket_of(self, batch_size: int) -> int:
@@ -430,18 +386,18 @@ class DraftShapeBandit:
         if not _int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         bucket = 0
-        for i, lo in enumerate(self.config.buckets):
+        for i, lo in enumerate(self.buckets):
             if batch_size >= lo:
                 bucket = i
         return bucket
 
     def arms_for(self, batch_size: int) -> tuple[ArmShape, ...]:
-        return self.config.bucket_arms(self.bucket_of(batch_size))
+        return self.bucket_arms(self.bucket_of(batch_size))
 
     def _state(self, batch_size: int) -> tuple[_State, tuple[ArmShape, ...]]:
         bucket = self.bucket_of(batch_size)
         group = batch_size_group(batch_size) if self.config.group_by == "batch_size" else 0
-        arms = self.config.bucket_arms(bucket)
+        arms = self.bucket_arms(bucket)
         key = (bucket, group)
         if key not in self._states:
             self._states[key] = _State(len(arms), self.config.window, self.config.window_scope)
@@ -472,8 +428,8 @@ class DraftShapeBandit:
     def histogram(self) -> dict[int, dict[str, int]]:
         """Pulls (selections) per arm: ``{bucket lower bound: {"depth_topk_numverify": pulls}}``."""
         out: dict[int, dict[str, int]] = {}
-        for b, lo in enumerate(self.config.buckets):
-            arms = self.config.bucket_arms(b)
+        for b, lo in enumerate(self.buckets):
+            arms = self.bucket_arms(b)
             counts = [0] * len(arms)
             for (bucket, _), st in self._states.items():
                 if bucket == b:
@@ -487,8 +443,8 @@ class DraftShapeBandit:
         return {
             "version": 1,
             "policy": self.config.policy,
-            "buckets": list(self.config.buckets),
-            "arms": [[str(a) for a in self.config.bucket_arms(b)] for b in range(len(self.config.buckets))],
+            "buckets": list(self.buckets),
+            "arms": [[str(a) for a in self.bucket_arms(b)] for b in range(len(self.buckets))],
             "rng": [version, list(internal), gauss],
             "states": {f"{b}:{g}": st.to_dict() for (b, g), st in self._states.items()},
         }
@@ -506,26 +462,23 @@ class DraftShapeBandit:
         self._states = {}
         for key_str, st in state["states"].items():
             b, g = (int(x) for x in key_str.split(":"))
-            new = _State(len(self.config.bucket_arms(b)), self.config.window, self.config.window_scope)
+            new = _State(len(self.bucket_arms(b)), self.config.window, self.config.window_scope)
             new.load(st)
             self._states[(b, g)] = new
 
 
-def make_bandit(config: Mapping[str, Any] | BanditConfig | None = None) -> DraftShapeBandit:
-    """Build the selector from the ``rollout.speculative.bandit`` config node."""
-    return DraftShapeBandit(config)
-
-
 __all__ = [
-    "BanditConfig",
+    "ArmTable",
     "DEFAULT_ARMS",
+    "DEFAULT_ARMS_CPU",
     "DEFAULT_BUCKETS",
     "DraftShapeBandit",
     "POLICIES",
     "batch_size_group",
     "bucketed_egreedy",
+    "default_arms_for",
     "fixed",
-    "make_bandit",
+    "parse_arm_table",
     "step_reward",
     "ucb1",
 ]

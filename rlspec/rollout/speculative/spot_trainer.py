@@ -1,12 +1,14 @@
 """TLT's "spot trainer": online drafter training on idle compute during the rollout's long tail.
 
-Infrastructure only (the loss and optimiser are :class:`~rlspec.rollout.drafter.DrafterTrainer`'s).
+Infrastructure only (the loss and optimiser are
+:class:`~rlspec.rollout.speculative.drafter_training.DrafterTrainer`'s).
 Flow per RL step, as in TLT (arXiv 2511.16665, Sec. 4) minus the bugs found in its code:
 
 * the rollouts' hidden states come for free from the rollout engine
-  (``generate(..., return_hidden_states=True)``); :meth:`SpotDrafterTrainer.add_rollout` puts them
-  in a :class:`~rlspec.rollout.drafter.DrafterBuffer` that keeps the last ``keep_steps`` steps (the
-  previous steps' long sequences mixed with the current step's finished ones);
+  (``generate(..., return_hidden_states=True)``); they go into a
+  :class:`~rlspec.rollout.speculative.drafter_buffer.DrafterBuffer` that keeps the last
+  ``keep_steps`` steps (the previous steps' long sequences mixed with the current step's finished
+  ones; :class:`~rlspec.rollout.speculative.online.OnlineDrafting` fills it);
 * when the engine reports the long tail (:meth:`NativeEngine.on_long_tail`: few rows left, the
   hardware mostly idle) :meth:`start` trains a private copy of the drafter in a background
   thread; :meth:`stop` -- called when the rollout ends -- preempts it between two optimizer steps,
@@ -26,29 +28,31 @@ import threading
 import time
 from typing import Any, Mapping
 
-from rlspec.rollout.drafter import DrafterBuffer, DrafterTrainer, EagleDrafter
+from rlspec.config import OnlineDrafterConfig
+from rlspec.rollout.speculative.drafter_buffer import DrafterBuffer
+from rlspec.rollout.speculative.drafter_training import DrafterTrainer
+from rlspec.rollout.speculative.eagle import EagleDrafter
 
 
 class SpotDrafterTrainer:
-    def __init__(self, drafter: EagleDrafter, *, lr: float = 5e-5, batch_size: int = 4, window: int = 512,
-                 max_steps: int = 200, keep_steps: int = 2, max_samples: int = 10_000, seed: int = 0,
-                 checkpoint_buffer_mb: float = 256.0) -> None:
+    """Trains ``drafter`` in a background thread between :meth:`start` and :meth:`stop`
+    (``settings``: ``rollout.speculative.online``)."""
+
+    def __init__(self, drafter: EagleDrafter, settings: OnlineDrafterConfig | None = None, *, seed: int = 0,
+                 max_samples: int = 10_000) -> None:
+        settings = settings or OnlineDrafterConfig()
         self.drafter = drafter
-        self.checkpoint_buffer_mb = checkpoint_buffer_mb
-        self.buffer = DrafterBuffer(keep_steps=keep_steps, max_samples=max_samples)
+        self.checkpoint_buffer_mb = settings.checkpoint_buffer_mb
+        self.buffer = DrafterBuffer(keep_steps=settings.keep_steps, max_samples=max_samples)
         # publish only at stop(): the engine keeps one drafter version for a whole rollout
-        self.trainer = DrafterTrainer(drafter, lr=lr, batch_size=batch_size, window=window,
+        self.trainer = DrafterTrainer(drafter, lr=settings.lr, batch_size=settings.batch_size, window=settings.window,
                                       publish_every=10**9, seed=seed)
-        self.max_steps = max_steps
+        self.max_steps = settings.max_steps
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._result: dict[str, Any] = {}
         self._started_at: float | None = None
         self.published_step = 0  # RL step whose rollouts the engine's drafter was last trained on
-
-    def add_rollout(self, step: int, result: Any) -> int:
-        """Buffer the hidden states of a rollout result (``RolloutResultWithHidden``)."""
-        return self.buffer.add_rollout(step, result)
 
     def start(self) -> None:
         """Begin training in the background (no-op if already running or nothing is buffered)."""

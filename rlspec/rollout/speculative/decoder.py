@@ -1,0 +1,214 @@
+"""One speculative step for the native engine's active rows: draft, verify, commit (TLT, arXiv 2511.16665).
+
+Infrastructure only: this module moves tokens, hidden states and cache columns between the
+target's :class:`~rlspec.rollout.fast_backend.LlamaFastBackend`, a draft source
+(:mod:`~rlspec.rollout.speculative.sources`) and the pure functions of
+:mod:`~rlspec.rollout.speculative.verification` (lossless verification) and
+:mod:`~rlspec.rollout.speculative.bandit` (draft shape per batch size). It owns no maths.
+
+One step for the ``n`` active rows (row ``i`` has ``L_i`` tokens in the target cache and its last
+sampled token ``x_{L_i}`` not yet in it -- the engine's ``cur``):
+
+1. **draft** -- the source proposes a tree (or chain) of shape ``arm`` after every row;
+2. **verify** -- one target forward over ``[x_{L_i}, node_0 .. node_{M-1}]`` at positions
+   ``L_i + depth`` and cache columns ``L_i + 1 + j`` with the tree attention mask; the target's
+   processed next-token distributions go to :func:`~rlspec.rollout.speculative.verification.verify_tree`
+   (point-mass drafts) or, for a sampled chain, :func:`~rlspec.rollout.speculative.verification.verify_chain`
+   with the drafter's distributions. Both are exactly distribution-preserving.
+3. **commit** -- the accepted path's cache columns are moved next to the root (``L_i + 1 + k``),
+   the row's length becomes ``L_i + 1 + a_i``, and the source learns the accepted tokens with their
+   true hidden states. Log-probs and hidden states returned for the emitted tokens are the
+   target's (the query whose output predicted each token).
+
+When to speculate is decided by :class:`~rlspec.rollout.speculative.controller.LongTailController`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rlspec.rollout.base import SamplingParams
+from rlspec.rollout.sampling import token_logprobs
+from rlspec.rollout.speculative.bandit import DraftShapeBandit, step_reward
+from rlspec.rollout.speculative.draft_tree import tree_attention_mask
+from rlspec.rollout.speculative.sources import DraftSource
+from rlspec.rollout.speculative.verification import target_probs, verify_chain, verify_tree
+
+Emitted = tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class SpecStats:
+    """Per-call counters (merged into the engine's ``RolloutResult.stats``)."""
+
+    sd_steps: int = 0
+    plain_steps: int = 0
+    sd_tokens: int = 0  # tokens emitted by speculative steps
+    sd_row_steps: int = 0  # sum over SD steps of active rows (for the mean acceptance length)
+    sd_seconds: float = 0.0
+    plain_seconds: float = 0.0
+    plain_tokens: int = 0
+    switch_seconds: float = 0.0  # building the drafter state at the switch (and at re-entries)
+    arms: dict[str, int] = field(default_factory=dict)
+    reverted: int = 0  # 1 when the adaptive engine found SD slower and went back to plain decoding
+    reentered: int = 0  # times SD was probed again after a revert, in a smaller batch-size bucket
+
+    def as_stats(self) -> dict[str, float]:
+        steps = self.sd_steps + self.plain_steps
+        out = {
+            "spec/sd_steps": float(self.sd_steps),
+            "spec/frac_steps_sd": self.sd_steps / steps if steps else 0.0,
+            "spec/accept_length": self.sd_tokens / self.sd_row_steps if self.sd_row_steps else 0.0,
+            "spec/tokens_per_s_sd": self.sd_tokens / self.sd_seconds if self.sd_seconds > 0 else 0.0,
+            "spec/tokens_per_s_plain": self.plain_tokens / self.plain_seconds if self.plain_seconds > 0 else 0.0,
+            "spec/switch_seconds": self.switch_seconds,
+            "spec/reverted": float(self.reverted),
+            "spec/reentered": float(self.reentered),
+        }
+        for arm, count in self.arms.items():
+            out[f"spec/arm/{arm}"] = float(count)
+        return out
+
+
+class SpeculativeDecoder:
+    """Drives speculative steps for the active rows of one ``generate`` call (see module doc)."""
+
+    def __init__(self, backend: Any, source: DraftSource, params: SamplingParams, bandit: DraftShapeBandit,
+                 generator: torch.Generator | None) -> None:
+        self.backend, self.source, self.params, self.bandit, self.generator = backend, source, params, bandit, generator
+        self.device = backend.device
+
+    @staticmethod
+    def cache_slack(bandit: DraftShapeBandit) -> int:
+        """Extra cache columns a speculative step may write past a row's length (the largest tree)."""
+        return max(arm.max_nodes for arm in bandit.all_arms()) + 2
+
+    # ------------------------------------------------------------------ switch
+    def start(self, sequences: list[list[int]], states: list[torch.Tensor] | None = None) -> None:
+        """Begin speculating for rows whose tokens so far are ``sequences[i]`` (prompt + response,
+        the last of which is the engine's ``cur[i]``, not yet in the target cache).
+
+        ``states[i]`` (``[L_i, H]``), when the engine kept them, are the target's hidden states
+        ``h_0 .. h_{L_i-1}`` of the cached tokens; a source that needs them and got none makes the
+        target re-run the prefixes once (TLT's way).
+        """
+        cached = [s[:-1] for s in sequences]  # what the target cache holds: L_i tokens
+        if self.source.needs_hidden_states and states is None:
+            n, width = len(cached), max(len(c) for c in cached)
+            ids = torch.full((n, width), int(self.backend.pad_token_id), dtype=torch.long)
+            for i, c in enumerate(cached):
+                ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+            # the target re-runs the prefixes (rewriting the same cache columns) for h_0 .. h_{L_i-1}
+            hidden = self.backend.forward(ids.to(self.device), None, slice(0, n), None, width)  # [n, W, H]
+            states = [hidden[i, : len(c)] for i, c in enumerate(cached)]
+        if states is not None:
+            bad = [i for i, (c, h) in enumerate(zip(cached, states)) if h.shape[0] != len(c)]
+            if bad:
+                raise RuntimeError(f"speculative switch: row {bad[0]} has {states[bad[0]].shape[0]} hidden states "
+                                   f"for {len(cached[bad[0]])} cached tokens")
+        self.source.start(sequences, states, self.backend.num_slots, self.backend.max_len)
+
+    def abandon(self) -> None:
+        """Stop speculating (the engine decodes plainly from here): the target cache is already
+        consistent after :meth:`commit`; only the source's state is dropped."""
+        self.source.end()
+
+    def observe_plain_step(self, tokens: torch.Tensor, hidden: torch.Tensor | None) -> None:
+        """A plain decode step ran between speculative steps (the adaptive engine's probe)."""
+        self.source.observe_plain(tokens, hidden)
+
+    def remove(self, done: list[int], order: list[int]) -> None:
+        self.source.remove(done, order)
+
+    # ------------------------------------------------------------------ one step
+    def step(self, cur: torch.Tensor, stats: SpecStats) -> list[Emitted]:
+        """One draft + verify step. Returns, per row, ``(emitted tokens, their log-probs [k],
+        the target hidden states that produced them [k, H], the row's last hidden state [H])``.
+
+        The caller appends the tokens (stopping at EOS / stop strings / the length cap) and then
+        calls :meth:`commit` with how many it kept per row.
+        """
+        with self.source.holding():
+            return self._step(cur, stats)
+
+    def _step(self, cur: torch.Tensor, stats: SpecStats) -> list[Emitted]:
+        t0 = time.perf_counter()
+        n = cur.shape[0]
+        arm = self.bandit.select(n)
+        lens = list(self.backend.lens)  # L_i
+        lens_t = torch.tensor(lens, dtype=torch.long, device=self.device)
+        draft = self.source.propose(arm, lens_t, self.params, self.generator)
+        tree = draft.tree
+        tokens, parents = tree.tokens, tree.parents  # [n, M]
+        m = tokens.shape[1]
+        # verify: target forward over [cur, node_0 .. node_{M-1}]
+        q_ids = torch.cat([cur.view(n, 1), tokens], dim=1)  # [n, M+1]
+        depth = torch.cat([torch.zeros(n, 1, dtype=torch.long, device=self.device), tree.depth], dim=1)  # [n, M+1]
+        positions = lens_t[:, None] + depth  # [n, M+1]
+        cols = lens_t[:, None] + torch.arange(m + 1, device=self.device)  # [n, M+1]
+        kv_len = int(max(lens)) + m + 1
+        col_ids = torch.arange(kv_len, device=self.device)
+        mask = (col_ids[None, None, :] < lens_t[:, None, None]).expand(n, m + 1, kv_len).clone()  # prefix
+        anc = tree_attention_mask(parents, include_root=True)  # [n, M+1, M+1]
+        mask.scatter_(2, cols[:, None, :].expand(n, m + 1, m + 1), anc)
+        hidden = self.backend.forward(q_ids, positions, slice(0, n), mask.view(n, 1, m + 1, kv_len), kv_len,
+                                      cache_cols=cols)  # [n, M+1, H]
+        logits = self.backend.logits(hidden).float()  # [n, M+1, V]
+        p = self.params
+        probs = target_probs(logits, p.temperature, p.top_p, p.top_k)  # [n, M+1, V]
+        if draft.chain_q is not None:  # sampled chain: textbook speculative sampling with the drafter's q
+            res = verify_chain(tokens, draft.chain_q, probs, self.generator)
+            num = res.num_accepted
+            path = torch.arange(m, device=self.device).expand(n, m)
+        else:
+            res = verify_tree(tokens, parents, probs, self.generator)
+            num, path = res.num_accepted, res.accepted_path
+        num_l = num.tolist()
+        out = []
+        self._last = (tokens, path, num_l, hidden, lens, res.next_token.tolist())
+        for i in range(n):
+            a = num_l[i]
+            nodes = path[i, :a].tolist()
+            emitted = [int(tokens[i, j]) for j in nodes] + [int(res.next_token[i])]
+            queries = [0] + [1 + j for j in nodes]  # the query whose output predicted each emitted token
+            q_idx = torch.tensor(queries, device=self.device)
+            lps = token_logprobs(logits[i, q_idx], torch.tensor(emitted, device=self.device), p.temperature)
+            out.append((emitted, lps, hidden[i, q_idx], hidden[i, queries[-1]]))
+        stats.sd_steps += 1
+        stats.sd_row_steps += n
+        name = str(arm)
+        stats.arms[name] = stats.arms.get(name, 0) + 1
+        elapsed = time.perf_counter() - t0
+        stats.sd_seconds += elapsed
+        emitted_total = sum(a + 1 for a in num_l)
+        stats.sd_tokens += emitted_total
+        self.bandit.update(n, arm, step_reward(emitted_total / n, n, elapsed))
+        return out
+
+    def commit(self, kept: list[int]) -> None:
+        """Move the accepted path into place and hand the source its new pairs (``kept[i]``
+        emitted tokens of row ``i`` were appended; rows that finished are removed afterwards)."""
+        tokens, path, num_l, hidden, lens, next_tokens = self._last
+        src_rows, src_cols, dst_cols = [], [], []
+        new_lens, new_tokens, new_hidden = [], [], []
+        for i in range(len(kept)):
+            a = min(num_l[i], max(kept[i] - 1, 0))  # accepted drafts that were kept (the last kept is `cur`)
+            nodes = path[i, :a].tolist()
+            for k, j in enumerate(nodes):
+                if j != k:
+                    src_rows.append(i)
+                    src_cols.append(lens[i] + 1 + j)
+                    dst_cols.append(lens[i] + 1 + k)
+            new_lens.append(lens[i] + 1 + a)
+            # x_{L_i+1} .. x_{L_i+a} (accepted drafts), then x_{L_i+a+1} (the new root token), with
+            # the target states h_{L_i} .. h_{L_i+a} that predicted them
+            new_tokens.append([int(tokens[i, j]) for j in nodes] + [int(next_tokens[i])])
+            new_hidden.append(hidden[i, [0] + [1 + j for j in nodes]])  # [a+1, H]
+        self.source.accept(new_tokens, new_hidden, lens)
+        if src_rows:
+            self.backend.move_cache_columns(src_rows, src_cols, dst_cols)
+        self.backend.set_lengths(new_lens)
