@@ -174,7 +174,6 @@ def _warn_if_busy(threads: int, when: str) -> None:
     print(note, flush=True)
 
 
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, NoReturn, Sequence, TypeVar
 
 from rlspec.errors import ConfigError, RLSpecError
 from rlspec.schema import build, help_text, is_known_key, schema_keys, unknown_key_error
@@ -70,16 +70,25 @@ def parse_options(cls: type[T], argv: Sequence[str], *, tool: str, usage: str,
     return build(cls, nest(renamed))
 
 
+def asks_help(args: Sequence[str]) -> bool:
+    return "--help" in args or "-h" in args
+
+
+def exit_with_error(err: BaseException) -> NoReturn:
+    """End a tool on bad user input: one line, exit code 2."""
+    print(f"rlspec: error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run_main(body: Callable[[list[str]], None], argv: Sequence[str] | None, cls: type, *, tool: str,
              usage: str) -> None:
     """Run ``body(argv)``; ``--help`` prints the keys of ``cls``; a user error is one line, exit 2."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if "--help" in args or "-h" in args:
+    if asks_help(args):
         print(f"usage: {usage}\n")
         print(help_text(cls, f"python -m {tool} options (key = default  [type])"))
         return
     try:
         body(args)
     except (RLSpecError, ValueError) as err:
-        print(f"rlspec: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(err)

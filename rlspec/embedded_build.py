@@ -129,7 +129,6 @@ class EmbeddedModelConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-
 # ------------------------------------------------------------------------------------ tokenizer
 
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence
 
-
 from rlspec.cli import parse_options, run_main
 from rlspec.config import ModelConfig
 from rlspec.embedded import resolve_model_path

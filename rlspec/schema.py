@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from typing import Any, Callable, Iterator, Literal, Mapping, Union
@@ -189,13 +190,15 @@ def unknown_key_error(key: str, keys: Mapping[str, Any] | typing.Iterable[str], 
 def field_defaults(cls: type) -> dict[str, Any]:
     """``cls``'s field defaults as plain dicts, without running ``cls.__post_init__`` (sections are
     built, so each checks its own defaults)."""
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = to_dict(f.default)
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = to_dict(f.default_factory())
-    return out
+    return {f.name: to_dict(default) for f in dataclasses.fields(cls)
+            if (default := _field_default(f)) is not dataclasses.MISSING}
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    """The field's default (a fresh one from its factory), or ``dataclasses.MISSING``."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
 def to_dict(obj: Any) -> Any:
@@ -233,18 +236,17 @@ def iter_keys(cls: type, prefix: str = "") -> Iterator[KeyInfo]:
         if dataclasses.is_dataclass(inner):
             yield from iter_keys(inner, key + ".")
             continue
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
+        default = _field_default(f)
+        if default is dataclasses.MISSING:
             default = MISSING
         free = _origin(inner) is dict or inner is Any
         yield KeyInfo(key, tp, to_dict(default), f.metadata.get("help", ""), free)
 
 
-def schema_keys(cls: type, prefix: str = "") -> dict[str, KeyInfo]:
-    """``{dotted key: KeyInfo}`` of every leaf key, plus every section (nested dataclass) key."""
+@functools.lru_cache(maxsize=None)
+def schema_keys(cls: type, prefix: str = "") -> Mapping[str, KeyInfo]:
+    """``{dotted key: KeyInfo}`` of every leaf key, plus every section (nested dataclass) key
+    (computed once per class: shared, do not change it)."""
     keys: dict[str, KeyInfo] = {}
     hints = _hints(cls)
     for f in dataclasses.fields(cls):

@@ -13,6 +13,7 @@ import sys
 
 from omegaconf import DictConfig
 
+from rlspec.cli import asks_help, exit_with_error
 from rlspec.config import RLSpecConfig, validate_config
 from rlspec.configs import register_defaults
 from rlspec.errors import RLSpecError
@@ -44,22 +45,20 @@ def _task(cfg: DictConfig) -> None:
         else:
             run(typed, resolved)
     except RLSpecError as err:
-        print(f"rlspec: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(err)
 
 
 def main(argv: list[str] | None = None) -> None:
     import hydra
 
     argv = normalize_argv(list(sys.argv[1:] if argv is None else argv))
-    if "--help" in argv or "-h" in argv:
+    if asks_help(argv):
         print_help()
         return
     try:
         precheck_overrides(argv)
     except RLSpecError as err:
-        print(f"rlspec: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(err)
     sys.argv = [sys.argv[0], *argv]
     register_defaults()
     hydra.main(config_path="configs", config_name="train", version_base="1.3")(_task)()

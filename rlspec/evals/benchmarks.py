@@ -95,8 +95,6 @@ class BenchmarkSpec:
     last_number_fallback: bool = False
 
 
-
-
 def _add(spec: BenchmarkSpec) -> BenchmarkSpec:
     BENCHMARKS.register(spec.name)(spec)
     return spec

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+
 class Backend(Protocol):
     """Model half of the engine. It holds the KV cache of the active rows ``0 .. n-1``."""
 

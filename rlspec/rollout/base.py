@@ -76,6 +76,11 @@ class RolloutResultWithHidden(RolloutResult):
     response_hidden_states: list[torch.Tensor] = field(default_factory=list)
 
 
+# (prompt ids, response ids, hidden states [len, H]) of a response that finished before the long
+# tail (what an engine's ``on_long_tail`` listener receives)
+FinishedSample = tuple[list[int], list[int], torch.Tensor]
+
+
 def check_prompt_ids(prompt_ids: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
     """The prompts as lists of ints; an empty prompt or an id outside ``[0, vocab_size)`` raises
     DataError naming the prompt (every engine checks its input the same way)."""

@@ -28,10 +28,8 @@ FAST_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"
 FAST_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
-
 class UnsupportedModel(Exception):
     """The fast path cannot run this model (the message says why); the generic path is used."""
-
 
 
 # ``linear`` computes ``(W @ x^T)^T`` on CPU for few rows when the CPU is AMD's, where MKL's
@@ -81,7 +79,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     x2 = x.reshape(rows, x.shape[-1])
     y = torch.mm(weight, x2.t()) if bias is None else torch.addmm(bias[:, None], weight, x2.t())
     return y.t().contiguous().view(*x.shape[:-1], weight.shape[0])
-
 
 
 def _rope_type(config) -> str:

@@ -28,7 +28,8 @@ import torch
 from rlspec.config import SpeculativeConfig
 from rlspec.errors import ConfigError
 from rlspec.rollout.backends import Backend, HFGenericBackend
-from rlspec.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutResult, RolloutResultWithHidden, SamplingParams
+from rlspec.rollout.base import FINISH_LENGTH, FINISH_STOP, FinishedSample, RolloutResult, RolloutResultWithHidden
+from rlspec.rollout.base import SamplingParams
 from rlspec.rollout.base import check_prompt_ids
 from rlspec.rollout.fast_backend import LlamaFastBackend, UnsupportedModel
 from rlspec.rollout.sampling import sample_next_tokens
@@ -36,9 +37,6 @@ from rlspec.rollout.speculative.bandit import DraftShapeBandit
 from rlspec.rollout.speculative.controller import LongTailController
 from rlspec.rollout.speculative.decoder import SpecStats, SpeculativeDecoder
 from rlspec.rollout.speculative.eagle_source import EagleDraftSource
-
-# (prompt ids, response ids, hidden states [len, H]) of a response finished before the long tail
-FinishedSample = tuple[list[int], list[int], torch.Tensor]
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from rlspec.rollout.speculative.eagle import EagleDrafter
 
 RAY_INSTALL_HINT = 'pip install "rlspec[ray]"'
 
+
 def import_ray():
     """``import ray`` with a clear error naming the extra when it is missing."""
     try:
@@ -138,7 +139,6 @@ def unpack_state(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
             dtype = obj["dtypes"][name]
             out[name] = t if t.dtype == dtype else t.view(dtype)
     return out
-
 
 
 def _empty_init():

@@ -16,7 +16,6 @@ from rlspec.errors import ConfigError
 from rlspec.registry import ADVANTAGE_ESTIMATORS
 
 
-
 def group_mean_std(rewards: torch.Tensor, group_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-response mean and (unbiased) std of the rewards in its group.
 

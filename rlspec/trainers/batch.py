@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+
 @dataclass
 class Group:
     """The n responses sampled for one prompt."""
@@ -152,6 +153,7 @@ def micro_tensors(batch: TrainBatch, idx: list[int], pad_id: int, device: torch.
     out["r_len"] = torch.tensor(r_len)
     return out
 
+
 def packed_attention(batch: TrainBatch, idx: list[int], p_len: int, r_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Additive ``[b, 1, P+R, P+R]`` mask and ``[b, P+R]`` positions for packed rows.
 
@@ -180,6 +182,7 @@ def packed_attention(batch: TrainBatch, idx: list[int], p_len: int, r_len: int) 
     allowed[:, diag, diag] = True
     bias = torch.zeros(b, 1, width, width).masked_fill_(~allowed[:, None], float("-inf"))
     return bias, positions
+
 
 def micro_advantages(batch: TrainBatch, idx: list[int], r_len: int) -> torch.Tensor:
     """``[b]`` per-response advantages, or ``[b, R]`` when the batch has per-token ones."""

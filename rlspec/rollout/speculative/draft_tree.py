@@ -305,7 +305,6 @@ class TreeBuilder:
         )
 
 
-
 __all__ = [
     "ArmShape",
     "DraftTree",

@@ -18,10 +18,8 @@ from typing import Any, Sequence
 
 import torch
 
-from rlspec.rollout.base import RolloutResult, SamplingParams
+from rlspec.rollout.base import FinishedSample, RolloutResult, SamplingParams
 from rlspec.rollout.speculative.eagle import EagleDrafter
-
-FinishedSample = tuple[list[int], list[int], torch.Tensor]
 
 
 class OnlineDrafting:

@@ -184,8 +184,6 @@ def chain_emitted(
     return out
 
 
-
-
 class TreeVerifyResult(NamedTuple):
     accepted_path: torch.Tensor  # [n, D] long node indices along the accepted path, -1 padded
     num_accepted: torch.Tensor  # [n] long, accepted draft nodes (= path length)

@@ -64,7 +64,6 @@ class HbpoBudgets(RolloutHook):
     kwargs_keys = frozenset({"budgets", "template"})
 
     def check(self) -> None:
-        self.check_kwargs(self.kwargs)
         if self.ctx.train_prompt_ids:
             self._prompts([self.ctx.train_prompt_ids[0]])
 

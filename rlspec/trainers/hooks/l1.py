@@ -44,7 +44,6 @@ class L1Targets(RolloutHook):
     kwargs_keys = frozenset({"low", "high", "template"})
 
     def check(self) -> None:
-        self.check_kwargs(self.kwargs)
         if self.ctx.train_rows:
             self._prompts([0], 0)
 

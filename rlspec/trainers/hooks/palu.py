@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from rlspec.errors import ConfigError
 from rlspec.registry import ROLLOUT_HOOKS
 from rlspec.rewards.palu import palu_update_budget
 from rlspec.trainers.hooks.base import RolloutChunk
@@ -21,6 +20,7 @@ from rlspec.trainers.hooks.truncation import TruncationHook
 @ROLLOUT_HOOKS.register("palu", group="truncation")
 class PaluBudgets(TruncationHook):
     name = "palu"
+    kwargs_keys = frozenset({"C", "tau", "min_budget"})
 
     def __init__(self, ctx, kwargs: dict[str, Any]) -> None:
         super().__init__(ctx, kwargs)
@@ -28,9 +28,6 @@ class PaluBudgets(TruncationHook):
 
     def _palu_kwargs(self) -> dict[str, Any]:
         """``C``, ``tau``, ``min_budget`` with the paper's defaults."""
-        unknown = sorted(set(self.kwargs) - {"C", "tau", "min_budget"})
-        if unknown:
-            raise ConfigError(f"unknown key(s) {unknown} in rollout.truncation.kwargs for palu; it takes C, tau, min_budget")
         return {"C": self.kwargs.get("C", 0.8), "tau": self.kwargs.get("tau", 0.5),
                 "min_budget": self.kwargs.get("min_budget", 1)}
 

@@ -23,6 +23,8 @@ from rlspec.trainers.hooks.base import RolloutChunk, RolloutHook
 class TruncationHook(RolloutHook):
     """Cuts each response at :meth:`limits` before scoring (and records them as ``truncation_limit``)."""
 
+    config_key = "rollout.truncation.kwargs"
+
     def __init__(self, ctx, kwargs: dict[str, Any]) -> None:
         super().__init__(ctx, kwargs)
         self.config_key = f"rollout.truncation.kwargs ({self.name})"
@@ -56,6 +58,7 @@ class DifficultyAwareTruncation(TruncationHook):
     the full-length rollouts (``kwargs.tiers``; hard prompts keep the rollout cap)."""
 
     name = "difficulty_aware"
+    kwargs_keys = frozenset({"tiers", "default_length"})
 
     def _kwargs(self, cap: int) -> dict[str, Any]:
         return {"default_length": cap, **self.kwargs}
