@@ -1,28 +1,33 @@
-"""Long-tail rollout: plain decoding vs always-on speculative decoding vs the adaptive engine.
+"""Speculative rollouts against plain decoding, and against the roofline bound, on one model.
 
-One RL-style rollout batch (``--prompts`` prompts x ``--n`` samples, T=1, EOS on, cap
-``--max-new-tokens``): most responses end early and a few long ones form the tail. The same
-prompts and seed go through three engines on the same model:
+An RL-style rollout batch (``--prompts`` prompts x ``--n`` samples, T=1, EOS on, cap
+``--max-new-tokens``) goes through three engines on the same model, prompts and seed:
 
-* ``plain``     -- NativeEngine without speculative decoding;
-* ``always``    -- speculative decoding from the first decode step (``mode=always``);
-* ``adaptive``  -- TLT's switch: speculative once <= ``--threshold`` rows stay unfinished for
-                   ``--warmup-checks`` steps, reverting to plain if it measures SD slower.
+* ``plain``    -- NativeEngine without drafts (it marks where the long tail starts);
+* ``adaptive`` -- the default: per batch-size bucket the selector picks plain steps or lookup drafts
+                  (``--sources``: self / group / history) by measured tokens/s; with ``--drafter``
+                  the EAGLE drafter also runs on the long tail (TLT's switch, probe and revert);
+* ``always``   -- a draft at every decode step (no plain arm).
 
-Each engine is warmed up once (the adaptive bandit and revert state learn across calls, as in a
-training run), then timed ``--repeats`` times; the median wall time is printed with the ratio
-``plain / engine`` (> 1: faster than plain), the acceptance length and the share of SD steps.
-The long-tail phase (from the point where the adaptive engine switches: <= ``--threshold`` rows
-unfinished for ``--warmup-checks`` steps) is also timed on its own: plain's share of the wall time
-in it bounds what speculative decoding on the tail can save, and its tokens/s against plain's is
-the speed-up where SD runs.
-Output distributions are identical by construction (tests/rollout/test_spec_engine.py), so the
-token counts differ only by sampling noise.
+Each engine first decodes a warm-up batch (the selector learns; the history source remembers it):
+with ``--history warm`` the warm-up is the same prompts (a later epoch of a small training set),
+with ``cold`` (default) other prompts, so only the rollout's own text and its group can draft.
+Then each engine is timed ``--repeats`` times (median). Printed: wall time and ``plain / engine``,
+the long tail's share and tokens/s ratio, acceptance length per source, and the **bound** from
+``bench/roofline.py``: the best whole-rollout speed-up any draft source could give at the measured
+acceptance length, for this rollout's rows-per-step profile, with plain steps where speculation
+loses (``T(rows, q)`` measured in the same run). ``engine / bound`` is how much of it is reached.
+
+``--rows 1 2 4 ... 128`` instead runs fixed batches of that many rows (``--n`` samples per prompt,
+one prompt below ``--n`` rows) and prints the same per batch size: the "never below 0.97x at any
+batch size" check.
 
 Usage::
 
-    python bench/longtail.py                                   # embedded default + its cached drafter
-    python bench/longtail.py --model DIR --drafter DIR         # any Llama/Qwen2 model and its drafter
+    python bench/longtail.py                                     # embedded default, lookups
+    python bench/longtail.py --rows 1 2 4 8 16 32 64 128 --max-new-tokens 256
+    python bench/longtail.py --model smollm2 --rows 1 2 4 8 --max-new-tokens 128 --history warm
+    python bench/longtail.py --model DIR --drafter DIR           # + the EAGLE drafter on the tail
 """
 
 from __future__ import annotations
@@ -30,112 +35,141 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _models import bench_questions, load_bench_model  # noqa: E402
+from roofline import QS, cpu_name, measure_grid, profile_bound, profile_from_lengths  # noqa: E402
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="HF model dir (default: the embedded default)")
-    ap.add_argument("--drafter", default=None, help="EagleDrafter dir (default: the embedded default's, built once)")
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--n", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=512)
-    ap.add_argument("--threshold", type=int, default=8)
-    ap.add_argument("--warmup-checks", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+GRID_ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlspec.config import STANDARD_INSTRUCTION, SpeculativeConfig
-    from rlspec.data import build_prompt_ids, load_split
+def build_prompts(tokenizer, questions: list[dict], rows: int, n: int, offset: int) -> list[list[int]]:
+    """``rows`` prompts: ``rows // n`` questions x ``n`` samples (one question below ``n`` rows)."""
+    from rlspec.config import STANDARD_INSTRUCTION
+    from rlspec.data import build_prompt_ids
+
+    group = max(1, min(n, rows))
+    picked = questions[offset: offset + -(-rows // group)]
+    if len(picked) * group < rows:
+        raise SystemExit(f"not enough questions for {rows} rows from offset {offset}")
+    prompts = build_prompt_ids(tokenizer, picked, STANDARD_INSTRUCTION)
+    return [p for p in prompts for _ in range(group)][:rows]
+
+
+def make_engines(model, tokenizer, args) -> dict:
+    from rlspec.config import LookupConfig, SpeculativeConfig
     from rlspec.models import eos_token_ids
-    from rlspec.rollout.base import SamplingParams
     from rlspec.rollout.native import NativeEngine
     from rlspec.rollout.speculative.eagle import EagleDrafter
 
-    if args.model is None:
-        from rlspec.embedded import get_embedded_drafter_path, get_embedded_model_path
-
-        model_dir = get_embedded_model_path()
-    else:
-        model_dir = Path(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    rows = load_split(model_dir, "test", "question", "answer")[: args.prompts]
-    instruction = STANDARD_INSTRUCTION
-    prompts = [p for p in build_prompt_ids(tokenizer, rows, instruction) for _ in range(args.n)]
-    if args.drafter is None:
-        if args.model is not None:
-            raise SystemExit("--drafter DIR is required with --model (warm one up: python -m rlspec.warmup_drafter)")
-        train = load_split(model_dir, "train", "question", "answer")
-        drafter_dir = get_embedded_drafter_path(model_dir, model, tokenizer, build_prompt_ids(tokenizer, train, instruction), 300)
-    else:
-        drafter_dir = Path(args.drafter)
-    drafter = EagleDrafter.load(drafter_dir, model)
     eos = eos_token_ids(model, tokenizer)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0, seed=args.seed)
+    sources = list(args.sources) + (["eagle"] if args.drafter else [])
+    drafter = EagleDrafter.load(Path(args.drafter), model) if args.drafter else None
 
-    def engine(mode: str, use_drafter: bool = True) -> NativeEngine:
-        spec = SpeculativeConfig(mode=mode, threshold=args.threshold, warmup_checks=args.warmup_checks)
+    def engine(mode: str, srcs: list[str]) -> NativeEngine:
+        spec = SpeculativeConfig(enable=True, mode=mode, sources=srcs or ["eagle"], threshold=args.threshold,
+                                 lookup=LookupConfig(lengths=list(args.lengths)))
         e = NativeEngine(model, eos, tokenizer=tokenizer, speculative=spec)
-        if use_drafter:
+        if drafter is not None and srcs:
             e.set_drafter(drafter)
         return e
 
-    # "plain" has the speculative settings but no drafter: it decodes plainly and only marks where
-    # the adaptive engine's long-tail switch would fire, so both report the same tail phase
-    engines = {"plain": engine("adaptive", use_drafter=False), "always": engine("always"),
-               "adaptive": engine("adaptive")}
-    params_of = {name: params for name in engines}
-    for name, e in engines.items():  # warm-up (and let the adaptive engine learn)
-        e.generate(prompts, params_of[name])
-    times: dict[str, list[float]] = {k: [] for k in engines}
-    tails: dict[str, list[float]] = {k: [] for k in engines}  # wall time from the long-tail point to the end
-    tail_tokens: dict[str, list[float]] = {k: [] for k in engines}
-    stats: dict[str, dict] = {}
+    # "plain" keeps speculative settings with no source that can draft: it marks the tail switch only
+    return {"plain": engine("adaptive", []), "adaptive": engine("adaptive", sources),
+            "always": engine("always", sources)}
+
+
+def time_engines(engines: dict, prompts: list[list[int]], warm: list[list[int]], args) -> dict:
+    from rlspec.rollout.base import SamplingParams
+
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0, seed=args.seed)
+    for e in engines.values():  # warm-up: the selector learns, the history remembers
+        e.generate(warm, params)
+    runs: dict[str, list[tuple[float, dict, list[int]]]] = {k: [] for k in engines}
     for _ in range(args.repeats):
         for name, e in engines.items():
             t0 = time.perf_counter()
-            out = e.generate(prompts, params_of[name])
-            times[name].append(time.perf_counter() - t0)
-            stats[name] = {**out.stats, "lengths": sorted(len(r) for r in out.response_ids)}
-            tails[name].append(out.stats.get("tail_seconds", 0.0))
-            tail_tokens[name].append(out.stats.get("tail_tokens", 0.0))
+            out = e.generate(prompts, params)
+            runs[name].append((time.perf_counter() - t0, dict(out.stats), [len(r) for r in out.response_ids]))
+    return runs
+
+
+def report(runs: dict, grid: dict, label: str) -> dict:
+    """One block of results; returns the figures as a dict."""
+    def med(name: str, key: str) -> float:
+        return statistics.median(s.get(key, 0.0) for _, s, _ in runs[name])
+
+    base = statistics.median(t for t, _, _ in runs["plain"])
+    lengths = runs["plain"][0][2]
+    profile = profile_from_lengths(lengths)
+    base_tail = med("plain", "tail_seconds")
+    out = {"label": label, "plain_s": base, "tail_share": base_tail / base if base else 0.0}
+    print(f"\n== {label}: {len(lengths)} rows, plain {base:.2f} s, lengths median "
+          f"{sorted(lengths)[len(lengths) // 2]} max {max(lengths)}, long tail {100 * out['tail_share']:.0f}% of it")
+    print(f"{'engine':<10}{'wall s':>8}{'plain/eng':>10}{'accept':>8}{'SD frac':>8}{'bound':>7}{'of bound':>9}"
+          f"   per source: accept length (drafted tokens)")
+    for name in runs:
+        t = statistics.median(t for t, _, _ in runs[name])
+        a = med(name, "spec/accept_length")
+        bound = profile_bound(grid, profile, max(a, 1.0), adaptive=True) if a > 1.0 else 1.0
+        per = "  ".join(f"{src} {med(name, f'spec/{src}/accept_length'):.2f} ({med(name, f'spec/{src}/drafted'):.0f})"
+                        for src in ("self", "group", "history", "eagle") if med(name, f"spec/{src}/drafted"))
+        ratio = base / t
+        print(f"{name:<10}{t:>8.2f}{ratio:>10.2f}{a:>8.2f}{med(name, 'spec/frac_steps_sd'):>8.2f}{bound:>7.2f}"
+              f"{ratio / bound:>9.2f}   {per}")
+        out[name] = {"wall_s": t, "ratio": ratio, "accept_length": a, "bound": bound, "of_bound": ratio / bound}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="embedded", help="embedded | smollm2 | an HF model dir")
+    ap.add_argument("--drafter", default=None, help="an EagleDrafter dir: EAGLE joins on the long tail")
+    ap.add_argument("--sources", nargs="*", default=["self", "group", "history"])
+    ap.add_argument("--lengths", nargs="+", type=int, default=[2, 4, 8], help="lookup draft lengths (arms)")
+    ap.add_argument("--history", choices=["cold", "warm"], default="cold")
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--rows", nargs="*", type=int, default=None, help="fixed batch sizes instead of one rollout")
+    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--threshold", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer, model_dir = load_bench_model(args.model)
+    questions = bench_questions(args.model, model_dir)
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"model {model_dir.name} ({params_m:.1f}M params), drafter {drafter_dir.name}, "
-          f"{args.prompts} prompts x {args.n}, cap {args.max_new_tokens}, threads {torch.get_num_threads()}")
-    lengths = stats["plain"]["lengths"]
-    print(f"plain response lengths: median {lengths[len(lengths) // 2]}, p90 {lengths[int(0.9 * len(lengths))]}, "
-          f"max {lengths[-1]} (the long tail)")
-    base = statistics.median(times["plain"])
-    base_tail = statistics.median(tails["plain"])
-    print(f"long tail (<= {args.threshold} rows unfinished for {args.warmup_checks} steps): "
-          f"{base_tail:.2f} s of plain's {base:.2f} s ({100 * base_tail / base:.0f}% of the wall time)")
-    print(f"{'engine':<10}{'wall s':>9}{'plain/engine':>14}{'tail s':>9}{'tail tok/s':>12}{'tail ratio':>12}"
-          f"{'accept len':>12}{'SD steps':>10}{'reverted':>10}")
-    base_tail_rate = statistics.median(tail_tokens["plain"]) / base_tail if base_tail else 0.0
-    summary = {}
-    for name in engines:
-        t, tail = statistics.median(times[name]), statistics.median(tails[name])
-        rate = statistics.median(tail_tokens[name]) / tail if tail else 0.0
-        s = stats[name]
-        if name == "always":  # its "tail" starts at the first step: the whole rollout, not comparable
-            tail_cols = f"{'-':>9}{'-':>12}{'-':>12}"
-        else:
-            tail_cols = f"{tail:>9.2f}{rate:>12.0f}{(rate / base_tail_rate if base_tail_rate else 0.0):>12.2f}"
-        print(f"{name:<10}{t:>9.2f}{base / t:>14.2f}{tail_cols}{s.get('spec/accept_length', 0.0):>12.2f}"
-              f"{s.get('spec/frac_steps_sd', 0.0):>10.2f}{s.get('spec/reverted', 0.0):>10.0f}")
-        summary[name] = {"wall_s": t, "tail_s": tail, "tail_tokens_per_s": rate}
-    print("tail ratio = the engine's tokens/s over the long tail / plain's (tail lengths differ by sampling noise)")
-    print(json.dumps(summary))
+    print(f"{cpu_name()}, torch threads {torch.get_num_threads()}; model {model_dir.name} ({params_m:.1f}M params); "
+          f"sources {args.sources}{' + eagle' if args.drafter else ''}, lengths {args.lengths}, history {args.history}")
+    sizes = args.rows or [args.prompts * args.n]
+    grid_rows = sorted({r for r in GRID_ROWS if r <= max(sizes)} | {1})
+    grid, _ = measure_grid(model, grid_rows, QS, context=200, repeats=3)
+    results = []
+    for rows in sizes:
+        prompts = build_prompts(tokenizer, questions, rows, args.n, offset=0)
+        warm = prompts if args.history == "warm" else build_prompts(tokenizer, questions, rows, args.n,
+                                                                     offset=-(-rows // max(1, min(args.n, rows))))
+        engines = make_engines(model, tokenizer, args)
+        runs = time_engines(engines, prompts, warm, args)
+        results.append(report(runs, grid, f"{rows} rows" if args.rows else "rollout"))
+    if args.rows:
+        print("\nrows  " + "  ".join(f"{r['label'].split()[0]:>6}" for r in results))
+        for name in ("adaptive", "always"):
+            print(f"{name:<6}" + "  ".join(f"{r[name]['ratio']:>6.2f}" for r in results))
+    print("ratios: plain wall time / engine wall time (> 1: faster); bound: bench/roofline.py at the measured "
+          "acceptance length")
+    if args.json:
+        args.json.write_text(json.dumps({"cpu": cpu_name(), "args": vars(args) | {"json": str(args.json)},
+                                         "grid": {str(q): v for q, v in grid.items()}, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -101,6 +101,8 @@ class OnlineDrafterConfig:
     """TLT's spot trainer: the drafter trains on the rollouts' hidden states during the long tail."""
 
     enable: bool = setting(True, "train the drafter online (with rollout.speculative.enable)")
+    on_cpu: bool = setting(False, "also train on a CPU in-process: there the rollout already uses every core, "
+                                  "so the drafter's training slows it down (runtime=ray gives it cores of its own)")
     lr: float = setting(5e-5, "AdamW learning rate (TLT: 5e-5 offline, 1e-6 online for 7B-32B targets)")
     max_steps: int = setting(200, "drafter steps per rollout at most (TLT: 200)")
     batch_size: int = setting(4, "windows per drafter step (TLT: min(batch, 4))")
@@ -116,11 +118,52 @@ class OnlineDrafterConfig:
                 f"must be >= 0 (0: never save the buffer), got {self.checkpoint_buffer_mb}")
 
 
+DRAFT_SOURCES = ("self", "group", "history", "eagle")
+
+
+@dataclass
+class LookupConfig:
+    """Model-free drafts: n-gram matches in the row's own text, its group's and earlier epochs' responses."""
+
+    min_ngram: int = setting(2, "shortest suffix of the row's text that may match (tokens)")
+    max_ngram: int = setting(4, "longest suffix tried first (a longer match is a more confident draft)")
+    lengths: List[int] = setting(help="draft lengths the bandit chooses among (each an arm, beside plain decoding)",
+                                 default_factory=lambda: [2, 4, 8])
+    tokens_per_match_token: float = setting(2.0, "a row drafts at most this many tokens per matched token "
+                                                 "(SuffixDecoding's draft length from match length)")
+    history_mb: float = setting(64.0, "memory bound of the history source (earlier steps' responses, by prompt)")
+    history_per_prompt: int = setting(4, "responses kept per prompt in the history (the newest)")
+    checkpoint_history_mb: float = setting(16.0, "the history goes into checkpoints up to this size (0: never)")
+    explore_every: int = setting(40, "steps of a batch-size bucket between two tries of a non-best arm")
+    min_samples: int = setting(3, "tries of every arm of a bucket before the best is exploited")
+    window: int = setting(16, "rewards (tokens/s) kept per arm and bucket")
+
+    def __post_init__(self) -> None:
+        key = "rollout.speculative.lookup"
+        require(1 <= self.min_ngram <= self.max_ngram, f"{key}.min_ngram",
+                f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram} and {self.max_ngram}")
+        require(bool(self.lengths) and all(isinstance(k, int) and k >= 1 for k in self.lengths), f"{key}.lengths",
+                f"must be a non-empty list of ints >= 1, got {self.lengths!r}")
+        require(self.tokens_per_match_token > 0, f"{key}.tokens_per_match_token", "must be > 0")
+        require(self.history_mb >= 0 and self.checkpoint_history_mb >= 0, f"{key}.history_mb",
+                "history_mb and checkpoint_history_mb must be >= 0 (0: no history / not checkpointed)")
+        require(self.history_per_prompt >= 1, f"{key}.history_per_prompt", "must be >= 1")
+        for name in ("explore_every", "min_samples", "window"):
+            require(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
+
+
 @dataclass
 class SpeculativeConfig:
-    """Lossless speculative decoding of the long tail (TLT, arXiv 2511.16665)."""
+    """Lossless speculative decoding: model-free lookup drafts at any batch size, and TLT's
+    EAGLE drafter on the long tail (arXiv 2511.16665)."""
 
-    enable: bool = setting(False, "speculative decoding with an EAGLE drafter (native backend: on the long tail)")
+    enable: bool = setting(False, "lossless speculative decoding (native backend; vllm: n-gram and EAGLE)")
+    sources: List[str] = setting(help="draft sources: self (the row's own text), group (the other responses to its "
+                                      "prompt), history (earlier steps' responses to it), eagle (the drafter, "
+                                      "on the long tail)", default_factory=lambda: list(DRAFT_SOURCES))
+    lookup: LookupConfig = setting(help="the model-free sources", default_factory=LookupConfig)
+    draft_vocab_size: int = setting(32768, "FR-Spec: the EAGLE drafter scores only the rollouts' most frequent "
+                                           "tokens, this many (0: the whole vocabulary)")
     mode: Literal["adaptive", "always"] = setting("adaptive", "adaptive: TLT's long-tail switch, reverted where "
                                                               "measured slower; always: from the first decode step")
     threshold: int = setting(32, "switch once unfinished rows <= threshold ...")
@@ -134,6 +177,12 @@ class SpeculativeConfig:
     online: OnlineDrafterConfig = setting(help="online drafter training", default_factory=OnlineDrafterConfig)
 
     def __post_init__(self) -> None:
+        bad = [x for x in self.sources if x not in DRAFT_SOURCES]
+        if bad:
+            raise choice_error("rollout.speculative.sources", bad[0], DRAFT_SOURCES)
+        require(len(set(self.sources)) == len(self.sources), "rollout.speculative.sources",
+                f"lists a source twice: {self.sources}")
+        require(self.draft_vocab_size >= 0, "rollout.speculative.draft_vocab_size", "must be >= 0 (0: whole vocabulary)")
         require(self.probe_steps >= 1, "rollout.speculative.probe_steps", f"must be >= 1, got {self.probe_steps}")
         require(self.threshold >= 1 and self.warmup_checks >= 0, "rollout.speculative.threshold",
                 f"threshold must be >= 1 and warmup_checks >= 0, got {self.threshold} and {self.warmup_checks}")
@@ -150,7 +199,7 @@ class VllmConfig:
     gpu_memory_utilization: float = setting(0.3, "GPU share for weights + KV cache (colocated with training)")
     kv_cache_gb: float = setting(1.0, "CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
     enable_prefix_caching: bool = setting(True, "a GRPO group shares its prompt")
-    num_speculative_tokens: int = setting(3, "EAGLE draft length when rollout.speculative.enable=true")
+    num_speculative_tokens: int = setting(3, "draft length of vLLM's EAGLE or n-gram (self source) speculation")
     seed: int = setting(0, "vLLM's engine seed (each request is seeded from the rollout seed anyway)")
     engine_kwargs: Dict[str, Any] = setting(help="passed to vllm.LLM(...) as they are", default_factory=dict)
 

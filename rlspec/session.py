@@ -31,6 +31,7 @@ from rlspec.rewards import build_reward_terms
 from rlspec.rollout.engines import make_engine
 from rlspec.rollout.ray_engine import make_ray_engine
 from rlspec.rollout.speculative.eagle import EagleDrafter
+from rlspec.rollout.speculative.history import HistoryCheckpoint
 from rlspec.rollout.speculative.online import DrafterCheckpoint, OnlineDrafting
 from rlspec.rollout.speculative.remote_spot_trainer import RemoteSpotTrainer
 from rlspec.rollout.speculative.spot_trainer import SpotDrafterTrainer
@@ -172,21 +173,41 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def spot_training_allowed(cfg: RLSpecConfig, device: torch.device) -> bool:
+    """Whether TLT's spot trainer may train the drafter during rollouts: it must use compute that
+    would otherwise idle. On a GPU the long tail leaves most of it idle; on a CPU in one process
+    the rollout already runs on every core (measured: a rollout of 17 s took 27 s with the drafter
+    training beside it), so there it trains only with ``runtime=ray`` (cores of its own) or when
+    ``rollout.speculative.online.on_cpu=true``."""
+    online = cfg.rollout.speculative.online
+    return online.enable and (device.type != "cpu" or cfg.runtime == "ray" or online.on_cpu)
+
+
 def load_drafter(cfg: RLSpecConfig, model: Any, tokenizer: Any, model_path: Any,
-                 train_prompt_ids: list[list[int]]) -> EagleDrafter:
-    """The EAGLE drafter for ``rollout.speculative``: ``drafter_path``, or for the embedded default
-    one warmed up on the model's own generations and cached beside it (built once)."""
+                 train_prompt_ids: list[list[int]], trains_online: bool) -> EagleDrafter | None:
+    """The EAGLE drafter for ``rollout.speculative``: ``drafter_path``; else, when it will train
+    online, for the embedded default one warmed up on the model's own generations and cached beside
+    it (built once) and for other models a fresh one (shared embeddings and LM head, a new layer);
+    else None: the model-free sources draft alone (a drafter that cannot learn would only cost)."""
     sc = cfg.rollout.speculative
     if sc.drafter_path:
         return EagleDrafter.load(Path(sc.drafter_path).expanduser(), model)
-    if cfg.model.path is not None:
+    if trains_online:
+        if cfg.model.path is None:
+            path = get_embedded_drafter_path(Path(model_path), model, tokenizer, train_prompt_ids,
+                                             sc.drafter_warmup_steps)
+            return EagleDrafter.load(path, model)
+        return EagleDrafter.from_target(model, seed=cfg.trainer.seed)  # learns from the first rollouts
+    lookups = [s for s in sc.sources if s != "eagle"]
+    if not lookups:
         raise ModelLoadError(
-            f"rollout.speculative.enable=true needs a drafter for {cfg.model.path}: warm one up with "
-            f"`python -m rlspec.warmup_drafter model={cfg.model.path} out=DIR` and set "
-            f"rollout.speculative.drafter_path=DIR"
+            "rollout.speculative.sources=[eagle] on a CPU needs a drafter (none is trained online there): warm one "
+            "up with `python -m rlspec.warmup_drafter model=... out=DIR` and set rollout.speculative.drafter_path=DIR, "
+            "set rollout.speculative.online.on_cpu=true, or add the model-free sources (self, group, history)"
         )
-    path = get_embedded_drafter_path(Path(model_path), model, tokenizer, train_prompt_ids, sc.drafter_warmup_steps)
-    return EagleDrafter.load(path, model)
+    print(f"rollout.speculative: EAGLE is off on this CPU (no drafter_path, online.on_cpu=false); "
+          f"drafting with {', '.join(lookups)}")
+    return None
 
 
 def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: MetricsLogger | None = None) -> GRPOTrainer:
@@ -231,11 +252,14 @@ def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: MetricsLogger | None
     if strategy.world_size > 1:  # each rank samples a share of every rollout batch; all ranks get all of it
         engine = DataParallelEngine(engine, strategy)
     online, parts = None, []
-    if sc.enable:
-        drafter = load_drafter(cfg, model, tokenizer, model_path, train_prompt_ids)
+    drafter = None
+    if sc.enable and "eagle" in sc.sources:
+        trains_online = spot_training_allowed(cfg, next(model.parameters()).device)
+        drafter = load_drafter(cfg, model, tokenizer, model_path, train_prompt_ids, trains_online)
+    if drafter is not None:
         engine.set_drafter(drafter)
         spot = None
-        if sc.online.enable:
+        if trains_online:
             if cfg.runtime == "ray":  # the drafter trainer as an actor beside the rollout workers
                 spot = RemoteSpotTrainer(drafter, model, sc.online, seed=cfg.trainer.seed, engine=engine,
                                          namespace=cfg.ray.namespace, num_cpus=cfg.ray.drafter_trainer_cpus,
@@ -244,6 +268,9 @@ def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: MetricsLogger | None
                 spot = SpotDrafterTrainer(drafter, sc.online, seed=cfg.trainer.seed)
             online = OnlineDrafting(engine, spot)
         parts.append(DrafterCheckpoint(drafter, model, spot))  # trained online: part of the run's state
+    history = getattr(engine, "history", None)  # the native engine's history source (Ray workers keep their own)
+    if history is not None and sc.lookup.checkpoint_history_mb > 0:
+        parts.append(HistoryCheckpoint(history, int(sc.lookup.checkpoint_history_mb * 2**20)))
     return GRPOTrainer(
         cfg, model=model, tokenizer=tokenizer, engine=engine, eos_ids=eos_ids, train_rows=train_rows,
         eval_rows=eval_rows, train_prompt_ids=train_prompt_ids, eval_prompt_ids=eval_prompt_ids, run_dir=run_dir,

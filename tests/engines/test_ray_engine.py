@@ -63,7 +63,7 @@ def model():
 @pytest.fixture(scope="module")
 def pool(ray_session, model):
     # speculative mode "always": plain decoding until a drafter is set (test_drafter_...)
-    spec = SpeculativeConfig(mode="always", bandit={"policy": "fixed", "fixed_arms": ["3_1_3"] * 4})
+    spec = SpeculativeConfig(mode="always", sources=["eagle"], bandit={"policy": "fixed", "fixed_arms": ["3_1_3"] * 4})
     engine = RayRolloutEngine(model, None, EOS, num_workers=2, chunk_size=CHUNK, max_batch_size=8,
                               cpus_per_worker=0.5, max_worker_restarts=1, namespace=NS,
                               engine_kwargs={"speculative": spec})

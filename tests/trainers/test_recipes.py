@@ -328,6 +328,7 @@ def test_evaluation_long_tail_does_not_start_the_spot_trainer(make_trainer):
     """An evaluation rollout reaches the long tail too; the spot trainer must not start there (it
     would still run at the next checkpoint, which then failed: seen in a `grpo` run with SD)."""
     over = ["rollout.speculative.enable=true", "rollout.speculative.mode=always", "rollout.speculative.drafter_warmup_steps=5",
+            "rollout.speculative.online.on_cpu=true",
             "rollout.speculative.threshold=64", "rollout.speculative.warmup_checks=1", "eval.at_start=false", "eval.at_end=false"]
     trainer = make_trainer("+recipe=grpo", *over)
     trainer.train_step()  # fills the spot trainer's buffer, so a long tail would have data to train on
@@ -349,6 +350,7 @@ def test_speculative_run_trains_the_drafter_checkpoints_and_restores_it(make_tra
     """rollout.speculative with the spot trainer: metrics logged, the drafter saved in each
     checkpoint and restored on resume (it is trained online, so it is run state)."""
     over = ["rollout.speculative.enable=true", "rollout.speculative.mode=always", "rollout.speculative.drafter_warmup_steps=5",
+            "rollout.speculative.online.on_cpu=true",
             "rollout.speculative.threshold=64", "rollout.speculative.warmup_checks=1", "eval.at_start=false", "eval.at_end=false"]
     trainer = make_trainer("+recipe=grpo", *over)
     metrics = trainer.train_step()
@@ -377,3 +379,21 @@ def test_speculative_run_trains_the_drafter_checkpoints_and_restores_it(make_tra
         torch.testing.assert_close(b["state"][key]["exp_avg_sq"], moments["exp_avg_sq"])
     torch.testing.assert_close(dict(resumed_spot.trainer.shadow.named_parameters()),
                                dict(resumed.engine.drafter.named_parameters()))
+
+
+def test_speculation_starts_without_a_drafter_and_resumes_with_its_history(make_trainer):
+    """On a CPU the model-free sources draft from the first step (no drafter, no warm-up command);
+    the history of earlier responses is checkpointed and comes back on resume."""
+    over = ["rollout.speculative.enable=true", "rollout.speculative.mode=always", "rollout.speculative.lookup.lengths=[3]",
+            "rollout.speculative.lookup.min_ngram=1", "eval.at_start=false", "eval.at_end=false"]
+    trainer = make_trainer("+recipe=grpo", *over)
+    assert trainer.engine.drafter is None and trainer.online_drafting is None
+    metrics = trainer.train_step()
+    assert metrics["spec/sd_steps"] > 0 and metrics["spec/self/drafted"] > 0
+    assert metrics["spec/history_prompts"] == 4 and metrics["spec/history_bytes"] > 0
+    path = trainer.save()
+    assert (path / "draft_history.pt").is_file()
+    resumed = make_trainer("+recipe=grpo", *over)
+    assert len(resumed.engine.history) == 0
+    assert resumed.maybe_resume() == path
+    assert resumed.engine.history.state_dict() == trainer.engine.history.state_dict()

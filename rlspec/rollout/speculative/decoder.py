@@ -34,8 +34,8 @@ import torch
 from rlspec.rollout.base import SamplingParams
 from rlspec.rollout.sampling import token_logprobs
 from rlspec.rollout.speculative.bandit import DraftShapeBandit, step_reward
-from rlspec.rollout.speculative.draft_tree import tree_attention_mask
-from rlspec.rollout.speculative.sources import DraftSource
+from rlspec.rollout.speculative.draft_tree import ArmShape, tree_attention_mask
+from rlspec.rollout.speculative.sources import Draft, DraftSource
 from rlspec.rollout.speculative.verification import target_probs, verify_chain, verify_tree
 
 Emitted = tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]
@@ -56,6 +56,16 @@ class SpecStats:
     arms: dict[str, int] = field(default_factory=dict)
     reverted: int = 0  # 1 when the adaptive engine found SD slower and went back to plain decoding
     reentered: int = 0  # times SD was probed again after a revert, in a smaller batch-size bucket
+    draft_seconds: float = 0.0  # proposing drafts (lookups, drafter forwards)
+    verify_seconds: float = 0.0  # the target's verify forward, rejection sampling and commit
+    # per draft source: [rows that got a draft, drafted tokens, accepted tokens]
+    sources: dict[str, list[int]] = field(default_factory=dict)
+
+    def count_source(self, source: str, drafted: int, accepted: int) -> None:
+        c = self.sources.setdefault(source, [0, 0, 0])
+        c[0] += 1
+        c[1] += drafted
+        c[2] += accepted
 
     def as_stats(self) -> dict[str, float]:
         steps = self.sd_steps + self.plain_steps
@@ -69,8 +79,15 @@ class SpecStats:
             "spec/reverted": float(self.reverted),
             "spec/reentered": float(self.reentered),
         }
+        out["spec/draft_seconds"] = self.draft_seconds
+        out["spec/verify_seconds"] = self.verify_seconds
         for arm, count in self.arms.items():
             out[f"spec/arm/{arm}"] = float(count)
+        for source, (rows, drafted, accepted) in self.sources.items():
+            out[f"spec/{source}/drafted"] = float(drafted)
+            out[f"spec/{source}/accepted"] = float(accepted)
+            # tokens per target step of the rows this source drafted for (accepted drafts + the target's token)
+            out[f"spec/{source}/accept_length"] = (accepted + rows) / rows if rows else 0.0
         return out
 
 
@@ -125,23 +142,32 @@ class SpeculativeDecoder:
         self.source.remove(done, order)
 
     # ------------------------------------------------------------------ one step
-    def step(self, cur: torch.Tensor, stats: SpecStats) -> list[Emitted]:
+    def step(self, cur: torch.Tensor, stats: SpecStats, arm: ArmShape | None = None, draft: Draft | None = None,
+             row_sources: list[str | None] | None = None) -> list[Emitted]:
         """One draft + verify step. Returns, per row, ``(emitted tokens, their log-probs [k],
         the target hidden states that produced them [k, H], the row's last hidden state [H])``.
 
+        ``arm`` None: the bandit picks the draft shape and learns from the step; else the caller
+        chose it (and may pass the ``draft`` it already proposed, with the source of each row's
+        draft for the per-source counters; default: the source's name for every row).
         The caller appends the tokens (stopping at EOS / stop strings / the length cap) and then
         calls :meth:`commit` with how many it kept per row.
         """
         with self.source.holding():
-            return self._step(cur, stats)
+            return self._step(cur, stats, arm, draft, row_sources)
 
-    def _step(self, cur: torch.Tensor, stats: SpecStats) -> list[Emitted]:
+    def _step(self, cur: torch.Tensor, stats: SpecStats, arm: ArmShape | None, draft: Draft | None,
+              row_sources: list[str | None] | None) -> list[Emitted]:
         t0 = time.perf_counter()
         n = cur.shape[0]
-        arm = self.bandit.select(n)
+        learn = arm is None
+        if arm is None:
+            arm = self.bandit.select(n)
         lens = list(self.backend.lens)  # L_i
         lens_t = torch.tensor(lens, dtype=torch.long, device=self.device)
-        draft = self.source.propose(arm, lens_t, self.params, self.generator)
+        if draft is None:
+            draft = self.source.propose(arm, lens_t, self.params, self.generator)
+        t_drafted = time.perf_counter()
         tree = draft.tree
         tokens, parents = tree.tokens, tree.parents  # [n, M]
         m = tokens.shape[1]
@@ -165,7 +191,7 @@ class SpeculativeDecoder:
             num = res.num_accepted
             path = torch.arange(m, device=self.device).expand(n, m)
         else:
-            res = verify_tree(tokens, parents, probs, self.generator)
+            res = verify_tree(tokens, parents, probs, self.generator, valid=draft.valid)
             num, path = res.num_accepted, res.accepted_path
         num_l = num.tolist()
         out = []
@@ -182,11 +208,20 @@ class SpeculativeDecoder:
         stats.sd_row_steps += n
         name = str(arm)
         stats.arms[name] = stats.arms.get(name, 0) + 1
-        elapsed = time.perf_counter() - t0
+        now = time.perf_counter()
+        elapsed = now - t0
         stats.sd_seconds += elapsed
+        stats.draft_seconds += t_drafted - t0
+        stats.verify_seconds += now - t_drafted
+        drafted = draft.valid.sum(dim=1).tolist() if draft.valid is not None else [m] * n
+        names = row_sources if row_sources is not None else [getattr(self.source, "name", "draft")] * n
+        for i, name in enumerate(names):
+            if name is not None:
+                stats.count_source(name, int(drafted[i]), num_l[i])
         emitted_total = sum(a + 1 for a in num_l)
         stats.sd_tokens += emitted_total
-        self.bandit.update(n, arm, step_reward(emitted_total / n, n, elapsed))
+        if learn:
+            self.bandit.update(n, arm, step_reward(emitted_total / n, n, elapsed))
         return out
 
     def commit(self, kept: list[int]) -> None:

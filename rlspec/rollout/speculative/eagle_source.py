@@ -7,6 +7,14 @@ convention). A proposal first feeds them to the drafter (the last one is the roo
 (:class:`~rlspec.rollout.speculative.draft_tree.TreeBuilder`), each node fed ``(its token, its
 parent's predicted feature)``. Drafter cache columns: prefix pairs ``0 .. L-1`` (the root pair at
 column ``L-1``), tree node ``c`` (creation order) at ``L + c``.
+
+**Frequency-ranked draft vocabulary** (FR-Spec, arXiv 2502.14856): on a real vocabulary the
+drafter's LM head is most of a draft step's cost (SmolLM2-135M: 49k x 576, ~21% of the target's
+weights, read for every drafted token). With ``vocab_subset`` (the most frequent token ids of the
+rollouts so far) the drafter scores only those rows of the head; drafts are therefore always in
+the subset. Verification is unchanged and stays lossless: point-mass drafts may be any tokens,
+and a sampled chain's ``q`` is the subset distribution scattered into the full vocabulary (zero
+elsewhere), which speculative sampling accepts as any other ``q``.
 """
 
 from __future__ import annotations
@@ -26,10 +34,14 @@ class EagleDraftSource:
     """:class:`~rlspec.rollout.speculative.sources.DraftSource` backed by an EAGLE drafter."""
 
     needs_hidden_states = True
+    name = "eagle"
 
-    def __init__(self, drafter: EagleDrafter, device: torch.device) -> None:
+    def __init__(self, drafter: EagleDrafter, device: torch.device, vocab_subset: torch.Tensor | None = None) -> None:
         self.drafter = drafter
         self.device = device
+        self.subset = vocab_subset.to(device) if vocab_subset is not None else None  # [K] token ids
+        self._subset_head: tuple[int, torch.Tensor] | None = None  # (drafter version, lm_head rows [K, H])
+        self._subset_bias: torch.Tensor | None = None
         self.pending_tokens: list[list[int]] = []  # per row: x_{t+1} of the pairs not yet in the drafter cache
         self.pending_hidden: list[torch.Tensor] = []  # per row: [len, H] the matching h_t
         self.drafter_len: list[int] = []  # per row: drafter cache columns holding final pairs
@@ -107,16 +119,20 @@ class EagleDraftSource:
         feats = root_feat.unsqueeze(1)  # [n, 1, H]: features whose logits expand the frontier
         rows = torch.arange(n, device=self.device)[:, None]
         while True:
-            logits = self.drafter.logits(feats).float()  # [n, F, V]
+            logits = self._logits(feats)  # [n, F, V] (or [n, F, K] over the subset)
             if sampled_chain:
-                q = target_probs(logits[:, 0], p.temperature, p.top_p, p.top_k)  # [n, V]
+                q = target_probs(logits[:, 0], p.temperature, p.top_p, p.top_k)  # [n, V or K]
                 tok = torch.multinomial(q, 1, generator=generator)  # [n, 1]
-                qs.append(q)
                 logp = q.gather(-1, tok).clamp(min=1e-30).log().clamp(max=0.0)
+                if self.subset is not None:  # back to vocabulary ids; q is zero outside the subset
+                    q = q.new_zeros(n, self.drafter.lm_head.weight.shape[0]).index_copy_(1, self.subset, q)
+                    tok = self.subset[tok]
+                qs.append(q)
                 builder.expand(tok.view(n, 1, 1), logp.view(n, 1, 1))
             else:
                 top = torch.log_softmax(logits, dim=-1).topk(arm.topk, dim=-1)
-                builder.expand(top.indices, top.values.clamp(max=0.0))
+                ids = self.subset[top.indices] if self.subset is not None else top.indices
+                builder.expand(ids, top.values.clamp(max=0.0))
             if builder.done:
                 break
             front = builder.frontier()  # [n, F] the new nodes to run the drafter on
@@ -138,3 +154,15 @@ class EagleDraftSource:
             table[rows, front.nodes + 1] = feats
         chain_q = torch.stack(qs, dim=1) if sampled_chain else None  # [n, K, V]
         return Draft(builder.finalize(), chain_q)
+
+    def _logits(self, feats: torch.Tensor) -> torch.Tensor:
+        """The drafter's logits over the whole vocabulary, or over ``subset`` only (FR-Spec)."""
+        if self.subset is None:
+            return self.drafter.logits(feats).float()
+        version = getattr(self.drafter, "version", 0)
+        if self._subset_head is None or self._subset_head[0] != version:
+            self._subset_head = (version, self.drafter.lm_head.weight.detach()[self.subset].contiguous())
+            bias = getattr(self.drafter.lm_head, "bias", None)
+            self._subset_bias = None if bias is None else bias.detach()[self.subset]
+        head = self._subset_head[1]
+        return torch.nn.functional.linear(feats.to(head.dtype), head, self._subset_bias).float()  # [n, F, K]

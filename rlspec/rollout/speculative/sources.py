@@ -8,9 +8,9 @@ with probability ``p(x)`` and, when rejected, the token is drawn from ``p`` with
 decoding is, never what it samples. It must not look at the verifier's random numbers.
 
 Sources: the EAGLE drafter (:class:`~rlspec.rollout.speculative.eagle_source.EagleDraftSource`, a
-model forward per draft level). Model-free sources (n-gram lookup in the row's own text, its
-group's responses, earlier epochs' responses) implement the same interface with
-``needs_hidden_states = False``.
+model forward per draft level) and the model-free lookups
+(:class:`~rlspec.rollout.speculative.lookup_source.LookupDraftSource`: n-gram matches in the row's
+own text, its group's responses and earlier steps' responses, ``needs_hidden_states = False``).
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ class Draft:
     # a sampled chain's draft distributions ``q`` ``[n, K, V]`` (speculative sampling with q);
     # None: point-mass drafts (the tree is verified by recursive rejection sampling)
     chain_q: torch.Tensor | None = None
+    # [n, M] bool: False drops a node (and its subtree) from its row, e.g. lookup chains of
+    # different lengths padded to one width; None: every node is real
+    valid: torch.Tensor | None = None
 
 
 class DraftSource(Protocol):

@@ -1,0 +1,195 @@
+"""Model-free drafts (self / group / history lookups): the index, the history store, the step
+selector, and losslessness inside the native engine (greedy identical, log-probs and hidden
+states equal to plain decoding, chi-square of sampled tokens with a negative control)."""
+
+import random
+
+import pytest
+import torch
+
+from rlspec.config import LookupConfig, SpeculativeConfig
+from rlspec.errors import ConfigError
+from rlspec.rollout.base import SamplingParams
+from rlspec.rollout.native import NativeEngine
+from rlspec.rollout.speculative.history import DraftHistory
+from rlspec.rollout.speculative.lookup import NgramIndex, vote_draft
+from rlspec.rollout.speculative.selector import PLAIN, StepSelector
+
+from tests.rollout.test_spec_engine import PROMPTS, V, _chi_square_p, _exact_three_token_probs, _model
+
+
+# ----------------------------------------------------------------------------- the index
+def test_incremental_index_equals_one_built_at_once():
+    rng = random.Random(0)
+    tokens = [rng.randrange(5) for _ in range(200)]
+    whole = NgramIndex(2, 4, max_occurrences=100)
+    whole.add_document(list(tokens), "row")
+    grown = NgramIndex(2, 4, max_occurrences=100)
+    doc = grown.add_document([], "row")
+    for t in tokens:  # one token at a time, catching up now and then
+        grown.documents[doc].tokens.append(t)
+        if rng.random() < 0.3:
+            grown.catch_up(doc)
+    grown.catch_up(doc)
+    assert grown.table == whole.table
+
+
+def test_lookup_prefers_the_longest_match_and_never_the_suffix_itself():
+    idx = NgramIndex(1, 3)
+    idx.add_document([1, 2, 3, 9, 2, 3, 7, 1, 2, 3], "row")
+    occ, n = idx.lookup([1, 2, 3])
+    assert n == 3 and occ == [(0, 3)]  # "1 2 3" -> 9 (the suffix at the end has no continuation)
+    assert vote_draft(idx, occ, 2) == ([9, 2], 0)
+    occ, n = idx.lookup([5, 2, 3])  # "5 2 3" unseen: "2 3" -> 9 and -> 7
+    assert n == 2 and [end for _, end in occ] == [3, 6]
+    assert idx.lookup([8]) == ([], 0)
+
+
+def test_vote_follows_the_majority_and_ties_go_to_the_newest():
+    idx = NgramIndex(1, 1)
+    for doc in ([4, 1, 2], [4, 1, 2], [4, 1, 3], [4, 5]):
+        idx.add_document(doc, "row")
+    occ, _ = idx.lookup([4])
+    assert vote_draft(idx, occ, 5)[0] == [1, 2]  # three say 1, then two of them say 2
+    idx2 = NgramIndex(1, 1)
+    for doc in ([4, 1], [4, 2]):
+        idx2.add_document(doc, "row")
+    assert vote_draft(idx2, idx2.lookup([4])[0], 5)[0] == [2]
+
+
+def test_occurrences_are_capped_to_the_newest():
+    idx = NgramIndex(1, 1, max_occurrences=2)
+    idx.add_document([7, 1, 7, 2, 7, 3, 7], "row")
+    assert [end for _, end in idx.table[(7,)]] == [3, 5]
+
+
+# ----------------------------------------------------------------------------- the history
+def test_history_stays_within_its_byte_bound_and_evicts_least_recently_used():
+    h = DraftHistory(max_bytes=400, per_prompt=2, context=0)
+    for step in range(50):
+        for p in range(10):
+            h.add([p], [step] * 5)  # 20 bytes each
+        assert h.nbytes <= 400
+    assert h.nbytes == sum(4 * len(d) for p in range(10) for d in h._by_prompt.get((p,), []))
+    h.responses([0])  # prompt 0 becomes the most recently used
+    h.add([99], [1] * 5)
+    assert h.responses([0]) and [list(d) for d in h.responses([0])] == [[48] * 5, [49] * 5]
+
+
+def test_history_state_roundtrip_and_checkpoint_budget():
+    h = DraftHistory(max_bytes=10_000, per_prompt=3, context=1)
+    for p in range(5):
+        for k in range(4):
+            h.add([100, p], [p, k])
+    full = DraftHistory(max_bytes=10_000, per_prompt=3, context=1)
+    full.load_state_dict(h.state_dict())
+    assert full.nbytes == h.nbytes and all(
+        [list(a) for a in full.responses([100, p])] == [list(b) for b in h.responses([100, p])] for p in range(5))
+    small = h.state_dict(max_bytes=2 * 36)  # two prompts of 3 x 3 tokens
+    assert [p for p, _ in small["prompts"]] == [[100, 4], [100, 3]]  # the most recently used first
+    with pytest.raises(ValueError):
+        DraftHistory(100).load_state_dict({"prompts": []})
+
+
+# ----------------------------------------------------------------------------- the selector
+def test_selector_exploits_the_fastest_arm_and_keeps_exploring_at_a_bounded_rate():
+    s = StepSelector([PLAIN, "lookup/2", "lookup/4"], explore_every=10, min_samples=2, window=8)
+    speed = {PLAIN: 100.0, "lookup/2": 130.0, "lookup/4": 90.0}
+    picks = []
+    for _ in range(206):
+        arm = s.select(16)
+        picks.append(arm)
+        s.update(16, arm, speed[arm])
+    assert picks[:6].count(PLAIN) == 2 and picks[:6].count("lookup/4") == 2  # each arm tried first
+    tail = picks[6:]
+    assert tail.count("lookup/2") == 180 and tail.count(PLAIN) + tail.count("lookup/4") == 20
+
+
+def test_selector_prefers_plain_within_the_margin_and_follows_drift():
+    s = StepSelector([PLAIN, "lookup/4"], explore_every=5, min_samples=1, window=3, margin=0.05)
+    s.update(1, PLAIN, 100.0)
+    s.update(1, "lookup/4", 103.0)  # within 5 %: noise, not a win
+    assert s.best(1) == PLAIN
+    for _ in range(3):
+        s.update(1, "lookup/4", 60.0)  # and lookups get slower (the policy lost its redundancy)
+    s.update(1, "lookup/4", 200.0)
+    for _ in range(3):
+        s.update(1, "lookup/4", 200.0)  # ... then faster again
+    assert s.best(1) == "lookup/4" and s.best(64) is None  # another bucket has no data yet
+
+
+# ----------------------------------------------------------------------------- the engine
+def _lookup_engine(model, sources, mode="always", lengths=(3,), eos=(V - 1,), max_batch_size=64, **kw):
+    settings = SpeculativeConfig(mode=mode, sources=list(sources),
+                                 lookup=LookupConfig(min_ngram=1, max_ngram=3, lengths=list(lengths), **kw))
+    return NativeEngine(model, eos_token_ids=list(eos), max_batch_size=max_batch_size, speculative=settings)
+
+
+GROUP_PROMPTS = [p for p in PROMPTS[:3] for _ in range(4)]  # groups of 4 responses per prompt
+
+
+@pytest.mark.parametrize("sources", [["self"], ["group"], ["history"], ["self", "group", "history"]])
+def test_greedy_identical_to_plain_with_every_source(sources):
+    model = _model(0, bigram=False)
+    params = SamplingParams(max_new_tokens=40, temperature=0.0)
+    plain = NativeEngine(model, eos_token_ids=[V - 1]).generate(GROUP_PROMPTS, params, return_hidden_states=True)
+    engine = _lookup_engine(model, sources)
+    for _ in range(2):  # the second call has a history
+        out = engine.generate(GROUP_PROMPTS, params, return_hidden_states=True)
+        assert out.response_ids == plain.response_ids
+        assert out.finish_reasons == plain.finish_reasons
+        for a, b in zip(out.response_logprobs, plain.response_logprobs):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+        for a, b in zip(out.response_hidden_states, plain.response_hidden_states):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    source = sources[0] if len(sources) == 1 else "self"
+    assert out.stats[f"spec/{source}/drafted"] > 0 and out.stats[f"spec/{source}/accepted"] > 0
+
+
+def test_adaptive_engine_mixes_plain_and_lookup_steps_losslessly():
+    model = _model(1, bigram=False)
+    params = SamplingParams(max_new_tokens=30, temperature=0.0)
+    plain = NativeEngine(model, eos_token_ids=[V - 1]).generate(GROUP_PROMPTS, params)
+    engine = _lookup_engine(model, ["self", "group", "history"], mode="adaptive", lengths=(2, 4), min_samples=1)
+    for _ in range(3):
+        out = engine.generate(GROUP_PROMPTS, params)
+        assert out.response_ids == plain.response_ids
+    assert out.stats["spec/sd_steps"] > 0 and out.stats["spec/tokens_per_s_plain"] > 0
+    assert out.stats["spec/history_prompts"] == 3 and out.stats["spec/history_bytes"] > 0
+
+
+@pytest.mark.parametrize("sources", [["self"], ["group"], ["history"]])
+def test_sampling_distribution_is_the_target_distribution(sources):
+    """Chi-square of the first three sampled tokens against the exact target distribution, with
+    every step after the first a lookup step; a verifier that accepted every lookup draft fails."""
+    model = _model(3, bigram=False)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2, 6, 4, 3, 3, 8, 3, 2, 7, 9, 5]
+    n = 3000
+    params = SamplingParams(max_new_tokens=3, temperature=1.0, seed=11)
+    engine = _lookup_engine(model, sources, eos=(), max_batch_size=n, history_per_prompt=64)
+    if sources == ["history"]:  # an earlier call's responses to the same prompt
+        engine.generate([prompt] * 64, SamplingParams(max_new_tokens=8, temperature=1.0, seed=3))
+    out = engine.generate([prompt] * n, params)
+    assert out.stats["spec/sd_steps"] == 2 and out.stats[f"spec/{sources[0]}/drafted"] >= n
+    triples = torch.tensor([(r[0] * V + r[1]) * V + r[2] for r in out.response_ids])
+    observed = torch.bincount(triples, minlength=V**3).double()
+    expected = _exact_three_token_probs(model, prompt, 1.0) * n
+    stat, dof, p = _chi_square_p(observed, expected)
+    assert dof >= 10 and p > 1e-3, (stat, dof, p)
+    # negative control: the third token replaced by the self lookup's draft after the first two
+    # (what a verifier that accepts every draft would emit) is rejected by the same test
+    def drafted(r):
+        idx = NgramIndex(1, 3)
+        idx.add_document(prompt + r[:2], "row")
+        occ, _ = idx.lookup(prompt + r[:2])
+        return vote_draft(idx, occ, 1)[0][0] if occ else r[2]
+    biased = triples - triples % V + torch.tensor([drafted(r) for r in out.response_ids])
+    stat_bad, _, p_bad = _chi_square_p(torch.bincount(biased, minlength=V**3).double(), expected)
+    assert p_bad < 1e-6, stat_bad
+
+
+def test_unknown_source_names_the_valid_ones():
+    with pytest.raises(ConfigError, match="did you mean 'history'"):
+        SpeculativeConfig(sources=["histroy"])
+    with pytest.raises(ConfigError, match="min_ngram"):
+        LookupConfig(min_ngram=5, max_ngram=3)
