@@ -134,7 +134,9 @@ class LookupConfig:
     history_mb: float = setting(64.0, "memory bound of the history source (earlier steps' responses, by prompt)")
     history_per_prompt: int = setting(4, "responses kept per prompt in the history (the newest)")
     checkpoint_history_mb: float = setting(16.0, "the history goes into checkpoints up to this size (0: never)")
-    explore_every: int = setting(40, "steps of a batch-size bucket between two tries of a non-best arm")
+    explore_every: int = setting(40, "steps of a batch-size bucket between two tries of a non-best arm, at least")
+    explore_cost: float = setting(0.01, "... and at most about this share of a bucket's time goes to arms that "
+                                        "measured slower (an arm k times slower waits (k - 1) / explore_cost steps)")
     min_samples: int = setting(3, "tries of every arm of a bucket before the best is exploited")
     window: int = setting(16, "rewards (tokens/s) kept per arm and bucket")
 
@@ -148,6 +150,7 @@ class LookupConfig:
         require(self.history_mb >= 0 and self.checkpoint_history_mb >= 0, f"{key}.history_mb",
                 "history_mb and checkpoint_history_mb must be >= 0 (0: no history / not checkpointed)")
         require(self.history_per_prompt >= 1, f"{key}.history_per_prompt", "must be >= 1")
+        require(0 < self.explore_cost <= 1, f"{key}.explore_cost", f"must be in (0, 1], got {self.explore_cost}")
         for name in ("explore_every", "min_samples", "window"):
             require(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
 

@@ -149,8 +149,10 @@ class NativeEngine:
             self.lookup_sources = tuple(s for s in speculative.sources if s in LOOKUP_SOURCES)
             if self.lookup_sources:
                 plain = [PLAIN] if speculative.mode == "adaptive" else []  # always: draft at every step
-                self.selector = StepSelector(plain + [f"lookup/{k}" for k in sorted(set(look.lengths))],
-                                             explore_every=look.explore_every, min_samples=look.min_samples,
+                drafts = [f"lookup/{k}" for k in sorted(set(look.lengths))]
+                self.selector = StepSelector(plain + drafts, follows=dict(zip(drafts[1:], drafts[:-1])),
+                                             explore_every=look.explore_every, explore_cost=look.explore_cost,
+                                             min_samples=look.min_samples,
                                              window=look.window)
             if "history" in self.lookup_sources and look.history_mb > 0:
                 self.history = DraftHistory(int(look.history_mb * 2**20), look.history_per_prompt,
@@ -464,7 +466,7 @@ class _GenerateCall:
         done, kept, new_cur, kept_hidden, kept_reqs = [], [], [], [], []
         for i, (r, (emitted, lps, hid, _last)) in enumerate(zip(self.rows, outs)):
             k, finished = 0, False
-            for t, lp in zip(emitted, lps.tolist()):
+            for t, lp in zip(emitted, lps):
                 k += 1
                 if self.append(r, t, lp):
                     finished = True

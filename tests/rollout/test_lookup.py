@@ -22,45 +22,48 @@ from tests.rollout.test_spec_engine import PROMPTS, V, _chi_square_p, _exact_thr
 def test_incremental_index_equals_one_built_at_once():
     rng = random.Random(0)
     tokens = [rng.randrange(5) for _ in range(200)]
-    whole = NgramIndex(2, 4, max_occurrences=100)
-    whole.add_document(list(tokens), "row")
-    grown = NgramIndex(2, 4, max_occurrences=100)
+    whole = NgramIndex(2, 4)
+    whole.add_document(list(tokens), "row")  # numpy hashes
+    grown = NgramIndex(2, 4)
     doc = grown.add_document([], "row")
-    for t in tokens:  # one token at a time, catching up now and then
+    for t in tokens:  # one token at a time (Python hashes), catching up now and then
         grown.documents[doc].tokens.append(t)
         if rng.random() < 0.3:
             grown.catch_up(doc)
     grown.catch_up(doc)
-    assert grown.table == whole.table
+    assert grown.documents[0].tables == whole.documents[0].tables
+    many = NgramIndex(2, 4)  # several documents hashed in one pass, some short, some long
+    docs = [many.add_document(tokens[:k], "row") for k in (3, 10, 0)]
+    for d, k in zip(docs, (100, 30, 200)):
+        many.documents[d].tokens.extend(tokens[len(many.documents[d].tokens):k])
+    many.catch_up_many(docs)
+    for d, k in zip(docs, (100, 30, 200)):
+        alone = NgramIndex(2, 4)
+        alone.add_document(tokens[:k], "row")
+        assert many.documents[d].tables == alone.documents[0].tables and many.documents[d].indexed == k
 
 
 def test_lookup_prefers_the_longest_match_and_never_the_suffix_itself():
     idx = NgramIndex(1, 3)
-    idx.add_document([1, 2, 3, 9, 2, 3, 7, 1, 2, 3], "row")
-    occ, n = idx.lookup([1, 2, 3])
+    a = idx.add_document([1, 2, 3, 9, 2, 3, 7, 1, 2, 3], "row")
+    occ, n = idx.lookup([1, 2, 3], [a])
     assert n == 3 and occ == [(0, 3)]  # "1 2 3" -> 9 (the suffix at the end has no continuation)
     assert vote_draft(idx, occ, 2) == ([9, 2], 0)
-    occ, n = idx.lookup([5, 2, 3])  # "5 2 3" unseen: "2 3" -> 9 and -> 7
-    assert n == 2 and [end for _, end in occ] == [3, 6]
-    assert idx.lookup([8]) == ([], 0)
+    occ, n = idx.lookup([5, 2, 3], [a])  # "5 2 3" unseen: "2 3" -> its latest continuation, 7
+    assert n == 2 and occ == [(0, 6)]
+    assert idx.lookup([8], [a]) == ([], 0)
+    b = idx.add_document([8, 4], "row")
+    assert idx.lookup([8], [a]) == ([], 0) and idx.lookup([8], [a, b]) == ([(1, 1)], 1)  # only the searched
 
 
-def test_vote_follows_the_majority_and_ties_go_to_the_newest():
+def test_vote_follows_the_majority_and_ties_go_to_the_last_listed():
     idx = NgramIndex(1, 1)
-    for doc in ([4, 1, 2], [4, 1, 2], [4, 1, 3], [4, 5]):
-        idx.add_document(doc, "row")
-    occ, _ = idx.lookup([4])
+    docs = [idx.add_document(d, "row") for d in ([4, 1, 2], [4, 1, 2], [4, 1, 3], [4, 5])]
+    occ, _ = idx.lookup([4], docs)
     assert vote_draft(idx, occ, 5)[0] == [1, 2]  # three say 1, then two of them say 2
     idx2 = NgramIndex(1, 1)
-    for doc in ([4, 1], [4, 2]):
-        idx2.add_document(doc, "row")
-    assert vote_draft(idx2, idx2.lookup([4])[0], 5)[0] == [2]
-
-
-def test_occurrences_are_capped_to_the_newest():
-    idx = NgramIndex(1, 1, max_occurrences=2)
-    idx.add_document([7, 1, 7, 2, 7, 3, 7], "row")
-    assert [end for _, end in idx.table[(7,)]] == [3, 5]
+    docs2 = [idx2.add_document(d, "row") for d in ([4, 1], [4, 2])]
+    assert vote_draft(idx2, idx2.lookup([4], docs2)[0], 5)[0] == [2]
 
 
 # ----------------------------------------------------------------------------- the history
@@ -85,24 +88,44 @@ def test_history_state_roundtrip_and_checkpoint_budget():
     full.load_state_dict(h.state_dict())
     assert full.nbytes == h.nbytes and all(
         [list(a) for a in full.responses([100, p])] == [list(b) for b in h.responses([100, p])] for p in range(5))
-    small = h.state_dict(max_bytes=2 * 36)  # two prompts of 3 x 3 tokens
-    assert [p for p, _ in small["prompts"]] == [[100, 4], [100, 3]]  # the most recently used first
+    small = DraftHistory(max_bytes=10_000, per_prompt=3, context=1)
+    small.load_state_dict(h.state_dict(max_bytes=2 * 36))  # two prompts of 3 x 3 tokens
+    assert small.prompts_newest_first() == [(100, 4), (100, 3)]  # the most recently used kept
     with pytest.raises(ValueError):
         DraftHistory(100).load_state_dict({"prompts": []})
 
 
 # ----------------------------------------------------------------------------- the selector
-def test_selector_exploits_the_fastest_arm_and_keeps_exploring_at_a_bounded_rate():
-    s = StepSelector([PLAIN, "lookup/2", "lookup/4"], explore_every=10, min_samples=2, window=8)
-    speed = {PLAIN: 100.0, "lookup/2": 130.0, "lookup/4": 90.0}
+def test_selector_exploits_the_fastest_arm_and_explores_slower_arms_by_their_cost():
+    s = StepSelector([PLAIN, "lookup/2", "lookup/4"], explore_every=10, min_samples=2, window=8, explore_cost=0.01)
+    speed = {PLAIN: 100.0, "lookup/2": 130.0, "lookup/4": 13.0}
     picks = []
-    for _ in range(206):
+    for _ in range(606):
         arm = s.select(16)
         picks.append(arm)
         s.update(16, arm, speed[arm])
     assert picks[:6].count(PLAIN) == 2 and picks[:6].count("lookup/4") == 2  # each arm tried first
     tail = picks[6:]
-    assert tail.count("lookup/2") == 180 and tail.count(PLAIN) + tail.count("lookup/4") == 20
+    # plain (1.3x slower) waits (1.3 - 1) / 0.01 = 30 steps, lookup/4 (10x slower) 900 steps
+    assert tail.count(PLAIN) in (19, 20) and tail.count("lookup/4") == 0
+    assert tail.count("lookup/2") == 600 - tail.count(PLAIN)
+    cost = sum(1 / speed[a] for a in tail) / (len(tail) / speed["lookup/2"]) - 1  # time lost to exploring
+    assert cost < 0.02
+
+
+def test_selector_measures_a_longer_draft_only_where_the_shorter_one_came_close():
+    follows = {"lookup/4": "lookup/2", "lookup/8": "lookup/4"}
+    s = StepSelector([PLAIN, "lookup/2", "lookup/4", "lookup/8"], min_samples=2, explore_every=10, follows=follows)
+    picks = []
+    for _ in range(100):  # at 64 rows drafts lose by far: longer ones are never tried
+        arm = s.select(64)
+        picks.append(arm)
+        s.update(64, arm, {PLAIN: 100.0, "lookup/2": 40.0}.get(arm, 10.0))
+    assert picks.count("lookup/4") == picks.count("lookup/8") == 0 and picks.count("lookup/2") == 2
+    for _ in range(20):  # at 1 row the short draft nearly ties: the longer ones are measured
+        arm = s.select(1)
+        s.update(1, arm, {PLAIN: 100.0, "lookup/2": 95.0, "lookup/4": 150.0}.get(arm, 60.0))
+    assert s.best(1) == "lookup/4" and len(s._bucket(1).rewards["lookup/8"]) == 2
 
 
 def test_selector_prefers_plain_within_the_margin_and_follows_drift():
@@ -180,8 +203,8 @@ def test_sampling_distribution_is_the_target_distribution(sources):
     # (what a verifier that accepts every draft would emit) is rejected by the same test
     def drafted(r):
         idx = NgramIndex(1, 3)
-        idx.add_document(prompt + r[:2], "row")
-        occ, _ = idx.lookup(prompt + r[:2])
+        doc = idx.add_document(prompt + r[:2], "row")
+        occ, _ = idx.lookup(prompt + r[:2], [doc])
         return vote_draft(idx, occ, 1)[0][0] if occ else r[2]
     biased = triples - triples % V + torch.tensor([drafted(r) for r in out.response_ids])
     stat_bad, _, p_bad = _chi_square_p(torch.bincount(biased, minlength=V**3).double(), expected)

@@ -38,7 +38,7 @@ from rlspec.rollout.speculative.draft_tree import ArmShape, tree_attention_mask
 from rlspec.rollout.speculative.sources import Draft, DraftSource
 from rlspec.rollout.speculative.verification import target_probs, verify_chain, verify_tree
 
-Emitted = tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]
+Emitted = tuple[list[int], list[float], torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -144,7 +144,7 @@ class SpeculativeDecoder:
     # ------------------------------------------------------------------ one step
     def step(self, cur: torch.Tensor, stats: SpecStats, arm: ArmShape | None = None, draft: Draft | None = None,
              row_sources: list[str | None] | None = None) -> list[Emitted]:
-        """One draft + verify step. Returns, per row, ``(emitted tokens, their log-probs [k],
+        """One draft + verify step. Returns, per row, ``(emitted tokens, their log-probs (k floats),
         the target hidden states that produced them [k, H], the row's last hidden state [H])``.
 
         ``arm`` None: the bandit picks the draft shape and learns from the step; else the caller
@@ -179,7 +179,10 @@ class SpeculativeDecoder:
         kv_len = int(max(lens)) + m + 1
         col_ids = torch.arange(kv_len, device=self.device)
         mask = (col_ids[None, None, :] < lens_t[:, None, None]).expand(n, m + 1, kv_len).clone()  # prefix
-        anc = tree_attention_mask(parents, include_root=True)  # [n, M+1, M+1]
+        if draft.is_chain:  # a chain: each node sees the root and the nodes before it
+            anc = torch.ones(m + 1, m + 1, dtype=torch.bool, device=self.device).tril().expand(n, m + 1, m + 1)
+        else:
+            anc = tree_attention_mask(parents, include_root=True)  # [n, M+1, M+1]
         mask.scatter_(2, cols[:, None, :].expand(n, m + 1, m + 1), anc)
         hidden = self.backend.forward(q_ids, positions, slice(0, n), mask.view(n, 1, m + 1, kv_len), kv_len,
                                       cache_cols=cols)  # [n, M+1, H]
@@ -190,20 +193,31 @@ class SpeculativeDecoder:
             res = verify_chain(tokens, draft.chain_q, probs, self.generator)
             num = res.num_accepted
             path = torch.arange(m, device=self.device).expand(n, m)
+        elif draft.is_chain:  # point-mass chains (lookups): the chain verifier is the tree one for a chain
+            limit = draft.valid.sum(dim=1) if draft.valid is not None else None
+            res = verify_chain(tokens, None, probs, self.generator, num_drafts=limit)
+            num = res.num_accepted
+            path = torch.arange(m, device=self.device).expand(n, m)
         else:
             res = verify_tree(tokens, parents, probs, self.generator, valid=draft.valid)
             num, path = res.num_accepted, res.accepted_path
         num_l = num.tolist()
+        # the emitted tokens of every row at once: accepted drafts along the path, then the
+        # correction/bonus token; emitted token j was predicted by query 0 (j = 0) or 1 + path[j-1]
+        depth = path.shape[1]
+        node = path.clamp(min=0)  # [n, D]
+        emitted_t = torch.cat([tokens.gather(1, node), res.next_token.view(n, 1)], dim=1)  # [n, D+1]
+        emitted_t.scatter_(1, num.view(n, 1), res.next_token.view(n, 1))  # the last emitted token of each row
+        queries = torch.cat([torch.zeros(n, 1, dtype=torch.long, device=self.device), 1 + node], dim=1)  # [n, D+1]
+        picked = logits.gather(1, queries[:, :, None].expand(n, depth + 1, logits.shape[-1]))  # [n, D+1, V]
+        lps_all = token_logprobs(picked.view(n * (depth + 1), -1), emitted_t.view(-1), p.temperature).view(n, depth + 1)
+        hid_all = hidden.gather(1, queries[:, :, None].expand(n, depth + 1, hidden.shape[-1]))  # [n, D+1, H]
+        tok_rows, lp_rows = emitted_t.tolist(), lps_all.tolist()
+        self._last = (tokens, path, num_l, hid_all, tok_rows, lens)
         out = []
-        self._last = (tokens, path, num_l, hidden, lens, res.next_token.tolist())
         for i in range(n):
             a = num_l[i]
-            nodes = path[i, :a].tolist()
-            emitted = [int(tokens[i, j]) for j in nodes] + [int(res.next_token[i])]
-            queries = [0] + [1 + j for j in nodes]  # the query whose output predicted each emitted token
-            q_idx = torch.tensor(queries, device=self.device)
-            lps = token_logprobs(logits[i, q_idx], torch.tensor(emitted, device=self.device), p.temperature)
-            out.append((emitted, lps, hidden[i, q_idx], hidden[i, queries[-1]]))
+            out.append((tok_rows[i][: a + 1], lp_rows[i][: a + 1], hid_all[i, : a + 1], hid_all[i, a]))
         stats.sd_steps += 1
         stats.sd_row_steps += n
         name = str(arm)
@@ -227,22 +241,27 @@ class SpeculativeDecoder:
     def commit(self, kept: list[int]) -> None:
         """Move the accepted path into place and hand the source its new pairs (``kept[i]``
         emitted tokens of row ``i`` were appended; rows that finished are removed afterwards)."""
-        tokens, path, num_l, hidden, lens, next_tokens = self._last
+        tokens, path, num_l, hid_all, tok_rows, lens = self._last
         src_rows, src_cols, dst_cols = [], [], []
         new_lens, new_tokens, new_hidden = [], [], []
+        keep_pairs = self.source.needs_hidden_states
+        chain = bool(path.shape[1]) and bool((path == torch.arange(path.shape[1], device=path.device)).logical_or(
+            path < 0).all())  # chains (and lookups) accept in place: no cache column moves
+        path_rows = None if chain else path.tolist()
         for i in range(len(kept)):
             a = min(num_l[i], max(kept[i] - 1, 0))  # accepted drafts that were kept (the last kept is `cur`)
-            nodes = path[i, :a].tolist()
-            for k, j in enumerate(nodes):
-                if j != k:
-                    src_rows.append(i)
-                    src_cols.append(lens[i] + 1 + j)
-                    dst_cols.append(lens[i] + 1 + k)
+            if path_rows is not None:
+                for k, j in enumerate(path_rows[i][:a]):
+                    if j != k:
+                        src_rows.append(i)
+                        src_cols.append(lens[i] + 1 + j)
+                        dst_cols.append(lens[i] + 1 + k)
             new_lens.append(lens[i] + 1 + a)
-            # x_{L_i+1} .. x_{L_i+a} (accepted drafts), then x_{L_i+a+1} (the new root token), with
-            # the target states h_{L_i} .. h_{L_i+a} that predicted them
-            new_tokens.append([int(tokens[i, j]) for j in nodes] + [int(next_tokens[i])])
-            new_hidden.append(hidden[i, [0] + [1 + j for j in nodes]])  # [a+1, H]
+            if keep_pairs:
+                # x_{L_i+1} .. x_{L_i+a} (accepted drafts), then x_{L_i+a+1} (the new root token), with
+                # the target states h_{L_i} .. h_{L_i+a} that predicted them
+                new_tokens.append(tok_rows[i][:a] + [tok_rows[i][num_l[i]]])
+                new_hidden.append(hid_all[i, : a + 1])  # [a+1, H]
         self.source.accept(new_tokens, new_hidden, lens)
         if src_rows:
             self.backend.move_cache_columns(src_rows, src_cols, dst_cols)

@@ -76,24 +76,47 @@ class DraftHistory:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, max_bytes: int | None = None) -> dict[str, Any]:
-        """The stored responses, most recently used prompts first, up to ``max_bytes`` (None: all)."""
+        """The stored responses, most recently used prompts first, up to ``max_bytes`` (None: all),
+        as flat tensors (fast to save): ``tokens`` (prompts and responses back to back), ``lengths``
+        and ``counts`` (responses per prompt)."""
         budget = self.nbytes if max_bytes is None else int(max_bytes)
-        prompts, used = [], 0
+        parts: list[array] = []
+        lengths: list[int] = []
+        counts: list[int] = []
+        used = 0
         for key, docs in reversed(self._by_prompt.items()):
             size = sum(len(d) for d in docs) * TOKEN_BYTES
             if used + size > budget:
                 break
-            prompts.append((list(key), [d.tolist() for d in docs]))
+            parts.append(array("i", key))
+            lengths.append(len(key))
+            parts.extend(docs)
+            lengths.extend(len(d) for d in docs)
+            counts.append(len(docs))
             used += size
-        return {"version": 1, "context": self.context, "prompts": prompts}
+        flat = array("i")
+        for part in parts:
+            flat.extend(part)
+        return {"version": 2, "context": self.context, "tokens": torch.frombuffer(flat, dtype=torch.int32).clone()
+                if flat else torch.zeros(0, dtype=torch.int32), "lengths": torch.tensor(lengths, dtype=torch.long),
+                "counts": torch.tensor(counts, dtype=torch.long)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (replacing what is stored; the bounds stay this object's)."""
-        if state.get("version") != 1 or "prompts" not in state:
-            raise ValueError("not a DraftHistory state (expected version 1 with 'prompts')")
+        if state.get("version") != 2 or "tokens" not in state:
+            raise ValueError("not a DraftHistory state (expected version 2 with 'tokens', 'lengths', 'counts')")
+        flat = state["tokens"].tolist()
+        pieces, offset = [], 0
+        for n in state["lengths"].tolist():
+            pieces.append(flat[offset:offset + n])
+            offset += n
+        prompts, k = [], 0
+        for count in state["counts"].tolist():
+            prompts.append((pieces[k], pieces[k + 1:k + 1 + count]))
+            k += 1 + count
         self._by_prompt.clear()
         self.nbytes = 0
-        for prompt, docs in reversed(state["prompts"]):  # oldest first, so LRU order is kept
+        for prompt, docs in reversed(prompts):  # oldest first, so LRU order is kept
             kept = self._by_prompt.setdefault(tuple(prompt), [])
             for d in docs[-self.per_prompt:]:
                 kept.append(array("i", d))
@@ -102,6 +125,10 @@ class DraftHistory:
             _, old = self._by_prompt.popitem(last=False)
             self.nbytes -= sum(len(d) for d in old) * TOKEN_BYTES
         self.version += 1
+
+    def prompts_newest_first(self) -> list[tuple[int, ...]]:
+        """The stored prompts, most recently used first."""
+        return list(reversed(self._by_prompt))
 
 
 class HistoryCheckpoint:

@@ -57,6 +57,8 @@ class LookupDraftSource:
         self._members: list[list[int]] = []  # group -> its requests seen so far
         self._indices: list[NgramIndex] = []  # group -> its index
         self._tail_len: list[int] = []  # group -> prompt tokens in front of each response document
+        self._prompt_doc: list[int] = []  # group -> its prompt's document
+        self._history_docs: list[list[int]] = []  # group -> earlier responses' documents
         self._doc_of: dict[int, int] = {}  # request -> its document in its group's index
         self._by_prompt: dict[tuple[int, ...], list[int]] | None = None  # prompt -> its requests (built once)
         self.last_sources: list[str | None] = []  # per row of the last proposal: the source its draft came from
@@ -83,18 +85,20 @@ class LookupDraftSource:
 
     # ------------------------------------------------------------------ indexing
     def _group(self, request: int) -> int:
-        """The group of ``request`` (created with its index and history documents on first sight)."""
+        """The group of ``request`` (created with its index, its prompt's and history's documents
+        and one document per request of the prompt, on first sight)."""
         key = tuple(self.prompts[request])
         g = self._group_of.get(key)
         if g is None:
             g = len(self._indices)
             self._group_of[key] = g
             s = self.settings
-            index = NgramIndex(s.min_ngram, s.max_ngram, max_occurrences=8)
-            index.add_document(list(key), "prompt")  # once, for all the group's rows (prompt lookup: self)
+            index = NgramIndex(s.min_ngram, s.max_ngram)
+            self._prompt_doc.append(index.add_document(list(key), "prompt"))  # once for all rows: prompt lookup
+            history = []
             if self.history is not None and "history" in self.sources:
-                for doc in self.history.responses(key):
-                    index.add_document(doc.tolist(), "history")
+                history = [index.add_document(doc.tolist(), "history") for doc in self.history.responses(key)]
+            self._history_docs.append(history)
             self._indices.append(index)
             self._members.append([])
             if self._by_prompt is None:
@@ -103,7 +107,7 @@ class LookupDraftSource:
                     self._by_prompt.setdefault(tuple(prompt), []).append(other)
             tail = list(key[max(0, len(key) - s.max_ngram):])  # so a response's first tokens match too
             for member in self._by_prompt[key]:  # siblings that finished (or wait) are documents too
-                self._doc_of[member] = index.add_document(list(tail), "row", owner=member, own_table=True)
+                self._doc_of[member] = index.add_document(list(tail), "row", owner=member)
                 self._members[g].append(member)
             self._tail_len.append(len(tail))
         return g
@@ -111,6 +115,7 @@ class LookupDraftSource:
     def _sync(self, group: int) -> None:
         """Copy and index the tokens the group's requests gained since the last lookup."""
         index = self._indices[group]
+        grown = []
         for r in self._members[group]:
             doc_id = self._doc_of[r]
             doc = index.documents[doc_id]
@@ -118,7 +123,8 @@ class LookupDraftSource:
             resp = self.responses[r]
             if have < len(resp):
                 doc.tokens.extend(resp[have:])
-                index.catch_up(doc_id)
+                grown.append(doc_id)
+        index.catch_up_many(grown)
 
     # ------------------------------------------------------------------ drafting
     def propose(self, arm: ArmShape, lens: torch.Tensor, params: SamplingParams,
@@ -139,27 +145,22 @@ class LookupDraftSource:
         return chain_draft(drafts, self.device)
 
     def _draft_row(self, r: int, g: int, max_len: int) -> tuple[list[int], str | None]:
-        index = self._indices[g]
-        own = self._doc_of[r]
-        docs = index.documents
-        allow_self, allow_group, allow_hist = ("self" in self.sources, "group" in self.sources,
-                                               "history" in self.sources)
-
-        def allowed(occ: tuple[int, int]) -> bool:
-            d = docs[occ[0]]
-            if d.owner == r or d.source == "prompt":
-                return allow_self
-            return allow_hist if d.source == "history" else allow_group
-
-        occurrences, n = index.lookup(docs[own].tokens, allowed, own_doc=own)
+        """The row's draft and its source: the documents it may search, the row's own text last
+        (ties in the vote go to it)."""
+        index, own = self._indices[g], self._doc_of[r]
+        searched = list(self._history_docs[g]) if "history" in self.sources else []
+        if "group" in self.sources:
+            searched += [self._doc_of[m] for m in self._members[g] if m != r]
+        if "self" in self.sources:
+            searched += [self._prompt_doc[g], own]
+        occurrences, n = index.lookup(index.documents[own].tokens, searched)
         if not n:
             return [], None
-        cap = draft_cap(n, max_len, self.settings.tokens_per_match_token)
-        draft, doc_id = vote_draft(index, occurrences, cap)
+        draft, doc_id = vote_draft(index, occurrences, draft_cap(n, max_len, self.settings.tokens_per_match_token))
         if not draft:
             return [], None
-        d = docs[doc_id]
-        return draft, ("self" if d.owner == r or d.source == "prompt" else d.source if d.source == "history" else "group")
+        source = index.documents[doc_id].source
+        return draft, ("self" if doc_id == own or source == "prompt" else "history" if source == "history" else "group")
 
 
 def chain_draft(drafts: Sequence[Sequence[int]], device: torch.device) -> Draft | None:
@@ -176,14 +177,10 @@ def chain_draft(drafts: Sequence[Sequence[int]], device: torch.device) -> Draft 
     if width == 0:
         return None
     n = len(drafts)
-    tokens = torch.zeros(n, width, dtype=torch.long)
-    valid = torch.zeros(n, width, dtype=torch.bool)
-    for i, d in enumerate(drafts):
-        if d:
-            tokens[i, : len(d)] = torch.tensor(d, dtype=torch.long)
-            valid[i, : len(d)] = True
+    tokens = torch.tensor([list(d) + [0] * (width - len(d)) for d in drafts], dtype=torch.long)
+    valid = torch.arange(width)[None, :] < torch.tensor([len(d) for d in drafts])[:, None]
     parents = (torch.arange(width) - 1).expand(n, width)
     depth = (torch.arange(width) + 1).expand(n, width)
     tree = DraftTree(tokens.to(device), parents.to(device), depth.to(device),
                      torch.zeros(n, width, dtype=torch.float64, device=device))
-    return Draft(tree, None, valid=valid.to(device))
+    return Draft(tree, None, valid=valid.to(device), is_chain=True)

@@ -35,6 +35,7 @@ class Draft:
     # [n, M] bool: False drops a node (and its subtree) from its row, e.g. lookup chains of
     # different lengths padded to one width; None: every node is real
     valid: torch.Tensor | None = None
+    is_chain: bool = False  # every row's tree is a chain (node j's parent is j - 1): cheaper mask and verifier
 
 
 class DraftSource(Protocol):
