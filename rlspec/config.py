@@ -135,8 +135,8 @@ class LookupConfig:
     history_per_prompt: int = setting(4, "responses kept per prompt in the history (the newest)")
     checkpoint_history_mb: float = setting(16.0, "the history goes into checkpoints up to this size (0: never)")
     explore_every: int = setting(40, "steps of a batch-size bucket between two tries of a non-best arm, at least")
-    explore_cost: float = setting(0.01, "... and at most about this share of a bucket's time goes to arms that "
-                                        "measured slower (an arm k times slower waits (k - 1) / explore_cost steps)")
+    explore_cost: float = setting(0.005, "... and at most about this share of a bucket's time goes to arms that "
+                                         "measured slower")
     min_samples: int = setting(3, "tries of every arm of a bucket before the best is exploited")
     window: int = setting(16, "rewards (tokens/s) kept per arm and bucket")
 

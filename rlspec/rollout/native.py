@@ -408,6 +408,7 @@ class _GenerateCall:
         the step's tokens/s goes back to the selector."""
         selector, n_rows = self.engine.selector, len(self.rows)
         arm = selector.select(n_rows)
+        kv = max(self.backend.lens) + 1  # the columns a plain step attends over
         t0 = time.perf_counter()
         before = self.total_tokens
         if arm == PLAIN:
@@ -422,7 +423,7 @@ class _GenerateCall:
             else:
                 self.speculative_step(self.lookup_decoder, record=False, arm=ArmShape(k, 1, k), draft=draft,
                                       row_sources=self.lookup.last_sources)
-        selector.update(n_rows, arm, (self.total_tokens - before) / max(time.perf_counter() - t0, 1e-9))
+        selector.record(n_rows, arm, self.total_tokens - before, time.perf_counter() - t0, kv)
 
     def plain_step(self) -> None:
         t_plain = time.perf_counter()

@@ -4,22 +4,32 @@ A lookup draft costs no model forward, but verifying ``k`` drafts makes the targ
 ``k + 1`` tokens per row: where a step is overhead- or memory-bound (few rows, bigger models) that
 is nearly free, where it is compute-bound (many rows of a tiny model) it costs up to ``k + 1``
 times a plain step. So the choice is measured, not assumed: :class:`StepSelector` keeps, per
-batch-size bucket (powers of two: 1, 2, 3-4, 5-8, ...), the tokens/s of the last ``window`` steps
+batch-size bucket (powers of two: 1, 2, 3-4, 5-8, ...), the rewards of the last ``window`` steps
 of every arm -- ``"plain"`` and one arm per draft length -- and runs the arm with the best median.
+
+The reward of a step (:meth:`StepSelector.record`) is its **speed-up over a plain step at the same
+number of rows and context length**: ``tokens * T_plain(rows, kv) / (rows * seconds)``, with
+``T_plain`` fitted to the recent plain steps (:class:`PlainStepCost`); a plain step scores 1. Raw
+tokens/s would compare steps taken at different batch sizes and context lengths inside a bucket
+(a plain step late in a call, over long contexts, against a draft step early in the next one),
+which was measured to favour drafts wrongly on the embedded default.
 
 * every arm is tried ``min_samples`` times in a bucket first (a one-off cost per bucket and run:
   the selector lives as long as the engine), except that an arm listed in ``follows`` (a longer
   draft) waits until the cheaper arm it follows reached ``dominance`` of the best arm's speed;
-* afterwards a non-best arm is tried again after ``max(explore_every, (best / its - 1) /
-  explore_cost)`` steps of the bucket (``best`` and ``its`` the median tokens/s), so the choice
-  follows drift (the policy changes every RL step, and with it how redundant its text is) while
-  trying arms that measured slower costs about ``explore_cost`` of the bucket's time at most;
+* afterwards a non-best arm is tried again after ``max(explore_every, lost / explore_cost)`` steps
+  of the bucket, ``lost`` being what one of its steps costs against the best arm in best-arm steps
+  (its step time times its shortfall in reward), so the choice follows drift (the policy changes
+  every RL step, and with it how redundant its text is) while trying arms that measured slower
+  costs about ``explore_cost`` of the bucket's time at most;
 * a draft arm must beat plain's median by ``margin`` to be chosen over it (noise never makes the
   engine slower than plain decoding for long). Without a ``"plain"`` arm (``mode=always``) the
   selector only picks the draft length.
 
 This is TLT's per-bucket bandit (arXiv 2511.16665, BEG-MAB; :mod:`.bandit`) with "no speculation"
 as an arm, which makes "never slower than plain" the bandit's own job.
+
+Rewards given directly (:meth:`StepSelector.update`)::
 
 >>> s = StepSelector(["plain", "lookup/4"], explore_every=10, min_samples=1, window=4)
 >>> s.select(3)  # untried arms first
@@ -40,6 +50,53 @@ from dataclasses import dataclass, field
 PLAIN = "plain"
 
 
+class PlainStepCost:
+    """What a plain decode step costs at ``rows`` rows attending over ``kv`` cache columns: the
+    yardstick that makes steps taken at different batch sizes and context lengths comparable.
+
+    A decode step's time is close to ``a + b * rows + c * rows * kv`` (fixed overhead, per-row
+    weights and sampling, attention over the cache); the three coefficients are fitted to the
+    recent plain steps by recursive least squares with forgetting (old steps fade with factor
+    ``forget`` per step, so the fit follows a changing policy and context lengths).
+
+    >>> c = PlainStepCost()
+    >>> for rows in (1, 8, 32, 128):
+    ...     for kv in (100, 300):
+    ...         for _ in range(5):
+    ...             c.observe(rows, kv, 0.001 + 0.00002 * rows + 0.0000001 * rows * kv)
+    >>> round(c.predict(64, 200) * 1e3, 3)  # 1 + 1.28 + 1.28 ms
+    3.56
+    """
+
+    SCALE = (1.0, 1 / 128, 1 / 1e5)  # feature scales: 1, rows, rows * kv
+
+    def __init__(self, forget: float = 0.995) -> None:
+        self.forget = forget
+        self.theta = [0.0, 0.0, 0.0]
+        self.p = [[1e3 if i == j else 0.0 for j in range(3)] for i in range(3)]
+        self.count = 0
+
+    def _features(self, rows: int, kv: int) -> list[float]:
+        return [self.SCALE[0], rows * self.SCALE[1], rows * kv * self.SCALE[2]]
+
+    def observe(self, rows: int, kv: int, seconds: float) -> None:
+        x = self._features(rows, kv)
+        p, lam = self.p, self.forget
+        px = [sum(p[i][j] * x[j] for j in range(3)) for i in range(3)]
+        gain_den = lam + sum(x[i] * px[i] for i in range(3))
+        k = [v / gain_den for v in px]
+        err = seconds - sum(t * v for t, v in zip(self.theta, x))
+        self.theta = [t + ki * err for t, ki in zip(self.theta, k)]
+        self.p = [[(p[i][j] - k[i] * px[j]) / lam for j in range(3)] for i in range(3)]
+        self.count += 1
+
+    def predict(self, rows: int, kv: int) -> float | None:
+        """Plain step seconds at ``rows`` rows and ``kv`` columns (None before 4 plain steps)."""
+        if self.count < 4:
+            return None
+        return max(sum(t * v for t, v in zip(self.theta, self._features(rows, kv))), 1e-6)
+
+
 def size_bucket(rows: int) -> int:
     """Power-of-two bucket of a batch size: 1 -> 0, 2 -> 1, 3-4 -> 2, 5-8 -> 3, ...
 
@@ -57,6 +114,7 @@ class _Bucket:
     steps: int = 0
     last: dict[str, int] = field(default_factory=dict)  # arm -> the bucket step it was last run at
     medians: dict[str, float] = field(default_factory=dict)  # arm -> median of its rewards
+    seconds: dict[str, deque] = field(default_factory=dict)  # arm -> its recent step times
     stale: set = field(default_factory=set)  # arms whose median needs recomputing
     # the plan, recomputed every REPLAN steps (a decision per decode step must cost ~nothing)
     best: str | None = None
@@ -70,7 +128,7 @@ REPLAN = 8
 
 class StepSelector:
     def __init__(self, arms: list[str], *, explore_every: int = 40, min_samples: int = 3, window: int = 16,
-                 margin: float = 0.03, explore_cost: float = 0.01, follows: dict[str, str] | None = None,
+                 margin: float = 0.03, explore_cost: float = 0.005, follows: dict[str, str] | None = None,
                  dominance: float = 0.7) -> None:
         if not arms:
             raise ValueError("StepSelector needs at least one arm (e.g. 'plain' and 'lookup/4')")
@@ -84,6 +142,7 @@ class StepSelector:
         # shorter one loses by far, so does the longer one)
         self.follows = dict(follows or {})
         self._buckets: dict[int, _Bucket] = {}
+        self.plain_cost = PlainStepCost()
 
     def _bucket(self, rows: int) -> _Bucket:
         b = self._buckets.get(size_bucket(rows))
@@ -118,10 +177,19 @@ class StepSelector:
         b.explore = None
         for arm in measured:
             if arm != b.best and not self._dominated(b, arm, top):
-                wait = max(self.explore_every, (top / max(b.medians[arm], 1e-9) - 1.0) / self.explore_cost)
+                wait = max(self.explore_every, self._lost_steps(b, arm, top) / self.explore_cost)
                 at = (b.last.get(arm, 0) + wait, arm)
                 b.explore = at if b.explore is None else min(b.explore, at)
         b.replan_at = b.steps + REPLAN
+
+    def _lost_steps(self, b: _Bucket, arm: str, top: float) -> float:
+        """What one step of ``arm`` costs against the best arm, in steps of the best arm: its time
+        times its shortfall, ``t_arm * (1 - r_arm / r_best)``, over the best arm's step time."""
+        shortfall = max(0.0, 1.0 - b.medians[arm] / max(top, 1e-12))
+        mine, best = b.seconds.get(arm), b.seconds.get(b.best)
+        if not mine or not best:  # step times unknown (rewards given directly): in reward units
+            return top / max(b.medians[arm], 1e-9) - 1.0
+        return sorted(mine)[len(mine) // 2] * shortfall / max(sorted(best)[len(best) // 2], 1e-9)
 
     def best(self, rows: int) -> str | None:
         """The exploited arm of ``rows``' bucket among those measured ``min_samples`` times (None: none yet)."""
@@ -145,10 +213,27 @@ class StepSelector:
             return arm
         return b.best
 
-    def update(self, rows: int, arm: str, tokens_per_s: float) -> None:
-        """Record one step of ``arm`` at ``rows`` rows that emitted ``tokens_per_s``."""
+    def record(self, rows: int, arm: str, tokens: int, seconds: float, kv: int = 0) -> None:
+        """A step of ``arm`` at ``rows`` rows (attending over ``kv`` cache columns) emitted
+        ``tokens`` in ``seconds``: its reward is its speed-up over a plain step at the same rows
+        and columns (1 for a plain step); without a plain arm (nothing to compare with) its tokens/s."""
+        seconds = max(seconds, 1e-9)
         b = self._bucket(rows)
-        b.rewards[arm].append(float(tokens_per_s))
+        b.seconds.setdefault(arm, deque(maxlen=self.window)).append(seconds)
+        if PLAIN not in self.arms:
+            self.update(rows, arm, tokens / seconds)
+        elif arm == PLAIN:
+            self.plain_cost.observe(rows, kv, seconds)
+            self.update(rows, arm, 1.0)
+        else:
+            plain = self.plain_cost.predict(rows, kv)
+            if plain is not None:  # (plain steps come first in every bucket, so this is rare)
+                self.update(rows, arm, tokens * plain / (rows * seconds))
+
+    def update(self, rows: int, arm: str, reward: float) -> None:
+        """Record one step of ``arm`` at ``rows`` rows with this reward (higher is better)."""
+        b = self._bucket(rows)
+        b.rewards[arm].append(float(reward))
         b.stale.add(arm)
 
     def table(self) -> dict[int, dict[str, float]]:
