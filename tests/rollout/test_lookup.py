@@ -235,3 +235,15 @@ def test_a_step_is_scored_against_a_plain_step_at_the_same_batch_size_and_contex
     for _ in range(2):
         s.record(70, "lookup/4", 300, 0.009, 100)
     assert s.best(100) == "lookup/4"  # over twice the tokens per row: a real win
+
+
+def test_a_draft_arm_gets_its_samples_from_the_first_plain_step_on():
+    """Every draft step is scored once one plain step was seen (a draft arm whose steps could not
+    be scored would stay 'untried' and be chosen at every step)."""
+    s = StepSelector([PLAIN, "lookup/2"], min_samples=2)
+    picks = []
+    for _ in range(6):
+        arm = s.select(256)
+        picks.append(arm)
+        s.record(256, arm, 256 if arm == PLAIN else 300, 0.01 if arm == PLAIN else 0.03, kv=300)
+    assert picks[:4] == [PLAIN, PLAIN, "lookup/2", "lookup/2"] and picks[4:] == [PLAIN, PLAIN]

@@ -91,8 +91,8 @@ class PlainStepCost:
         self.count += 1
 
     def predict(self, rows: int, kv: int) -> float | None:
-        """Plain step seconds at ``rows`` rows and ``kv`` columns (None before 4 plain steps)."""
-        if self.count < 4:
+        """Plain step seconds at ``rows`` rows and ``kv`` columns (None before any plain step)."""
+        if not self.count:
             return None
         return max(sum(t * v for t, v in zip(self.theta, self._features(rows, kv))), 1e-6)
 
@@ -227,8 +227,9 @@ class StepSelector:
             self.update(rows, arm, 1.0)
         else:
             plain = self.plain_cost.predict(rows, kv)
-            if plain is not None:  # (plain steps come first in every bucket, so this is rare)
-                self.update(rows, arm, tokens * plain / (rows * seconds))
+            # no plain step yet (plain comes first in every bucket, so only with rewards given
+            # directly): score it as a plain step would be, so the arm is not retried forever
+            self.update(rows, arm, 1.0 if plain is None else tokens * plain / (rows * seconds))
 
     def update(self, rows: int, arm: str, reward: float) -> None:
         """Record one step of ``arm`` at ``rows`` rows with this reward (higher is better)."""
