@@ -101,8 +101,9 @@ def time_engines(engines: dict, prompts: list[list[int]], warm: list[list[int]],
 
 def report(runs: dict, grid: dict, label: str) -> dict:
     """One block of results; returns the figures as a dict."""
-    def med(name: str, key: str) -> float:
-        return statistics.median(s.get(key, 0.0) for _, s, _ in runs[name])
+    def med(name: str, key: str) -> float:  # over the repeats that report it (a source may not draft in every one)
+        values = [s[key] for _, s, _ in runs[name] if key in s]
+        return statistics.median(values) if values else 0.0
 
     base = statistics.median(t for t, _, _ in runs["plain"])
     lengths = runs["plain"][0][2]

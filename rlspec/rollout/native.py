@@ -405,7 +405,7 @@ class _GenerateCall:
     # ------------------------------------------------------------------ steps
     def selected_step(self) -> None:
         """Plain or a lookup draft of some length, as the engine's selector says for this many rows;
-        the step's tokens/s goes back to the selector."""
+        the step's tokens and time go back to the selector (scored against a plain step there)."""
         selector, n_rows = self.engine.selector, len(self.rows)
         arm = selector.select(n_rows)
         kv = max(self.backend.lens) + 1  # the columns a plain step attends over
