@@ -115,7 +115,9 @@ def merge_results(parts: Sequence[RolloutResult], want_hidden: bool) -> RolloutR
     return RolloutResultWithHidden(**kw, response_hidden_states=hidden)
 
 
-_SUMMED = ("tokens", "prompt_tokens", "decode_steps", "spec/sd_steps", "spec/switch_seconds", "spec/reentered")
+_SUMMED = ("tokens", "prompt_tokens", "decode_steps", "spec/sd_steps", "spec/switch_seconds", "spec/reentered",
+           "spec/draft_seconds", "spec/verify_seconds")
+_SUMMED_SUFFIXES = ("/drafted", "/accepted", "/rows")  # per draft source: spec/<source>/...
 
 
 def merge_stats(parts: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -126,7 +128,7 @@ def merge_stats(parts: Sequence[dict[str, float]]) -> dict[str, float]:
     keys = {k for p in parts for k in p}
     for key in keys:
         vals = [float(p.get(key, 0.0)) for p in parts]
-        if key in _SUMMED or key.startswith("spec/arm/"):
+        if key in _SUMMED or key.startswith("spec/arm/") or key.endswith(_SUMMED_SUFFIXES):
             out[key] = sum(vals)
         elif key == "spec/reverted":
             out[key] = max(vals)
@@ -136,6 +138,9 @@ def merge_stats(parts: Sequence[dict[str, float]]) -> dict[str, float]:
             out[key] = sum(w * v for w, v in zip(weights, vals)) / total if total else 0.0
     if "spec/sd_steps" in out:
         out["spec/frac_steps_sd"] = out["spec/sd_steps"] / out["decode_steps"] if out["decode_steps"] else 0.0
+    for key in [k for k in out if k.endswith("/rows")]:  # per source: from the summed counts
+        rows = out[key]
+        out[key[: -len("rows")] + "accept_length"] = (out[key[: -len("rows")] + "accepted"] + rows) / rows if rows else 0.0
     return out
 
 

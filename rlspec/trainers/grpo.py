@@ -33,7 +33,7 @@ from rlspec.errors import ConfigError
 from rlspec.evals.heldout import evaluate
 from rlspec.models import decode_responses
 from rlspec.rewards.terms import RewardBatch, compute_rewards
-from rlspec.rollout.base import RolloutEngine, RolloutResult, SamplingParams
+from rlspec.rollout.base import RolloutEngine, RolloutResult, SamplingParams, merge_stats
 from rlspec.tracking import MetricsLogger, plot_training_curves, truncate_jsonl
 from rlspec.trainers.actor import Actor
 from rlspec.trainers.advantages import compute_advantages
@@ -91,6 +91,7 @@ class GRPOTrainer:
                                          run_name=cfg.run_name, parts=checkpoint_parts)
         self.eval_history: dict[int, dict[str, float]] = {}
         self._engine_stats: dict[str, float] = {}  # this step's spec/ ray/ drafter/ counters
+        self._spec_calls: list[dict[str, float]] = []
         self.reward_state: dict[str, Any] = {}  # stateful reward terms (HAPO history), checkpointed
         self.max_length_at(0)  # a bad length schedule fails at start, not at step N
         self.hooks = build_hooks(HookContext(cfg, tokenizer, self.eos_ids, self.train_rows, self.train_prompt_ids,
@@ -146,6 +147,7 @@ class GRPOTrainer:
         timing = {"rollout": 0.0, "reward": 0.0, "generated_tokens": 0.0}
         t_step = time.perf_counter()
         self._engine_stats = {}
+        self._spec_calls: list[dict[str, float]] = []  # this step's rollout calls' stats (merged above)
         kept, generated, chunks = self.collect_rollouts(step, timing)  # 1-2. generate + score
         metrics = rollout_metrics(generated, kept, chunks)
         for hook in self.hooks:
@@ -262,11 +264,20 @@ class GRPOTrainer:
         )
 
     def _record_engine_stats(self, stats: Mapping[str, float]) -> None:
-        """Keep this step's speculative-decoding (``spec/*``), Ray pool (``ray/*``) and online
-        drafter (``drafter/*``) counters."""
+        """Keep this step's speculative-decoding (``spec/*``, merged over the step's rollout calls:
+        counts summed, rates weighted by speculative steps), Ray pool (``ray/*``) and online
+        drafter (``drafter/*``) counters (the last call's)."""
+        self._spec_calls.append({k: float(v) for k, v in stats.items()
+                                 if k.startswith("spec/") or k in ("tokens", "prompt_tokens", "decode_steps")})
         for key, value in stats.items():
-            if key.startswith(("spec/", "ray/", "drafter/")):
+            if key.startswith(("ray/", "drafter/")):
                 self._engine_stats[key] = float(value)
+        if any("spec/sd_steps" in c or "spec/history_bytes" in c for c in self._spec_calls):
+            merged = merge_stats(self._spec_calls)
+            self._engine_stats.update({k: v for k, v in merged.items() if k.startswith("spec/")})
+            if "spec/history_bytes" in stats:  # a size, not a count: the latest
+                self._engine_stats["spec/history_bytes"] = float(stats["spec/history_bytes"])
+                self._engine_stats["spec/history_prompts"] = float(stats.get("spec/history_prompts", 0.0))
 
     # ------------------------------------------------------------------ 3. advantage
     def build_batch(self, groups: list[Group]) -> TrainBatch:

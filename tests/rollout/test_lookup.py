@@ -247,3 +247,15 @@ def test_a_draft_arm_gets_its_samples_from_the_first_plain_step_on():
         picks.append(arm)
         s.record(256, arm, 256 if arm == PLAIN else 300, 0.01 if arm == PLAIN else 0.03, kv=300)
     assert picks[:4] == [PLAIN, PLAIN, "lookup/2", "lookup/2"] and picks[4:] == [PLAIN, PLAIN]
+
+
+def test_per_source_counters_add_up_over_a_steps_rollout_calls():
+    from rlspec.rollout.base import merge_stats
+
+    a = {"tokens": 10, "decode_steps": 5, "spec/sd_steps": 2, "spec/draft_seconds": 0.5,
+         "spec/self/drafted": 8, "spec/self/accepted": 4, "spec/self/rows": 4, "spec/self/accept_length": 2.0}
+    b = {"tokens": 10, "decode_steps": 5, "spec/sd_steps": 1, "spec/draft_seconds": 0.25,
+         "spec/self/drafted": 4, "spec/self/accepted": 0, "spec/self/rows": 4, "spec/self/accept_length": 1.0}
+    m = merge_stats([a, b])
+    assert (m["spec/self/drafted"], m["spec/self/accepted"], m["spec/self/rows"]) == (12, 4, 8)
+    assert m["spec/self/accept_length"] == 1.5 and m["spec/draft_seconds"] == 0.75  # (4 + 8) / 8

@@ -86,6 +86,7 @@ class SpecStats:
         for source, (rows, drafted, accepted) in self.sources.items():
             out[f"spec/{source}/drafted"] = float(drafted)
             out[f"spec/{source}/accepted"] = float(accepted)
+            out[f"spec/{source}/rows"] = float(rows)
             # tokens per target step of the rows this source drafted for (accepted drafts + the target's token)
             out[f"spec/{source}/accept_length"] = (accepted + rows) / rows if rows else 0.0
         return out
