@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -86,28 +84,20 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
 
 def smollm2_model_dir(cache_root: str | os.PathLike | None = None, progress: bool = True) -> Path:
     """The converted SmolLM2 directory, built on first use (file lock, temp dir, ``os.replace``)."""
-    from filelock import FileLock
+    from rlspec.embedded import build_dir_once
 
     final = smollm2_cache_dir(cache_root)
     if (final / _MARKER).is_file():
         return final
     gguf = find_smollm2_gguf()
     final.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final) + ".lock"):
-        if (final / _MARKER).is_file():  # another process built it meanwhile
-            return final
+
+    def convert(tmp: Path) -> None:
         if progress:
             print(f"converting {gguf.name} into {final} (once, ~20 s)", flush=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-        try:
-            _convert_gguf(gguf, tmp)
-            if final.exists():  # an incomplete leftover of a crashed build
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return final
+        _convert_gguf(gguf, tmp)
+
+    return build_dir_once(final, convert, lambda path: (path / _MARKER).is_file())
 
 
 def resolve_bench_model_dir(name_or_dir: str, progress: bool = True) -> Path:

@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from filelock import FileLock
@@ -63,12 +63,19 @@ def get_embedded_model_path(
     except OSError as err:
         raise ModelLoadError(f"cannot create the model cache {models_dir}: {err}. "
                              f"Set RLSPEC_HOME to a writable directory.") from err
+    return build_dir_once(final, lambda tmp: build_embedded_model(cfg, tmp, progress=progress), _is_complete)
+
+
+def build_dir_once(final: Path, build: Callable[[Path], None], is_complete: Callable[[Path], bool]) -> Path:
+    """``final``, made by ``build(tmp)`` unless ``is_complete(final)``: under a file lock, in a
+    temporary sibling directory moved into place with ``os.replace``, so a reader never sees half
+    of it and a crashed build's leftover is replaced."""
     with FileLock(str(final) + ".lock"):
-        if _is_complete(final):  # another process built it while we waited
+        if is_complete(final):  # another process built it while we waited
             return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=models_dir))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         try:
-            build_embedded_model(cfg, tmp, progress=progress)
+            build(tmp)
             if final.exists():  # an incomplete leftover from a crashed build
                 shutil.rmtree(final)
             os.replace(tmp, final)

@@ -96,30 +96,18 @@ class NgramIndex:
         return len(self.documents) - 1
 
     def catch_up(self, doc_id: int) -> None:
-        """Index the n-grams that ended before tokens appended since the last call."""
+        """Index the n-grams that ended before tokens appended since the last call (a few new
+        tokens hashed in Python, a long stretch by :meth:`catch_up_many`'s numpy pass)."""
         doc = self.documents[doc_id]
         tokens, size = doc.tokens, len(doc.tokens)
         first = max(doc.indexed, 1)  # ends first .. size-1 (the token at `end` continues the n-gram)
-        if first >= size:
-            return
         if size - first >= _NUMPY_FROM:
-            lo = max(0, first - self.max_n)
-            arr = np.asarray(tokens[lo:size], dtype=np.int64)
-            for n, table in zip(range(self.min_n, self.max_n + 1), doc.tables):
-                e0 = max(first, n)
-                if e0 >= size:
-                    continue
-                count = size - e0
-                h = np.zeros(count, dtype=np.int64)
-                for i in range(n):
-                    start = e0 - n + i - lo
-                    h += arr[start:start + count] * _M_NP[i]  # wraps mod 2**64 like ngram_hash
-                table.update(zip(h.tolist(), range(e0, size)))  # later ends overwrite: the latest wins
-        else:
-            for end in range(first, size):
-                for n, table in zip(range(self.min_n, min(self.max_n, end) + 1), doc.tables):
-                    table[ngram_hash(tokens[end - n:end])] = end
-        doc.indexed = size
+            self.catch_up_many([doc_id])
+            return
+        for end in range(first, size):
+            for n, table in zip(range(self.min_n, min(self.max_n, end) + 1), doc.tables):
+                table[ngram_hash(tokens[end - n:end])] = end
+        doc.indexed = max(doc.indexed, size)
 
     def catch_up_many(self, doc_ids: Sequence[int]) -> None:
         """:meth:`catch_up` for several documents, the long stretches hashed by one numpy pass over
