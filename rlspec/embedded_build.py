@@ -2,11 +2,20 @@
 
 :func:`build_embedded_model` trains a byte-level BPE tokenizer on the procedural math tasks of
 :mod:`rlspec.tasks` and a small ``Qwen2ForCausalLM`` by supervised fine-tuning on worked
-solutions that carry 0..``max_rechecks`` redundant re-checks (the over-thinking efficiency RL
-removes); part of the SFT data carries HBPO's budget prefill with as many re-checks as fit within
-the budget, so the model follows a budget the way HBPO (arXiv 2507.15844) assumes of its base.
+solutions shaped like a long-CoT model's (build version 5, issue 17):
+
+* first passes that *slip* at a rate growing with the level (none on level 1), and 0..``max_rechecks``
+  re-checks (in their own words, so they recompute rather than copy), the first of which
+  corrects a slip -- so checking pays on hard problems and only costs tokens on easy ones;
+* over-thinking *spirals*: re-check after re-check, cut off without an answer past the rollout
+  cap -- the long tail of a rollout;
+* HBPO's budget prefill (the most re-checks that fit the budget) and L1's target-length
+  instruction on a share of the data, so budget-conditioned recipes start from a model that reads
+  them.
+
 The build card (``build_card.json``) reports accuracy, lengths and re-check counts at the standard
-evaluation sampling. Caching is :mod:`rlspec.embedded`'s.
+evaluation sampling, the long tail at the rollout temperature, budget forcing per level and budget
+following (:mod:`rlspec.embedded_eval`). Caching is :mod:`rlspec.embedded`'s.
 """
 
 from __future__ import annotations
@@ -27,11 +36,12 @@ import torch
 
 from rlspec import tasks
 from rlspec.errors import ConfigError
+from rlspec.embedded_eval import (budget_following, budget_forcing, l1_prompt_text, prompt_text,
+                                  sample_records, summarize, summary_line)
 from rlspec.rewards.hbpo import HBPO_TEMPLATES
-from rlspec.rollout.base import SamplingParams
-from rlspec.rollout.native import NativeEngine
+from rlspec.rewards.l1 import L1_MAX_TEMPLATE, L1_TEMPLATE
 
-BUILD_VERSION = "4"  # bump when the build recipe changes in a way the config does not capture
+BUILD_VERSION = "5"  # bump when the build recipe changes in a way the config does not capture
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
 PAD_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_end|>"
 GENERATION_PROMPT = "<|im_start|>assistant\n<think>\n"
@@ -64,7 +74,7 @@ class EmbeddedModelConfig:
     max_position_embeddings: int = 1024
     # SFT: small batches (the run is step-bound, not data-bound); lr 1e-3, as 3e-3 was unstable
     # across small changes of the data (docs/decisions.md)
-    sft_steps: int = 5000
+    sft_steps: int = 4000
     batch_size: int = 8
     lr: float = 1e-3
     min_lr_ratio: float = 0.05
@@ -73,7 +83,7 @@ class EmbeddedModelConfig:
     grad_clip: float = 1.0
     # curriculum: the first ``plain_frac`` of the solution steps train on zero-recheck solutions
     # (short, so copying and arithmetic are learnt at lower cost); the rest on 0..max_rechecks.
-    plain_frac: float = 0.6
+    plain_frac: float = 0.5
     # re-check count of the later solution steps: 0 with probability ``recheck_p0``, else uniform
     # over 1..max_rechecks. Zero re-checks are already plentiful from the plain phase (the model
     # ends up stopping after 0 re-checks far more often than this), so a small value here keeps
@@ -83,8 +93,21 @@ class EmbeddedModelConfig:
     # the question within b tokens.", arXiv 2507.15844 Sec. 3.1), b drawn from ``budgets``; such a
     # solution has the most re-checks that fit within b tokens. HBPO assumes a base model that
     # follows such a prefill, and this teaches it. The defaults are the `hbpo` recipe's budgets.
-    budget_frac: float = 0.5
+    budget_frac: float = 0.35
     budgets: tuple[int, ...] = (32, 64, 128, 160)
+    # share of the later solutions whose prompt ends with L1's target-length instruction ("Think for
+    # n tokens.", arXiv 2503.04697 Sec. 3; a third of them L1-Max's "Think for maximum n tokens."),
+    # n within 15% of the solution's length (at or above it for L1-Max): the l1 recipes then start
+    # from a model that reads the target.
+    l1_frac: float = 0.2
+    # first-pass slip rate per level 1..5 (tasks.slipped_steps): a re-check corrects a slip, so
+    # checks pay on the hard levels and only cost tokens on the easy ones
+    slip_rates: tuple[float, ...] = tasks.SLIP_RATES
+    # share of the later solutions that are over-thinking spirals: re-check after re-check, cut off
+    # without an answer or EOS at a length drawn from ``spiral_tokens`` -- R1-style loops to the
+    # length cap, the long tail of a rollout
+    spiral_frac: float = 0.1
+    spiral_tokens: tuple[int, int] = (500, 600)
     # interleaved arithmetic-fact drill batches (share of all steps, tokens per drill sequence)
     drill_frac: float = 0.3
     drill_seq_len: int = 96
@@ -92,16 +115,31 @@ class EmbeddedModelConfig:
     n_eval: int = 256  # test problems evaluated (<= n_test)
     eval_max_new_tokens: int = 512
     eval_batch_size: int = 64
+    n_probe: int = 64  # test problems per budget in the budget-following probe (<= n_test)
+    l1_probe_targets: tuple[int, ...] = (40, 80, 120, 160)
 
     def __post_init__(self) -> None:
         self.levels = tuple(int(x) for x in self.levels)
         self.budgets = tuple(int(x) for x in self.budgets)
+        self.slip_rates = tuple(float(x) for x in self.slip_rates)
+        self.spiral_tokens = tuple(int(x) for x in self.spiral_tokens)
+        if len(self.slip_rates) != len(tasks.ALL_LEVELS) or not all(0 <= r <= 1 for r in self.slip_rates):
+            raise ConfigError(f"slip_rates must be {len(tasks.ALL_LEVELS)} probabilities (levels 1..5), got "
+                              f"{list(self.slip_rates)}")
+        if not (0 <= self.spiral_frac < 1 and 0 <= self.l1_frac <= 1 and self.budget_frac + self.l1_frac <= 1):
+            raise ConfigError(f"spiral_frac must be in [0, 1) and budget_frac + l1_frac <= 1, got {self.spiral_frac}, "
+                              f"{self.budget_frac} + {self.l1_frac}")
+        if len(self.spiral_tokens) != 2 or not 0 < self.spiral_tokens[0] <= self.spiral_tokens[1]:
+            raise ConfigError(f"spiral_tokens must be [low, high] with 0 < low <= high, got {list(self.spiral_tokens)}")
         if not 0 <= self.budget_frac <= 1:
             raise ConfigError(f"budget_frac must be in [0, 1], got {self.budget_frac}")
         if self.budget_frac and (not self.budgets or min(self.budgets) < 1):
             raise ConfigError(f"budgets must be positive token counts when budget_frac > 0, got {list(self.budgets)}")
+        self.l1_probe_targets = tuple(int(x) for x in self.l1_probe_targets)
         if self.n_eval > self.n_test:
             raise ConfigError(f"n_eval={self.n_eval} must be <= n_test={self.n_test}")
+        if self.n_probe > self.n_test:
+            raise ConfigError(f"n_probe={self.n_probe} must be <= n_test={self.n_test}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"hidden_size={self.hidden_size} must be divisible by "
                               f"num_attention_heads={self.num_attention_heads}")
@@ -119,7 +157,8 @@ class EmbeddedModelConfig:
         base = dict(n_train=1000, n_test=64, vocab_size=512, hidden_size=64, intermediate_size=256,
                     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                     max_position_embeddings=512, sft_steps=300, batch_size=8, lr=3e-3,
-                    warmup_steps=20, plain_frac=0.5, n_eval=16, eval_max_new_tokens=256, eval_batch_size=16)
+                    warmup_steps=20, plain_frac=0.5, n_eval=16, eval_max_new_tokens=256, eval_batch_size=16,
+                    n_probe=8, spiral_tokens=(150, 260))
         base.update(overrides)
         return cls(**base)
 
@@ -151,11 +190,6 @@ def build_tokenizer(corpus: Sequence[str], vocab_size: int):
                                  padding_side="left", model_max_length=4096)
     hf.chat_template = CHAT_TEMPLATE
     return hf
-
-
-def prompt_text(tokenizer, problem: tasks.MathProblem) -> str:
-    return tokenizer.apply_chat_template(tasks.format_prompt_messages(problem), tokenize=False,
-                                         add_generation_prompt=True)
 
 
 # ----------------------------------------------------------------------------------------- build
@@ -233,12 +267,30 @@ def build_embedded_model(cfg: EmbeddedModelConfig, out_dir: str | os.PathLike, p
 
             t_eval = time.time()
             model.eval()
-            evals = {}
+            evals, records = {}, {}
+            problems = test[: cfg.n_eval]
             for name, temp, top_p in (("t0.6_p0.95", 0.6, 0.95), ("t1.0", 1.0, 1.0)):
-                evals[name] = evaluate(model, tokenizer, test[: cfg.n_eval], temperature=temp, top_p=top_p,
-                                       max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size,
-                                       seed=cfg.seed, progress=prog, label=f"eval T={temp}")
-                prog.log(_summary_line(name, evals[name]))
+                records[name] = sample_records(model, tokenizer, problems, temperature=temp, top_p=top_p,
+                                               max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size,
+                                               seed=cfg.seed, progress=prog, label=f"eval T={temp}")
+                evals[name] = summarize(records[name])
+                prog.log(summary_line(name, evals[name]))
+            rollout = evals["t1.0"]  # the rollout temperature: the long tail a training rollout meets
+            long_tail = {"temperature": 1.0, "cap": cfg.eval_max_new_tokens, "p50_tokens": rollout["p50_tokens"],
+                         "p99_tokens": rollout["p99_tokens"],
+                         "p99_over_p50": round(rollout["p99_tokens"] / max(1, rollout["p50_tokens"]), 2),
+                         "frac_at_cap": rollout["truncated"]}
+            prog.log(f"long tail at T=1: p99/p50 {long_tail['p99_over_p50']}, {100 * long_tail['frac_at_cap']:.1f}% "
+                     f"reach the {cfg.eval_max_new_tokens}-token cap")
+            forcing = budget_forcing(model, tokenizer, problems, records["t0.6_p0.95"], batch_size=cfg.eval_batch_size)
+            prog.log("budget forcing (accuracy full -> checks cut, per level): " + ", ".join(
+                f"L{lv} {100 * v['full']:.0f}->{100 * v['cut']:.0f}" for lv, v in forcing.items()))
+            following = budget_following(model, tokenizer, test[: cfg.n_probe], cfg.budgets, cfg.l1_probe_targets,
+                                         temperature=0.6, top_p=0.95, max_new_tokens=cfg.eval_max_new_tokens,
+                                         batch_size=cfg.eval_batch_size, seed=cfg.seed, progress=prog)
+            prog.log("budget following (mean tokens): HBPO " + ", ".join(
+                f"{b}: {v['mean_tokens']}" for b, v in following["hbpo"].items()) + "; L1 " + ", ".join(
+                f"{n}: {v['mean_tokens']} (err {v['rel_error']})" for n, v in following["l1"].items()))
             eval_seconds = time.time() - t_eval
 
             card = {
@@ -252,6 +304,9 @@ def build_embedded_model(cfg: EmbeddedModelConfig, out_dir: str | os.PathLike, p
                 "zero_recheck_mean_tokens": _reference_lengths(tokenizer, test[: cfg.n_eval], cfg, eos_id),
                 "sft": {**sft_stats, "seconds": round(sft_seconds, 1)},
                 "eval": evals,
+                "long_tail": long_tail,
+                "budget_forcing": forcing,
+                "budget_following": following,
                 "eval_seconds": round(eval_seconds, 1),
                 "build_seconds": round(time.time() - t0, 1),
                 "torch_threads": torch.get_num_threads(),
@@ -287,12 +342,16 @@ def _sft_batches(cfg: EmbeddedModelConfig, train: list[tasks.MathProblem], token
     """Deterministic SFT batches: level-balanced worked solutions plus interleaved fact drills.
 
     Solution batches: each example is a fresh worked solution (random re-check count and wording)
-    of a train problem drawn level-uniformly; the first ``plain_frac`` of them use zero re-checks,
-    the rest 0 with probability ``recheck_p0`` else uniform 1..max_rechecks;
-    length-bucketed; loss on completion tokens only (labels -100 on prompt and padding).
+    of a train problem drawn level-uniformly; the first ``plain_frac`` of them use zero re-checks
+    and no slips. The rest slip at ``slip_rates[level]``; a ``spiral_frac`` share of them are
+    spirals cut off without EOS; of the others ``budget_frac`` carry an HBPO budget prefill (the
+    most re-checks that fit), ``l1_frac`` an L1 target-length instruction, and the remainder 0
+    re-checks with probability ``recheck_p0`` else uniform 1..max_rechecks. Length-bucketed; loss
+    on completion tokens only (labels -100 on prompt and padding).
     Drill batches (a ``drill_frac`` share, spread evenly): packed sequences of the single-step
     facts of the train split ("12*4=48" per line), loss on the results only -- dense, cheap
-    arithmetic practice -- followed by the same block verbatim, loss on every token (copy practice). Returns a list of ``(input_ids, labels)`` tensors.
+    arithmetic practice -- followed by the same block verbatim, loss on every token (copy practice).
+    Returns a list of ``(input_ids, labels)`` tensors.
     """
     rng = random.Random(f"rlspec-embedded-sft-{cfg.seed}")
     n_drill = int(round(cfg.drill_frac * cfg.sft_steps))
@@ -305,19 +364,38 @@ def _sft_batches(cfg: EmbeddedModelConfig, train: list[tasks.MathProblem], token
     probs = [rng.choice(by_level[rng.choice(levels)]) for _ in range(n)]
     prompts = [prompt_text(tokenizer, p) for p in probs]
     n_plain = int(cfg.plain_frac * n_sol_steps) * cfg.batch_size
-    comps = []
+    comps, closed = [], []
     for j, p in enumerate(probs):
         if j < n_plain:
             comps.append(tasks.worked_solution(p, rng, 0))
-        elif cfg.budget_frac and rng.random() < cfg.budget_frac:
+            closed.append(True)
+            continue
+        slip = rng.random() < tasks.slip_rate(p.level, cfg.slip_rates)
+        u = rng.random()
+        if u < cfg.spiral_frac:  # an over-thinking spiral, cut by the length cap: no answer, no EOS
+            text = tasks.worked_solution(p, rng, 60, slip=slip, close=False)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"][: rng.randint(*cfg.spiral_tokens)]
+            comps.append(tokenizer.decode(ids))
+            closed.append(False)
+            continue
+        u = rng.random()
+        if u < cfg.budget_frac:
             i = rng.randrange(len(cfg.budgets))
             prompts[j] += HBPO_TEMPLATES["paper"].format(budget=cfg.budgets[i])
-            comps.append(_fit_budget(p, rng, cfg.max_rechecks, cfg.budgets[i], tokenizer))
+            comps.append(_fit_budget(p, rng, cfg.max_rechecks, cfg.budgets[i], tokenizer, slip=slip))
+        elif u < cfg.budget_frac + cfg.l1_frac:
+            text = tasks.worked_solution(p, rng, rng.randint(0, cfg.max_rechecks), slip=slip)
+            n_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+            at_most = rng.random() < 1 / 3
+            target = round(n_tokens * (rng.uniform(1.0, 1.4) if at_most else rng.uniform(0.85, 1.15)))
+            prompts[j] = l1_prompt_text(tokenizer, p, target, L1_MAX_TEMPLATE if at_most else L1_TEMPLATE)
+            comps.append(text)
         else:
-            comps.append(tasks.worked_solution(p, rng, _num_rechecks(rng, cfg)))
+            comps.append(tasks.worked_solution(p, rng, _num_rechecks(rng, cfg), slip=slip))
+        closed.append(True)
     p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     c_ids = tokenizer(comps, add_special_tokens=False)["input_ids"]
-    examples = [(a, b + [eos_id]) for a, b in zip(p_ids, c_ids)]
+    examples = [(a, b + [eos_id] if c else b) for a, b, c in zip(p_ids, c_ids, closed)]
     sol_batches = []
     chunk = cfg.batch_size * 16
     for start in range(0, n, chunk):  # bucket by length inside chunks, shuffle batches within a chunk
@@ -371,14 +449,15 @@ def _sft_batches(cfg: EmbeddedModelConfig, train: list[tasks.MathProblem], token
     return merged
 
 
-def _fit_budget(problem: tasks.MathProblem, rng: random.Random, max_rechecks: int, budget: int, tokenizer) -> str:
+def _fit_budget(problem: tasks.MathProblem, rng: random.Random, max_rechecks: int, budget: int, tokenizer,
+                slip: bool = False) -> str:
     """The worked solution with the most re-checks (<= max_rechecks) whose tokens, EOS included,
     fit within ``budget``; zero re-checks when even that does not fit."""
     state = rng.getstate()
     best = None
     for k in range(max_rechecks + 1):
         rng.setstate(state)  # the same opener wording for every candidate
-        text = tasks.worked_solution(problem, rng, k)
+        text = tasks.worked_solution(problem, rng, k, slip=slip)
         if best is None or len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1 <= budget:
             best = text
         else:
@@ -432,90 +511,6 @@ def _train_sft(model, batches, cfg: EmbeddedModelConfig, prog: "_Progress") -> d
     seconds = time.time() - t0
     return {"steps": len(batches), "final_loss_ema": round(ema or float("nan"), 4),
             "tokens_per_s": round(tokens / max(seconds, 1e-9))}
-
-
-# ------------------------------------------------------------------------------------- evaluate
-
-
-@torch.inference_mode()
-def evaluate(
-    model,
-    tokenizer,
-    problems: Sequence[tasks.MathProblem],
-    temperature: float = 0.6,
-    top_p: float = 0.95,
-    max_new_tokens: int = 512,
-    batch_size: int = 64,
-    seed: int = 0,
-    progress: "_Progress | None" = None,
-    label: str = "eval",
-) -> dict:
-    """Sample one response per problem (:class:`~rlspec.rollout.native.NativeEngine`) and report
-    accuracy, format and length statistics. Lengths count generated tokens including the EOS.
-    Returns accuracy, well_formed, mean/max/p50/p90 tokens, truncated fraction, the distribution
-    of re-check counts (with accuracy and mean tokens per re-check count), and per-level
-    accuracy/length.
-    """
-    eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
-    pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
-    order = sorted(range(len(problems)), key=lambda i: (problems[i].level, i))  # similar lengths together
-    records: list[dict] = [{} for _ in problems]
-    task = progress.add_task(label, total=len(problems)) if progress else None
-    engine = NativeEngine(model, [eos_id], tokenizer=tokenizer, max_batch_size=batch_size, pad_token_id=pad_id)
-    chunk = 4 * batch_size  # the engine refills its slots itself
-    for chunk_no, start in enumerate(range(0, len(order), chunk)):
-        idx = order[start : start + chunk]
-        prompts = [tokenizer(prompt_text(tokenizer, problems[i]), add_special_tokens=False)["input_ids"] for i in idx]
-        res = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                                                      top_p=top_p, seed=seed * 100003 + chunk_no))
-        for ids, i in zip(res.response_ids, idx):
-            n = ids.index(eos_id) + 1 if eos_id in ids else len(ids)
-            text = tokenizer.decode(ids[:n], skip_special_tokens=True)
-            pred = tasks.extract_boxed_int(text.split("</think>")[-1]) if "</think>" in text else None
-            records[i] = {"level": problems[i].level, "tokens": n, "truncated": eos_id not in ids,
-                          "correct": pred == problems[i].answer, "well_formed": tasks.is_well_formed(text),
-                          "rechecks": tasks.count_rechecks(text)}
-        if progress:
-            progress.update(task, advance=len(idx))
-    return summarize(records)
-
-
-def summarize(records: list[dict]) -> dict:
-    """Aggregate per-response records (level, tokens, truncated, correct, well_formed, rechecks)."""
-    n = len(records)
-    lens = sorted(r["tokens"] for r in records)
-
-    def pct(q: float) -> int:
-        return lens[min(n - 1, int(q * n))]
-
-    by_rc: dict[int, list[dict]] = defaultdict(list)
-    by_lv: dict[int, list[dict]] = defaultdict(list)
-    for r in records:
-        by_rc[r["rechecks"]].append(r)
-        by_lv[r["level"]].append(r)
-    return {
-        "n": n,
-        "accuracy": round(sum(r["correct"] for r in records) / n, 4),
-        "well_formed": round(sum(r["well_formed"] for r in records) / n, 4),
-        "truncated": round(sum(r["truncated"] for r in records) / n, 4),
-        "mean_tokens": round(sum(lens) / n, 1),
-        "p50_tokens": pct(0.5),
-        "p90_tokens": pct(0.9),
-        "max_tokens": lens[-1],
-        "frac_zero_rechecks": round(len(by_rc.get(0, [])) / n, 4),
-        "by_rechecks": {str(k): {"frac": round(len(v) / n, 4),
-                                 "accuracy": round(sum(r["correct"] for r in v) / len(v), 4),
-                                 "mean_tokens": round(sum(r["tokens"] for r in v) / len(v), 1)}
-                        for k, v in sorted(by_rc.items())},
-        "by_level": {str(k): {"n": len(v), "accuracy": round(sum(r["correct"] for r in v) / len(v), 4),
-                              "mean_tokens": round(sum(r["tokens"] for r in v) / len(v), 1)}
-                     for k, v in sorted(by_lv.items())},
-    }
-
-
-def _summary_line(name: str, ev: dict) -> str:
-    return (f"{name}: acc {ev['accuracy']:.3f}, well-formed {ev['well_formed']:.3f}, mean {ev['mean_tokens']} tok "
-            f"(p90 {ev['p90_tokens']}, max {ev['max_tokens']}), zero re-checks {ev['frac_zero_rechecks']:.2f}")
 
 
 # ------------------------------------------------------------------------------------- progress

@@ -6,9 +6,13 @@ structured steps, so a worked solution can be written for it, and every answer i
 recomputing it from the operands.
 
 A worked solution (:func:`worked_solution`) is the assistant completion that follows the prompt's
-``"<think>\\n"``: the steps, then ``num_rechecks`` redundant re-checks that recompute the same steps
-and reach the same result (no new information: this is the over-thinking that efficient-reasoning
-RL removes), then ``"\\n</think>\\nThe answer is \\\\boxed{42}."``.
+``"<think>\\n"``: a first pass through the steps, then ``num_rechecks`` re-checks that recompute
+the steps, then ``"\\n</think>\\nThe answer is \\\\boxed{42}."``. A first pass may carry a *slip*
+(one step's result wrong, the later steps carried on from it; :func:`slip_rate` grows with the
+level): the first re-check then computes the steps right, says the result differs and the answer
+follows the re-check. Without a slip a re-check is pure redundancy. So checking pays on hard
+problems and only costs tokens on easy ones -- the trade-off difficulty-aware efficiency methods
+are about (budget forcing: cutting the checks of a hard problem costs accuracy, of an easy one not).
 
 Levels (all intermediate and final values are non-negative integers):
 
@@ -44,6 +48,8 @@ RECHECK_OPENERS: tuple[str, ...] = (
     "Hmm, let me check that again.",
     "Wait, let me recompute to be sure.",
 )
+# default first-pass slip rate per level (share of first passes with one wrong step); level 1 never slips
+SLIP_RATES: tuple[float, ...] = (0.0, 0.1, 0.3, 0.45, 0.6)
 _OPS: dict[str, Callable[[int, int], int]] = {
     "+": lambda x, y: x + y,
     "-": lambda x, y: x - y,
@@ -61,8 +67,8 @@ class Step:
     right: int
     result: int
 
-    def text(self) -> str:
-        return f"{self.left}{self.op}{self.right}={self.result}"
+    def text(self, sep: str = "=") -> str:
+        return f"{self.left}{self.op}{self.right}{sep}{self.result}"
 
 
 @dataclass
@@ -246,36 +252,79 @@ def _draw(level: int, n: int, rng: random.Random, seen: set[str], prefix: str) -
 # ------------------------------------------------------------------------------ worked solutions
 
 
-def _step_line(i: int, n: int, s: Step) -> str:
+def slip_rate(level: int, rates: Sequence[float] = SLIP_RATES) -> float:
+    """The share of first passes of a ``level`` problem that carry a slip (``rates[level - 1]``)."""
+    return float(rates[level - 1])
+
+
+def slip_index(problem: MathProblem) -> int:
+    """The step a first pass can slip on: the last multiplication or division, else the last step."""
+    hard = [i for i, s in enumerate(problem.steps) if s.op in "*/"]
+    return hard[-1] if hard else len(problem.steps) - 1
+
+
+def slipped_steps(problem: MathProblem) -> tuple[Step, ...]:
+    """The problem's steps with one slip: the result of :func:`slip_index`'s step too high by a
+    fixed amount (``a*b`` gives ``a*(b+1)``, the others one more), the later steps carried on from
+    it. A slip is always the same for the same fact, like a person's recurring mistake, so a
+    model that learns it keeps it at low temperatures too; upwards, so values stay >= 0."""
+    k = slip_index(problem)
+    out = list(problem.steps[:k])
+    s = problem.steps[k]
+    wrong = s.result + (s.left if s.op == "*" else 1)
+    out.append(Step(s.left, s.op, s.right, wrong))
+    carried = wrong
+    for t in problem.steps[k + 1:]:
+        value = _OPS[t.op](carried, t.right)
+        out.append(Step(carried, t.op, t.right, value))
+        carried = value
+    return tuple(out)
+
+
+def _step_line(i: int, n: int, s: Step, sep: str) -> str:
     if n == 1:
-        return f"{s.text()}."
+        return f"{s.text(sep)}."
     word = "First" if i == 0 else ("Finally" if i == n - 1 else "Then")
-    return f"{word}, {s.text()}."
+    return f"{word}, {s.text(sep)}."
 
 
-def _step_lines(problem: MathProblem) -> list[str]:
-    steps = problem.steps
+def _step_lines(problem: MathProblem, steps: Sequence[Step] | None = None, sep: str = "=") -> list[str]:
+    """The step lines; a re-check writes ``a*b is c`` (``sep=" is "``) where the first pass wrote
+    ``a*b=c``, so it recomputes each result instead of copying the first pass's line."""
+    steps = problem.steps if steps is None else tuple(steps)
     if problem.level == 5:
         a_str, rest = problem.expression.split("x+")
         b_str = rest.split("=")[0]
         sub, div = steps
-        return [f"Subtract {b_str} from both sides: {a_str}x={sub.text()}.",
-                f"Divide both sides by {a_str}: x={div.text()}."]
-    return [_step_line(i, len(steps), s) for i, s in enumerate(steps)]
+        return [f"Subtract {b_str} from both sides: {a_str}x={sub.text(sep)}.",
+                f"Divide both sides by {a_str}: x={div.text(sep)}."]
+    return [_step_line(i, len(steps), s, sep) for i, s in enumerate(steps)]
 
 
-def _solution_body(problem: MathProblem) -> str:
+def _solution_body(problem: MathProblem, steps: Sequence[Step] | None = None) -> str:
+    steps = problem.steps if steps is None else tuple(steps)
+    result = steps[-1].result
     if problem.level == 5:
-        head, tail = f"We need to solve {problem.expression} for x.", f"So x = {problem.answer}."
+        head, tail = f"We need to solve {problem.expression} for x.", f"So x = {result}."
     else:
-        head, tail = f"We need to compute {problem.expression}.", f"So the result is {problem.answer}."
-    return "\n".join([head, *_step_lines(problem), tail]) + "\n"
+        head, tail = f"We need to compute {problem.expression}.", f"So the result is {result}."
+    return "\n".join([head, *_step_lines(problem, steps), tail]) + "\n"
 
 
-def _recheck(problem: MathProblem, opener: str) -> str:
-    """One re-check: the same step lines again (verbatim), then the same result."""
+def first_pass_end(text: str) -> int:
+    """The index just past the first pass's closing line ("So the result is N." / "So x = N.") in a
+    completion, or -1 when there is none (budget forcing cuts the thinking there)."""
+    m = _FIRST_PASS_END.search(text)
+    return m.end() if m else -1
+
+
+def _recheck(problem: MathProblem, opener: str, believed: int) -> str:
+    """One re-check: the step lines computed right, then the result -- confirmed when it is what
+    the solution believed so far, else corrected."""
     what = "x" if problem.level == 5 else "it"
-    return "\n".join([opener, *_step_lines(problem), f"Yes, {what} is {problem.answer}."]) + "\n"
+    verdict = (f"Yes, {what} is {problem.answer}." if str(believed) == problem.answer
+               else f"No, {what} is {problem.answer}, not {believed}.")
+    return "\n".join([opener, *_step_lines(problem, sep=" is "), verdict]) + "\n"
 
 
 def sample_num_rechecks(rng: random.Random, max_rechecks: int = 4) -> int:
@@ -285,18 +334,28 @@ def sample_num_rechecks(rng: random.Random, max_rechecks: int = 4) -> int:
     return rng.randint(0, max_rechecks)
 
 
-def worked_solution(problem: MathProblem, rng: random.Random, num_rechecks: int) -> str:
+def worked_solution(problem: MathProblem, rng: random.Random, num_rechecks: int, slip: bool = False,
+                    close: bool = True) -> str:
     """The assistant completion after the prompt's ``"<think>\\n"``.
 
-    Step-by-step reasoning, then ``num_rechecks`` re-checks (each recomputes the same steps and
-    confirms the same result: pure redundancy), then ``"\\n</think>\\nThe answer is \\boxed{A}."``.
-    ``rng`` only picks the wording of the re-check openers.
+    A first pass through the steps (with one :func:`slipped_steps` slip when ``slip``), then
+    ``num_rechecks`` re-checks (each recomputes the steps right, in its own words: ``8*4 is 32``
+    where the first pass wrote ``8*4=32``, so it cannot copy a slipped line; the first one after a
+    slip corrects the result, all others confirm it), then
+    ``"\\n</think>\\nThe answer is \\boxed{A}."`` with the result believed last -- wrong when a
+    slip had no re-check. ``close=False`` leaves the think block open (an over-thinking spiral cut
+    off by the length cap). ``rng`` only picks the wording of the re-check openers.
     """
     if num_rechecks < 0:
         raise ConfigError(f"num_rechecks must be >= 0, got {num_rechecks}")
-    parts = [_solution_body(problem)]
-    parts += [_recheck(problem, rng.choice(RECHECK_OPENERS)) for _ in range(num_rechecks)]
-    return "".join(parts).rstrip("\n") + f"\n</think>\nThe answer is \\boxed{{{problem.answer}}}."
+    steps = slipped_steps(problem) if slip else problem.steps
+    believed = steps[-1].result
+    parts = [_solution_body(problem, steps)]
+    for _ in range(num_rechecks):
+        parts.append(_recheck(problem, rng.choice(RECHECK_OPENERS), believed))
+        believed = int(problem.answer)
+    text = "".join(parts).rstrip("\n")
+    return text + f"\n</think>\nThe answer is \\boxed{{{believed}}}." if close else text
 
 
 # ------------------------------------------------------------------------------- prompts / rows
@@ -313,6 +372,7 @@ def rows(problems: Iterable[MathProblem]) -> list[dict]:
 
 
 _BOXED = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
+_FIRST_PASS_END = re.compile(r"So (?:the result is|x =) -?\d+\.")
 _RECHECK = re.compile("|".join(re.escape(o) for o in RECHECK_OPENERS))
 
 

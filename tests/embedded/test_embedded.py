@@ -1,4 +1,5 @@
 import json
+import re
 import random
 import os
 import time
@@ -76,6 +77,83 @@ def test_sft_batches_carry_budget_prefills():
         assert n <= b or tasks.count_rechecks(completion) == 0
 
 
+def test_sft_data_has_slips_spirals_and_l1_targets():
+    """The later SFT solutions: first passes slip more on harder levels (never on level 1) and a
+    re-check corrects them; a spiral_frac share are spirals cut without EOS; an l1_frac share
+    carry L1's target with a completion near it (within 15%, or under it for L1-Max)."""
+    from rlspec.embedded_build import _sft_batches
+
+    cfg = EmbeddedModelConfig.tiny(sft_steps=400, drill_frac=0.0, plain_frac=0.0, budget_frac=0.3, l1_frac=0.2,
+                                   spiral_frac=0.05, spiral_tokens=(100, 140))
+    train, tok = _small_split_and_tokenizer()
+    eos = tok.convert_tokens_to_ids(embedded_build.EOS_TOKEN)
+    rows = [(row, lab) for ids, labels in _sft_batches(cfg, train, tok, eos) for row, lab in zip(ids, labels)]
+    texts = [tok.decode(row[row != tok.pad_token_id]) for row, _ in rows]
+    ended = [int(eos) in lab.tolist() for _, lab in rows]
+    spirals = [t for t, e in zip(texts, ended) if not e]
+    assert 0.03 < len(spirals) / len(texts) < 0.07
+    for t in spirals:
+        completion = t.split("<think>\n", 1)[1]
+        n = len(tok(completion, add_special_tokens=False)["input_ids"])
+        assert "</think>" not in completion and tasks.count_rechecks(completion) >= 1 and 95 <= n <= 140
+    slipped = {lv: [0, 0] for lv in tasks.ALL_LEVELS}
+    for t, e in zip(texts, ended):
+        if not e:
+            continue
+        question = t.split("user\n", 1)[1].split("\n", 1)[0]
+        level = next(p.level for p in train if p.question == question)
+        completion = t.split("<think>\n", 1)[1]
+        first = completion[: tasks.first_pass_end(completion)]
+        answer = next(p.answer for p in train if p.question == question)
+        slipped[level][0] += not first.endswith(f" {answer}.")
+        slipped[level][1] += 1
+        if "No, " in completion:  # a corrected slip ends with the right answer
+            assert tasks.extract_boxed_int(completion) == answer
+    share = {lv: a / b for lv, (a, b) in slipped.items()}
+    assert share[1] == 0 and share[5] > share[3] > share[2] and abs(share[5] - cfg.slip_rates[4]) < 0.12, share
+    l1 = [t for t in texts if "Think for" in t]
+    assert 0.12 < len(l1) / len(texts) < 0.28
+    for t in l1:
+        target = int(re.search(r"Think for (?:maximum )?(\d+) tokens", t).group(1))
+        n = len(tok(t.split("<think>\n", 1)[1].replace("<|im_end|>", ""), add_special_tokens=False)["input_ids"]) + 1
+        if "maximum" in t:
+            assert n <= target <= 1.41 * n + 1
+        else:
+            assert 0.84 * n - 1 <= target <= 1.16 * n + 1
+
+
+def test_budget_forcing_cuts_after_the_first_pass(monkeypatch):
+    """The forced prompt is the response cut after its first pass + </think> + the answer prefix;
+    cut accuracy comes from the greedy continuation; no first pass counts as wrong."""
+    from rlspec import embedded_eval
+
+    train, tok = _small_split_and_tokenizer()
+    p = next(q for q in train if q.level == 4)
+    seen = []
+
+    class FakeEngine:
+        def __init__(self, *a, **k):
+            pass
+
+        def generate(self, prompts, params):
+            seen.extend(tok.decode(x) for x in prompts)
+            first = [re.findall(r"So the result is (\d+)\.", tok.decode(x))[-1] for x in prompts]
+            return type("R", (), {"response_ids": [tok(f"{f}}}.", add_special_tokens=False)["input_ids"] for f in first]})()
+
+    monkeypatch.setattr(embedded_eval, "NativeEngine", FakeEngine)
+    prompt = embedded_eval.prompt_text(tok, p)
+    slip = tasks.worked_solution(p, random.Random(0), 1, slip=True)
+    clean = tasks.worked_solution(p, random.Random(0), 1)
+    records = [{"level": 4, "correct": True, "rechecks": 1, "prompt": prompt, "text": slip},
+               {"level": 4, "correct": True, "rechecks": 1, "prompt": prompt, "text": clean},
+               {"level": 4, "correct": False, "rechecks": 0, "prompt": prompt, "text": "garbage"}]
+    # the fake "model" answers with the first pass's result
+    out = embedded_eval.budget_forcing(None, tok, [p, p, p], records)
+    assert len(seen) == 2 and all(s.endswith(embedded_eval.FORCED_ANSWER) for s in seen)
+    assert "Wait" not in seen[0] and out["4"] == {"n": 3, "full": 0.6667, "cut": 0.3333, "drop": 33.3,
+                                                  "rechecked": 0.6667}
+
+
 def test_config_errors():
     with pytest.raises(ConfigError, match="budget_frac"):
         EmbeddedModelConfig(budget_frac=1.5)
@@ -83,6 +161,12 @@ def test_config_errors():
         EmbeddedModelConfig(budgets=[0, 64])
     with pytest.raises(ConfigError, match="n_eval"):
         EmbeddedModelConfig(n_eval=1000, n_test=10)
+    with pytest.raises(ConfigError, match="slip_rates"):
+        EmbeddedModelConfig(slip_rates=[0.1, 0.2])
+    with pytest.raises(ConfigError, match="l1_frac"):
+        EmbeddedModelConfig(budget_frac=0.8, l1_frac=0.3)
+    with pytest.raises(ConfigError, match="spiral_tokens"):
+        EmbeddedModelConfig(spiral_tokens=[300, 100])
     with pytest.raises(ConfigError, match="hidden_size"):
         EmbeddedModelConfig(hidden_size=130, num_attention_heads=4)
 

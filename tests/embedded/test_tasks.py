@@ -129,3 +129,39 @@ def test_parsers():
     assert not tasks.is_well_formed("1 + 2 = 3. The answer is \\boxed{3}.")
     assert tasks.is_well_formed("1 + 2 = 3.\n</think>\nThe answer is \\boxed{3}.")
     assert tasks.count_rechecks("x\nWait, let me verify.\ny\nHmm, let me check that again.\n</think>\nWait, let me verify.") == 2
+
+
+def test_slip_known_problem_and_correction():
+    """(3+5)*4-7: the slip is on the multiplication (8*4=40, not 32) and carries on (40-7=33); the
+    first re-check corrects it, later ones confirm; without a re-check the wrong answer stands."""
+    p = tasks.make_problem(4, (3, 5, 4, 7), "x", random.Random(0))
+    assert tasks.slip_index(p) == 1
+    assert [s.text() for s in tasks.slipped_steps(p)] == ["3+5=8", "8*4=40", "40-7=33"]
+    none = tasks.worked_solution(p, random.Random(0), 0, slip=True)
+    assert "8*4=40" in none and tasks.extract_boxed_int(none) == "33"
+    two = tasks.worked_solution(p, random.Random(0), 2, slip=True)
+    assert tasks.extract_boxed_int(two) == "25" and tasks.count_rechecks(two) == 2
+    assert two.count("Then, 8*4 is 32.") == 2  # a re-check recomputes in its own words, it cannot copy
+    assert re.findall(r"(?:Yes|No), it is [^\n]+", two) == ["No, it is 25, not 33.", "Yes, it is 25."]
+    assert two[: tasks.first_pass_end(two)].endswith("Finally, 40-7=33.\nSo the result is 33.")
+    q = tasks.make_problem(5, (3, 6, 4), "y", random.Random(0))  # 3x+4=22: the division slips, x=7
+    cut = tasks.worked_solution(q, random.Random(0), 1, slip=True)
+    assert cut[: tasks.first_pass_end(cut)].endswith("x=18/3=7.\nSo x = 7.")
+    assert tasks.extract_boxed_int(cut) == "6" and "No, x is 6, not 7." in cut
+    assert tasks.first_pass_end("no first pass here") == -1
+
+
+def test_slips_grow_with_level_and_stay_non_negative(splits):
+    train, _ = splits
+    rates = [tasks.slip_rate(lv) for lv in tasks.ALL_LEVELS]
+    assert rates[0] == 0.0 and rates == sorted(rates) and rates[-1] >= 0.3
+    for p in train:
+        wrong = tasks.slipped_steps(p)
+        assert wrong[-1].result != int(p.answer) and all(s.result >= 0 for s in wrong)
+        assert sum(a != b for a, b in zip(wrong, p.steps)) >= 1
+
+
+def test_open_spiral_has_no_answer(splits):
+    _, test = splits
+    text = tasks.worked_solution(test[0], random.Random(0), 12, close=False)
+    assert "</think>" not in text and tasks.extract_boxed_int(text) is None and tasks.count_rechecks(text) == 12
