@@ -7,7 +7,7 @@ probe (accuracy with the checks cut after the first pass). Held-out = the embedd
 split, which no recipe trains on.
 
     python bench/budget_following.py                                   # the embedded default
-    python bench/budget_following.py runs/compare/l1_exact/checkpoints/latest/model --targets 60 90 120 150
+    python bench/budget_following.py runs/compare/l1_exact/checkpoints/step_000040/model --targets 60 90 120 150
 """
 
 from __future__ import annotations
