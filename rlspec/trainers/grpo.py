@@ -363,6 +363,9 @@ class GRPOTrainer:
         """Apply ``trainer.resume``: ``auto`` (latest complete checkpoint if any), ``disable``, or a path."""
         found = self.checkpointer.resume(self.tc.resume, self.tc.seed)
         if found is None:
+            if self.tc.resume == "auto" and self.is_main:  # a crash before the first checkpoint: the
+                for log_file in ("metrics.jsonl", "completions.jsonl"):  # run restarts at step 0 and
+                    truncate_jsonl(self.run_dir / log_file, -1)  # re-logs every row it left
             return None
         path, state = found
         self.load_state_dict(state, path)

@@ -128,6 +128,22 @@ def test_hapo_history_is_checkpointed_and_restored(make_trainer):
     assert resumed.reward_state["hapo"]["min_correct_length"].keys() >= history["min_correct_length"].keys()
 
 
+def test_restart_without_a_checkpoint_drops_the_crashed_runs_rows(make_trainer, tmp_path):
+    """A run killed before its first checkpoint restarts at step 0: the rows it left in
+    metrics.jsonl would be logged twice (seen after a killed `rlspec.compare`)."""
+    (tmp_path / "metrics.jsonl").write_text("".join(f'{{"step": {i}, "reward/mean": 0.5}}\n' for i in range(4)))
+    (tmp_path / "completions.jsonl").write_text('{"step": 1, "text": "x"}\n')
+    trainer = make_trainer("trainer.steps=1", "eval.at_start=false", "eval.at_end=false")
+    assert trainer.maybe_resume() is None
+    assert (tmp_path / "metrics.jsonl").read_text() == "" and (tmp_path / "completions.jsonl").read_text() == ""
+    trainer.train_step()
+    trainer.save()  # step 1
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "reward/mean": 0.5}\n{"step": 2, "reward/mean": 0.6}\n')
+    resumed = make_trainer("trainer.steps=1", "eval.at_start=false", "eval.at_end=false")
+    assert resumed.maybe_resume() is not None  # with a checkpoint the rows up to it stay
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "reward/mean": 0.5}\n'
+
+
 def test_hapo_term_uses_and_updates_the_history():
     state: dict = {}
 
