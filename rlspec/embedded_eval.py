@@ -2,8 +2,8 @@
 how well the model follows budget statements. The build card (:mod:`rlspec.embedded_build`) is made
 of these figures.
 
-* :func:`evaluate` -- one sampled response per problem: accuracy, format, length percentiles
-  (p99 and the share cut by the cap: the long tail), re-check counts, per level.
+* :func:`sample_records` + :func:`summarize` -- one sampled response per problem: accuracy, format,
+  length percentiles (p99 and the share cut by the cap: the long tail), re-check counts, per level.
 * :func:`budget_forcing` -- s1's budget forcing (Muennighoff et al. 2025, arXiv 2501.19393) used as
   a probe: each response is cut after its first pass, ``</think>`` and the answer prefix are
   forced, and the answer is decoded greedily. Accuracy with the checks cut against accuracy with
@@ -81,11 +81,6 @@ def sample_records(
         if progress:
             progress.update(task, advance=len(idx))
     return records
-
-
-def evaluate(model, tokenizer, problems: Sequence[tasks.MathProblem], **kwargs: Any) -> dict:
-    """:func:`summarize` of :func:`sample_records` (same arguments)."""
-    return summarize(sample_records(model, tokenizer, problems, **kwargs))
 
 
 def summarize(records: list[dict]) -> dict:
