@@ -111,12 +111,12 @@ def get_embedded_drafter_path(model_dir: Path, model, tokenizer, prompts: Sequen
     beside it as ``<model_dir>-drafter-<steps>-v<DRAFTER_VERSION>/`` (built under a file lock in a
     temporary directory, moved into place atomically)."""
     final = model_dir.parent / f"{model_dir.name}-drafter-{steps}-v{DRAFTER_VERSION}"
-    if (final / "drafter_config.json").is_file():
+    is_complete = lambda path: (path / "drafter_config.json").is_file()  # noqa: E731
+    if is_complete(final):
         return final
-    with FileLock(str(final) + ".lock"):
-        if (final / "drafter_config.json").is_file():
-            return final
-        log = print if progress else (lambda *a, **k: None)
+    log = print if progress else (lambda *a, **k: None)
+
+    def build(tmp: Path) -> None:
         log(f"warming up the embedded model's drafter ({steps} steps on its own generations) into {final}")
         prev = torch.get_num_threads()
         torch.set_num_threads(build_threads())
@@ -125,15 +125,9 @@ def get_embedded_drafter_path(model_dir: Path, model, tokenizer, prompts: Sequen
                                               max_new_tokens=512, log=log)
         finally:
             torch.set_num_threads(prev)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-        try:
-            drafter.save(tmp / "drafter")
-            after = metrics.get("eval_after") or {}
-            (tmp / "drafter" / "warmup.json").write_text(json.dumps(
-                {"steps": steps, "eval_before": metrics.get("eval_before"), "eval_after": after}, indent=2, default=str))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp / "drafter", final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+        drafter.save(tmp)
+        after = metrics.get("eval_after") or {}
+        (tmp / "warmup.json").write_text(json.dumps(
+            {"steps": steps, "eval_before": metrics.get("eval_before"), "eval_after": after}, indent=2, default=str))
+
+    return build_dir_once(final, build, is_complete)

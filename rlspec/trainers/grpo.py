@@ -91,7 +91,7 @@ class GRPOTrainer:
                                          run_name=cfg.run_name, parts=checkpoint_parts)
         self.eval_history: dict[int, dict[str, float]] = {}
         self._engine_stats: dict[str, float] = {}  # this step's spec/ ray/ drafter/ counters
-        self._spec_calls: list[dict[str, float]] = []
+        self._spec_calls: list[dict[str, float]] = []  # this step's rollout calls' spec/ stats
         self.reward_state: dict[str, Any] = {}  # stateful reward terms (HAPO history), checkpointed
         self.max_length_at(0)  # a bad length schedule fails at start, not at step N
         self.hooks = build_hooks(HookContext(cfg, tokenizer, self.eos_ids, self.train_rows, self.train_prompt_ids,
@@ -147,13 +147,14 @@ class GRPOTrainer:
         timing = {"rollout": 0.0, "reward": 0.0, "generated_tokens": 0.0}
         t_step = time.perf_counter()
         self._engine_stats = {}
-        self._spec_calls: list[dict[str, float]] = []  # this step's rollout calls' stats (merged above)
+        self._spec_calls = []
         kept, generated, chunks = self.collect_rollouts(step, timing)  # 1-2. generate + score
         metrics = rollout_metrics(generated, kept, chunks)
         for hook in self.hooks:
             metrics.update(hook.metrics(generated))
         metrics["rollout/max_length"] = float(self.max_length_at(step - 1))
-        metrics.update(self._engine_stats)  # speculative decoding, the Ray pool, the online drafter
+        metrics.update(self._engine_stats)  # the Ray pool, the online drafter
+        metrics.update(self._spec_metrics())  # speculative decoding, over the step's rollout calls
         t_train = time.perf_counter()
         if kept:
             batch = self.build_batch(kept)  # 3. advantage
@@ -264,20 +265,27 @@ class GRPOTrainer:
         )
 
     def _record_engine_stats(self, stats: Mapping[str, float]) -> None:
-        """Keep this step's speculative-decoding (``spec/*``, merged over the step's rollout calls:
-        counts summed, rates weighted by speculative steps), Ray pool (``ray/*``) and online
-        drafter (``drafter/*``) counters (the last call's)."""
+        """Keep a rollout call's speculative-decoding counters (``spec/*``, merged per step by
+        :meth:`_spec_metrics`) and the latest Ray pool (``ray/*``) and online drafter
+        (``drafter/*``) counters."""
         self._spec_calls.append({k: float(v) for k, v in stats.items()
                                  if k.startswith("spec/") or k in ("tokens", "prompt_tokens", "decode_steps")})
         for key, value in stats.items():
             if key.startswith(("ray/", "drafter/")):
                 self._engine_stats[key] = float(value)
-        if any("spec/sd_steps" in c or "spec/history_bytes" in c for c in self._spec_calls):
-            merged = merge_stats(self._spec_calls)
-            self._engine_stats.update({k: v for k, v in merged.items() if k.startswith("spec/")})
-            if "spec/history_bytes" in stats:  # a size, not a count: the latest
-                self._engine_stats["spec/history_bytes"] = float(stats["spec/history_bytes"])
-                self._engine_stats["spec/history_prompts"] = float(stats.get("spec/history_prompts", 0.0))
+
+    def _spec_metrics(self) -> dict[str, float]:
+        """This step's ``spec/*`` metrics over its rollout calls (counts summed, rates weighted by
+        speculative steps); the history's size is the latest call's, not a sum."""
+        calls = self._spec_calls
+        if not any("spec/sd_steps" in c or "spec/history_bytes" in c for c in calls):
+            return {}
+        out = {k: v for k, v in merge_stats(calls).items() if k.startswith("spec/")}
+        last = next((c for c in reversed(calls) if "spec/history_bytes" in c), None)
+        if last is not None:
+            out["spec/history_bytes"] = last["spec/history_bytes"]
+            out["spec/history_prompts"] = last.get("spec/history_prompts", 0.0)
+        return out
 
     # ------------------------------------------------------------------ 3. advantage
     def build_batch(self, groups: list[Group]) -> TrainBatch:
