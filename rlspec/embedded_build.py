@@ -6,7 +6,9 @@ solutions shaped like a long-CoT model's (build version 5, issue 17):
 
 * first passes that *slip* at a rate growing with the level (none on level 1), and 0..``max_rechecks``
   re-checks (in their own words, so they recompute rather than copy), the first of which
-  corrects a slip -- so checking pays on hard problems and only costs tokens on easy ones;
+  corrects a slip -- so checking pays on hard problems and only costs tokens on easy ones
+  (``first_pass="glance"``: the first pass states the result at once and the first check works
+  it out; an experimental option, docs/decisions.md);
 * over-thinking *spirals*: re-check after re-check, cut off without an answer past the rollout
   cap -- the long tail of a rollout;
 * HBPO's budget prefill (the most re-checks that fit the budget) and L1's target-length
@@ -82,12 +84,12 @@ class EmbeddedModelConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     # curriculum: the first ``plain_frac`` of the solution steps train on zero-recheck solutions
-    # (short, so copying and arithmetic are learnt at lower cost); the rest on 0..max_rechecks.
+    # (with first_pass="steps": short, so copying and arithmetic are learnt at lower cost; 0 with
+    # "glance", whose zero-check solutions hold no steps to learn from); the rest on 0..max_rechecks.
     plain_frac: float = 0.5
-    # re-check count of the later solution steps: 0 with probability ``recheck_p0``, else uniform
-    # over 1..max_rechecks. Zero re-checks are already plentiful from the plain phase (the model
-    # ends up stopping after 0 re-checks far more often than this), so a small value here keeps
-    # the over-thinking strong while 0 stays common at temperature 1.
+    # re-check count of the later solution steps: 0 (the answer straight from the first pass) with
+    # probability ``recheck_p0``, else uniform over 1..max_rechecks: a small value keeps the
+    # over-thinking strong while 0 stays common at temperature 1.
     recheck_p0: float = 0.15
     # share of the later solutions that carry an HBPO budget prefill after <think> ("I will answer
     # the question within b tokens.", arXiv 2507.15844 Sec. 3.1), b drawn from ``budgets``; such a
@@ -103,6 +105,10 @@ class EmbeddedModelConfig:
     # first-pass slip rate per level 1..5 (tasks.slipped_steps): a re-check corrects a slip, so
     # checks pay on the hard levels and only cost tokens on the easy ones
     slip_rates: tuple[float, ...] = tasks.SLIP_RATES
+    # the first pass: "steps" (worked out, then re-checks) or "glance" (the result stated at once,
+    # then worked out; tasks.worked_solution; docs/decisions.md, builds 5d-5f). Left out of the
+    # cache key while "steps", so the builds made before the option keep their keys
+    first_pass: str = "steps"
     # share of the later solutions that are over-thinking spirals: re-check after re-check, cut off
     # without an answer or EOS at a length drawn from ``spiral_tokens`` -- R1-style loops to the
     # length cap, the long tail of a rollout
@@ -123,6 +129,8 @@ class EmbeddedModelConfig:
         self.budgets = tuple(int(x) for x in self.budgets)
         self.slip_rates = tuple(float(x) for x in self.slip_rates)
         self.spiral_tokens = tuple(int(x) for x in self.spiral_tokens)
+        if self.first_pass not in tasks.FIRST_PASS_STYLES:
+            raise ConfigError(f"first_pass must be one of {list(tasks.FIRST_PASS_STYLES)}, got {self.first_pass!r}")
         if len(self.slip_rates) != len(tasks.ALL_LEVELS) or not all(0 <= r <= 1 for r in self.slip_rates):
             raise ConfigError(f"slip_rates must be {len(tasks.ALL_LEVELS)} probabilities (levels 1..5), got "
                               f"{list(self.slip_rates)}")
@@ -164,7 +172,10 @@ class EmbeddedModelConfig:
 
     def cache_key(self) -> str:
         """A short stable hash of the build recipe (config + :data:`BUILD_VERSION`)."""
-        payload = json.dumps({"build_version": BUILD_VERSION, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if fields["first_pass"] == "steps":
+            del fields["first_pass"]
+        payload = json.dumps({"build_version": BUILD_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -235,7 +246,8 @@ def build_embedded_model(cfg: EmbeddedModelConfig, out_dir: str | os.PathLike, p
             corpus = []
             for p in train[:4000]:
                 corpus.append(tasks.format_prompt_messages(p)[0]["content"])
-                corpus.append(tasks.worked_solution(p, rng, tasks.sample_num_rechecks(rng, cfg.max_rechecks)))
+                corpus.append(tasks.worked_solution(p, rng, tasks.sample_num_rechecks(rng, cfg.max_rechecks),
+                                                     first_pass=cfg.first_pass))
             tokenizer = build_tokenizer(corpus, cfg.vocab_size)
             eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
             pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
@@ -329,7 +341,7 @@ def _reference_lengths(tokenizer, problems, cfg: EmbeddedModelConfig, eos_id: in
     rng = random.Random(0)
     out = {}
     for k in (0, cfg.max_rechecks):
-        texts = [tasks.worked_solution(p, rng, k) for p in problems]
+        texts = [tasks.worked_solution(p, rng, k, first_pass=cfg.first_pass) for p in problems]
         lens = [len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
         out[f"rechecks_{k}"] = round(sum(lens) / len(lens), 1)
     return out
@@ -364,16 +376,17 @@ def _sft_batches(cfg: EmbeddedModelConfig, train: list[tasks.MathProblem], token
     probs = [rng.choice(by_level[rng.choice(levels)]) for _ in range(n)]
     prompts = [prompt_text(tokenizer, p) for p in probs]
     n_plain = int(cfg.plain_frac * n_sol_steps) * cfg.batch_size
+    style = cfg.first_pass
     comps, closed = [], []
     for j, p in enumerate(probs):
         if j < n_plain:
-            comps.append(tasks.worked_solution(p, rng, 0))
+            comps.append(tasks.worked_solution(p, rng, 0, first_pass=style))
             closed.append(True)
             continue
         slip = rng.random() < tasks.slip_rate(p.level, cfg.slip_rates)
         u = rng.random()
         if u < cfg.spiral_frac:  # an over-thinking spiral, cut by the length cap: no answer, no EOS
-            text = tasks.worked_solution(p, rng, 60, slip=slip, close=False)
+            text = tasks.worked_solution(p, rng, 60, slip=slip, close=False, first_pass=style)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"][: rng.randint(*cfg.spiral_tokens)]
             comps.append(tokenizer.decode(ids))
             closed.append(False)
@@ -382,16 +395,16 @@ def _sft_batches(cfg: EmbeddedModelConfig, train: list[tasks.MathProblem], token
         if u < cfg.budget_frac:
             i = rng.randrange(len(cfg.budgets))
             prompts[j] += HBPO_TEMPLATES["paper"].format(budget=cfg.budgets[i])
-            comps.append(_fit_budget(p, rng, cfg.max_rechecks, cfg.budgets[i], tokenizer, slip=slip))
+            comps.append(_fit_budget(p, rng, cfg.max_rechecks, cfg.budgets[i], tokenizer, slip=slip, first_pass=style))
         elif u < cfg.budget_frac + cfg.l1_frac:
-            text = tasks.worked_solution(p, rng, rng.randint(0, cfg.max_rechecks), slip=slip)
+            text = tasks.worked_solution(p, rng, rng.randint(0, cfg.max_rechecks), slip=slip, first_pass=style)
             n_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
             at_most = rng.random() < 1 / 3
             target = round(n_tokens * (rng.uniform(1.0, 1.4) if at_most else rng.uniform(0.85, 1.15)))
             prompts[j] = l1_prompt_text(tokenizer, p, target, L1_MAX_TEMPLATE if at_most else L1_TEMPLATE)
             comps.append(text)
         else:
-            comps.append(tasks.worked_solution(p, rng, _num_rechecks(rng, cfg), slip=slip))
+            comps.append(tasks.worked_solution(p, rng, _num_rechecks(rng, cfg), slip=slip, first_pass=style))
         closed.append(True)
     p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     c_ids = tokenizer(comps, add_special_tokens=False)["input_ids"]
@@ -450,14 +463,14 @@ def _sft_batches(cfg: EmbeddedModelConfig, train: list[tasks.MathProblem], token
 
 
 def _fit_budget(problem: tasks.MathProblem, rng: random.Random, max_rechecks: int, budget: int, tokenizer,
-                slip: bool = False) -> str:
+                slip: bool = False, first_pass: str = "steps") -> str:
     """The worked solution with the most re-checks (<= max_rechecks) whose tokens, EOS included,
     fit within ``budget``; zero re-checks when even that does not fit."""
     state = rng.getstate()
     best = None
     for k in range(max_rechecks + 1):
         rng.setstate(state)  # the same opener wording for every candidate
-        text = tasks.worked_solution(problem, rng, k, slip=slip)
+        text = tasks.worked_solution(problem, rng, k, slip=slip, first_pass=first_pass)
         if best is None or len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1 <= budget:
             best = text
         else:

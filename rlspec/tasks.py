@@ -6,8 +6,11 @@ structured steps, so a worked solution can be written for it, and every answer i
 recomputing it from the operands.
 
 A worked solution (:func:`worked_solution`) is the assistant completion that follows the prompt's
-``"<think>\\n"``: a first pass through the steps, then ``num_rechecks`` re-checks that recompute
-the steps, then ``"\\n</think>\\nThe answer is \\\\boxed{42}."``. A first pass may carry a *slip*
+``"<think>\\n"``: a first pass, then ``num_rechecks`` re-checks that recompute the steps, then
+``"\\n</think>\\nThe answer is \\\\boxed{42}."``. The first pass is either the steps written out
+(``first_pass="steps"``) or a *glance* (``"glance"``): the result stated at once ("At a glance, it
+is 42."), the way a long-CoT model writes its first guess before working the problem out; the first
+check of a glance opens with "Let me work it out.". A first pass may carry a *slip*
 (one step's result wrong, the later steps carried on from it; :func:`slip_rate` grows with the
 level): the first re-check then computes the steps right, says the result differs and the answer
 follows the re-check. Without a slip a re-check is pure redundancy. So checking pays on hard
@@ -42,6 +45,8 @@ from rlspec.errors import ConfigError, DataError
 
 ALL_LEVELS: tuple[int, ...] = (1, 2, 3, 4, 5)
 KINDS: dict[int, str] = {1: "add", 2: "add_sub", 3: "mul_add", 4: "paren", 5: "linear"}
+FIRST_PASS_STYLES: tuple[str, ...] = ("steps", "glance")
+WORK_IT_OUT = "Let me work it out."  # the first check after a glance
 RECHECK_OPENERS: tuple[str, ...] = (
     "Wait, let me verify.",
     "Wait, let me double-check.",
@@ -311,20 +316,27 @@ def _solution_body(problem: MathProblem, steps: Sequence[Step] | None = None) ->
     return "\n".join([head, *_step_lines(problem, steps), tail]) + "\n"
 
 
+def _glance_body(problem: MathProblem, value: int) -> str:
+    if problem.level == 5:
+        return f"We need to solve {problem.expression} for x.\nAt a glance, x = {value}.\n"
+    return f"We need to compute {problem.expression}.\nAt a glance, it is {value}.\n"
+
+
 def first_pass_end(text: str) -> int:
-    """The index just past the first pass's closing line ("So the result is N." / "So x = N.") in a
-    completion, or -1 when there is none (budget forcing cuts the thinking there)."""
+    """The index just past the first pass's closing line ("So the result is N." / "So x = N.", or a
+    glance's "At a glance, it is N." / "At a glance, x = N.") in a completion, or -1 when there is
+    none (budget forcing cuts the thinking there)."""
     m = _FIRST_PASS_END.search(text)
     return m.end() if m else -1
 
 
-def _recheck(problem: MathProblem, opener: str, believed: int) -> str:
+def _recheck(problem: MathProblem, opener: str, believed: int, sep: str = " is ") -> str:
     """One re-check: the step lines computed right, then the result -- confirmed when it is what
     the solution believed so far, else corrected."""
     what = "x" if problem.level == 5 else "it"
     verdict = (f"Yes, {what} is {problem.answer}." if str(believed) == problem.answer
                else f"No, {what} is {problem.answer}, not {believed}.")
-    return "\n".join([opener, *_step_lines(problem, sep=" is "), verdict]) + "\n"
+    return "\n".join([opener, *_step_lines(problem, sep=sep), verdict]) + "\n"
 
 
 def sample_num_rechecks(rng: random.Random, max_rechecks: int = 4) -> int:
@@ -335,7 +347,7 @@ def sample_num_rechecks(rng: random.Random, max_rechecks: int = 4) -> int:
 
 
 def worked_solution(problem: MathProblem, rng: random.Random, num_rechecks: int, slip: bool = False,
-                    close: bool = True) -> str:
+                    close: bool = True, first_pass: str = "steps") -> str:
     """The assistant completion after the prompt's ``"<think>\\n"``.
 
     A first pass through the steps (with one :func:`slipped_steps` slip when ``slip``), then
@@ -345,14 +357,25 @@ def worked_solution(problem: MathProblem, rng: random.Random, num_rechecks: int,
     ``"\\n</think>\\nThe answer is \\boxed{A}."`` with the result believed last -- wrong when a
     slip had no re-check. ``close=False`` leaves the think block open (an over-thinking spiral cut
     off by the length cap). ``rng`` only picks the wording of the re-check openers.
+
+    ``first_pass="glance"``: the first pass states the result without steps (the slipped result
+    when ``slip``) and the first check, opened by :data:`WORK_IT_OUT`, is the worked steps
+    (``a*b=c``); the later checks are re-checks as above. A glance is a guess that only working
+    out can confirm, so its checks pay wherever glances go wrong.
     """
     if num_rechecks < 0:
         raise ConfigError(f"num_rechecks must be >= 0, got {num_rechecks}")
+    if first_pass not in FIRST_PASS_STYLES:
+        raise ConfigError(f"first_pass must be one of {list(FIRST_PASS_STYLES)}, got {first_pass!r}")
     steps = slipped_steps(problem) if slip else problem.steps
     believed = steps[-1].result
-    parts = [_solution_body(problem, steps)]
-    for _ in range(num_rechecks):
-        parts.append(_recheck(problem, rng.choice(RECHECK_OPENERS), believed))
+    glance = first_pass == "glance"
+    parts = [_glance_body(problem, believed) if glance else _solution_body(problem, steps)]
+    for i in range(num_rechecks):
+        if glance and i == 0:
+            parts.append(_recheck(problem, WORK_IT_OUT, believed, sep="="))
+        else:
+            parts.append(_recheck(problem, rng.choice(RECHECK_OPENERS), believed))
         believed = int(problem.answer)
     text = "".join(parts).rstrip("\n")
     return text + f"\n</think>\nThe answer is \\boxed{{{believed}}}." if close else text
@@ -372,8 +395,8 @@ def rows(problems: Iterable[MathProblem]) -> list[dict]:
 
 
 _BOXED = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
-_FIRST_PASS_END = re.compile(r"So (?:the result is|x =) -?\d+\.")
-_RECHECK = re.compile("|".join(re.escape(o) for o in RECHECK_OPENERS))
+_FIRST_PASS_END = re.compile(r"(?:So (?:the result is|x =)|At a glance, (?:it is|x =)) -?\d+\.")
+_RECHECK = re.compile("|".join(re.escape(o) for o in (WORK_IT_OUT, *RECHECK_OPENERS)))
 
 
 def extract_boxed_int(text: str) -> str | None:
