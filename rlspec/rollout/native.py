@@ -19,10 +19,12 @@ drafter is trained on.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections import deque
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from rlspec.config import SpeculativeConfig
@@ -233,9 +235,9 @@ class NativeEngine:
             if seconds > 0:  # shares of the call's wall time
                 stats["spec/draft_share"] = call.stats.draft_seconds / seconds
                 stats["spec/verify_share"] = call.stats.verify_seconds / seconds
-        if self.speculative is not None and call.responses:
-            generated = [t for r in call.responses for t in r]
-            self.token_counts += torch.bincount(torch.tensor(generated, dtype=torch.long), minlength=self.vocab_size)
+        if self.speculative is not None and "eagle" in self.speculative.sources and tokens:  # FR-Spec's counts
+            generated = np.fromiter(itertools.chain.from_iterable(call.responses), dtype=np.int64, count=tokens)
+            self.token_counts += torch.bincount(torch.from_numpy(generated), minlength=self.vocab_size)
         if self.history is not None:
             for prompt, response in zip(prompts, call.responses):
                 self.history.add(prompt, response)

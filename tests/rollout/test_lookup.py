@@ -13,7 +13,7 @@ from rlspec.rollout.base import SamplingParams
 from rlspec.rollout.native import NativeEngine
 from rlspec.rollout.speculative.history import DraftHistory
 from rlspec.rollout.speculative.lookup import NgramIndex, vote_draft
-from rlspec.rollout.speculative.selector import PLAIN, StepSelector
+from rlspec.rollout.speculative.selector import PLAIN, PlainStepCost, StepSelector
 
 from tests.rollout.test_spec_engine import PROMPTS, V, _chi_square_p, _exact_three_token_probs, _model
 
@@ -235,6 +235,27 @@ def test_a_step_is_scored_against_a_plain_step_at_the_same_batch_size_and_contex
     for _ in range(2):
         s.record(70, "lookup/4", 300, 0.009, 100)
     assert s.best(100) == "lookup/4"  # over twice the tokens per row: a real win
+
+
+def test_plain_step_cost_is_exponentially_weighted_least_squares():
+    """The recursive fit equals the closed form: theta = argmin sum_t forget^(T-t) (y_t - x_t theta)^2
+    (plus the vanishing prior of the initial P = 1e3 I)."""
+    rng = random.Random(0)
+    c = PlainStepCost(forget=0.98)
+    xs, ys = [], []
+    for _ in range(300):
+        rows, kv = rng.randint(1, 128), rng.randint(10, 600)
+        y = 0.002 + 3e-5 * rows + 2e-7 * rows * kv + rng.gauss(0, 1e-4)
+        c.observe(rows, kv, y)
+        xs.append(c._features(rows, kv))
+        ys.append(y)
+    x, y = torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64)
+    w = 0.98 ** torch.arange(len(ys) - 1, -1, -1, dtype=torch.float64)
+    prior = 0.98 ** len(ys) / 1e3 * torch.eye(3, dtype=torch.float64)
+    theta = torch.linalg.solve(x.T @ (w[:, None] * x) + prior, x.T @ (w * y))
+    assert c.theta == pytest.approx(theta.tolist(), rel=1e-6, abs=1e-12)
+    assert c.predict(64, 300) == pytest.approx(float(torch.tensor(c._features(64, 300), dtype=torch.float64) @ theta),
+                                               rel=1e-6)
 
 
 def test_a_draft_arm_gets_its_samples_from_the_first_plain_step_on():
