@@ -34,7 +34,7 @@ from rlspec.rollout.base import FINISH_LENGTH, FINISH_STOP, FinishedSample, Roll
 from rlspec.rollout.base import SamplingParams
 from rlspec.rollout.base import check_prompt_ids
 from rlspec.rollout.fast_backend import LlamaFastBackend, UnsupportedModel
-from rlspec.rollout.sampling import sample_next_tokens
+from rlspec.rollout.sampling import position_uniforms, sample_next_tokens
 from rlspec.rollout.speculative.bandit import DraftShapeBandit
 from rlspec.rollout.speculative.controller import LongTailController
 from rlspec.rollout.speculative.decoder import SpecStats, SpeculativeDecoder
@@ -262,6 +262,10 @@ class _GenerateCall:
                  generator: torch.Generator | None, want_hidden: bool) -> None:
         self.engine, self.backend, self.prompts, self.params = engine, backend, prompts, params
         self.generator, self.want_hidden = generator, want_hidden
+        # sampled tokens draw position-keyed numbers (request, token index) when the call is
+        # seeded: the same tokens whichever rows share a step, and lookup drafts verified coupled
+        # with plain sampling emit exactly them (speculation on or off, same run)
+        self.seed = params.seed if params.seed is not None and not params.greedy else None
         n = len(prompts)
         self.responses: list[list[int]] = [[] for _ in range(n)]
         self.logprobs: list[list[float]] = [[] for _ in range(n)]
@@ -291,7 +295,8 @@ class _GenerateCall:
         if engine.selector is not None and backend is engine.fast:
             self.lookup = LookupDraftSource(prompts, self.responses, lambda: self.rows, engine.lookup_sources,
                                             engine.speculative.lookup, engine.history, engine.device)
-            self.lookup_decoder = SpeculativeDecoder(backend, self.lookup, params, engine.bandit, generator)
+            self.lookup_decoder = SpeculativeDecoder(backend, self.lookup, params, engine.bandit, generator,
+                                                     uniforms=self.row_uniforms if self.seed is not None else None)
             self.stats = SpecStats()
             max_len += max(engine.speculative.lookup.lengths) + 2
         if (engine.speculative is not None and engine.drafter is not None and backend is engine.fast
@@ -510,12 +515,23 @@ class _GenerateCall:
 
     def consume(self, logits: torch.Tensor, hidden: torch.Tensor | None, reqs: list[int]) -> tuple[torch.Tensor, list]:
         """Sample one token per row from ``logits``; returns the tokens and the finished rows."""
-        tokens, lps = sample_next_tokens(logits, self.params, self.generator)
+        uniform = None
+        if self.seed is not None:
+            uniform = position_uniforms(self.seed, torch.tensor(reqs, dtype=torch.long),
+                                        torch.tensor([len(self.responses[r]) for r in reqs], dtype=torch.long))
+            uniform = uniform.to(logits.device)
+        tokens, lps = sample_next_tokens(logits, self.params, self.generator, uniform)
         if hidden is not None:
             self.hidden_steps.append((hidden, list(reqs)))
         host = torch.stack((tokens.to(torch.float64), lps.to(torch.float64))).tolist()
         done = [i for i, (r, t, lp) in enumerate(zip(reqs, host[0], host[1])) if self.append(r, int(t), lp)]
         return tokens, done
+
+    def row_uniforms(self, width: int) -> torch.Tensor:
+        """``[rows, width]`` position-keyed numbers of the active rows' next ``width`` tokens."""
+        reqs = torch.tensor(self.rows, dtype=torch.long)
+        first = torch.tensor([len(self.responses[r]) for r in self.rows], dtype=torch.long)
+        return position_uniforms(self.seed, reqs, first[:, None] + torch.arange(width)).to(self.engine.device)
 
     def remove(self, done: list[int]) -> None:
         """Drop finished rows from the backend (and the decoder while speculating)."""

@@ -91,22 +91,79 @@ def sample_from_probs(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tenso
     return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
-def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(x: int) -> int:
+    return x - (1 << 64) if x >> 63 else x
+
+
+_GOLDEN, _MIX1, _MIX2 = (_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+_STREAM = _signed(0xD1342543DE82EF95)
+
+
+def _srl(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 ``x`` (torch's ``>>`` is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def position_uniforms(seed: int, streams: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Counter-based uniform numbers in ``[0, 1)``: one per (``seed``, stream, position), the same
+    whichever rows share a batch and whichever step computes it.
+
+    The sampler draws token ``j`` of request ``r`` with ``u = position_uniforms(seed, r, j)``
+    (inverse CDF, :func:`sample_from_probs`), so a plain decode step and a speculative verify step
+    that reaches the same position draw the same token: with point-mass drafts (lookups) the
+    coupled verifier (:func:`rlspec.rollout.speculative.verification.verify_chain_coupled`) then
+    emits exactly the tokens plain decoding would have (Leviathan et al.'s acceptance probability
+    ``p(x)`` is kept: the draft ``x`` is accepted when the plain sample equals it). The numbers are
+    splitmix64 (Steele et al. 2014) of ``seed * phi + stream * c + position``, in wrapping int64
+    arithmetic, top 53 bits.
+
+    Args:
+        seed: the call's seed.
+        streams: ``[n]`` long (or broadcastable to ``positions``), e.g. the request index.
+        positions: ``[n]`` or ``[n, m]`` long, the token index in the stream.
+
+    Returns:
+        float64 of the broadcast shape.
+
+    >>> u = position_uniforms(7, torch.tensor([0, 1]), torch.tensor([[0, 1], [0, 1]]))
+    >>> bool(((u >= 0) & (u < 1)).all()), u[0, 1].item() == position_uniforms(7, torch.tensor([0]), torch.tensor([1])).item()
+    (True, True)
+    """
+    streams = streams.long()
+    positions = positions.long()
+    if positions.dim() > streams.dim():
+        streams = streams.view(*streams.shape, *([1] * (positions.dim() - streams.dim())))
+    x = (seed * _GOLDEN) & _MASK64
+    z = streams * _STREAM + positions + _signed(x)  # wraps mod 2^64
+    z = z + _GOLDEN
+    z = (z ^ _srl(z, 30)) * _MIX1
+    z = (z ^ _srl(z, 27)) * _MIX2
+    z = z ^ _srl(z, 31)
+    return _srl(z, 11).double() * (1.0 / (1 << 53))
+
+
+def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None = None,
+                       uniform: torch.Tensor | None = None) -> torch.Tensor:
     """Draw one token per row from ``softmax(logits)``; ``-inf`` logits are never drawn.
 
     Args:
         logits: ``[B, V]``.
         generator: optional private RNG (same device as ``logits``); ``None`` uses the global RNG.
+        uniform: optional ``[B]`` numbers in ``[0, 1)`` to draw with instead (no RNG is used).
 
     Returns:
         ``[B]`` long token ids.
     """
     probs = logits.float().softmax(dim=-1)
-    return _draw(probs, generator)
+    return _draw(probs, generator, uniform)
 
 
-def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    uniform = torch.rand(probs.shape[0], generator=generator, device=probs.device)
+def _draw(probs: torch.Tensor, generator: torch.Generator | None, uniform: torch.Tensor | None = None) -> torch.Tensor:
+    if uniform is None:
+        uniform = torch.rand(probs.shape[0], generator=generator, device=probs.device)
     return sample_from_probs(probs, uniform)
 
 
@@ -127,7 +184,8 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 
 
 def sample_next_tokens(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+    uniform: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step of sampling: choose the next token of every row and score it.
 
@@ -138,6 +196,8 @@ def sample_next_tokens(
         logits: ``[B, V]`` next-token logits (any float dtype; computed in float32).
         params: the sampling settings.
         generator: optional private RNG; ``None`` uses the global RNG.
+        uniform: optional ``[B]`` inverse-CDF numbers (e.g. :func:`position_uniforms`) used
+            instead of the RNG.
 
     Returns:
         ``(tokens [B] long, logprobs [B] float32)``; logprobs as in :func:`token_logprobs`.
@@ -150,7 +210,7 @@ def sample_next_tokens(
     scaled = apply_temperature(logits, params.temperature)
     logp = torch.log_softmax(scaled, dim=-1)
     if params.top_k == 0 and params.top_p >= 1:
-        tokens = _draw(logp.exp(), generator)  # unfiltered: reuse the softmax
+        tokens = _draw(logp.exp(), generator, uniform)  # unfiltered: reuse the softmax
     else:
-        tokens = sample_from_logits(apply_top_p(apply_top_k(scaled, params.top_k), params.top_p), generator)
+        tokens = sample_from_logits(apply_top_p(apply_top_k(scaled, params.top_k), params.top_p), generator, uniform)
     return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

@@ -184,6 +184,32 @@ def test_adaptive_engine_mixes_plain_and_lookup_steps_losslessly():
     assert out.stats["spec/history_prompts"] == 3 and out.stats["spec/history_bytes"] > 0
 
 
+@pytest.mark.parametrize("mode", ["always", "adaptive"])
+def test_seeded_sampling_gives_the_plain_tokens_with_speculation_on(mode):
+    """With a seed, token j of request r draws with the number of (seed, r, j): the lookup engine
+    (drafts verified coupled with plain sampling) emits exactly what plain decoding emits, at
+    T=1 and with top-p/top-k, and so does plain decoding with another batch size."""
+    model = _model(2, bigram=False)
+    for params in (SamplingParams(max_new_tokens=40, temperature=1.0, seed=5),
+                   SamplingParams(max_new_tokens=40, temperature=0.8, top_p=0.9, top_k=6, seed=6)):
+        plain = NativeEngine(model, eos_token_ids=[V - 1]).generate(GROUP_PROMPTS, params)
+        narrow = NativeEngine(model, eos_token_ids=[V - 1], max_batch_size=3).generate(GROUP_PROMPTS, params)
+        assert narrow.response_ids == plain.response_ids
+        engine = _lookup_engine(model, ["self", "group", "history"], mode=mode, lengths=(2, 4), min_samples=1)
+        sd_steps = accepted = 0
+        for _ in range(3):  # later calls draft from their history too
+            out = engine.generate(GROUP_PROMPTS, params)
+            assert out.response_ids == plain.response_ids and out.finish_reasons == plain.finish_reasons
+            for a, b in zip(out.response_logprobs, plain.response_logprobs):
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+            sd_steps += out.stats["spec/sd_steps"]
+            accepted += sum(v for k, v in out.stats.items() if k.startswith("spec/") and k.endswith("/accepted"))
+        assert sd_steps > 0 and accepted > 0
+    other = NativeEngine(model, eos_token_ids=[V - 1]).generate(GROUP_PROMPTS, SamplingParams(
+        max_new_tokens=40, temperature=1.0, seed=8))
+    assert other.response_ids != plain.response_ids  # the seed matters
+
+
 @pytest.mark.parametrize("sources", [["self"], ["group"], ["history"]])
 def test_sampling_distribution_is_the_target_distribution(sources):
     """Chi-square of the first three sampled tokens against the exact target distribution, with

@@ -25,6 +25,7 @@ from rlspec.rollout.speculative.verification import (
     target_probs,
     tree_emitted,
     verify_chain,
+    verify_chain_coupled,
     verify_tree,
 )
 
@@ -266,6 +267,47 @@ def test_chain_is_lossless(label, seed, proc, point_mass, greedy_drafter):
         lambda s: chain_round(s, P, Q, g, point_mass=point_mass, greedy_drafter=greedy_drafter), P, label
     )
     assert p1 > ALPHA and p2 > ALPHA
+
+
+def coupled(draft, q, tp, g):
+    """The coupled verifier with fresh uniform numbers per position (the drafts never see them)."""
+    n, k = draft.shape
+    return verify_chain_coupled(draft, tp, torch.rand(n, k + 1, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("seed,proc,greedy_drafter", [(21, (1.0, 1.0, 0), False), (22, (0.8, 0.9, 4), True)])
+def test_coupled_chain_is_lossless_and_accepts_with_the_target_probability(seed, proc, greedy_drafter):
+    P, Q = tables(seed, *proc)
+    g = torch.Generator().manual_seed(200 + seed)
+    p1, p2 = check_lossless(lambda s: chain_round(s, P, Q, g, point_mass=True, greedy_drafter=greedy_drafter,
+                                                  verifier=coupled), P, f"coupled {seed}")
+    assert p1 > ALPHA and p2 > ALPHA
+    # a one-token draft x is accepted with probability p(x), as in verify_chain's point-mass rule
+    x = torch.full((ROWS, 1), 2)
+    tp = P[torch.cat([torch.full((ROWS, 1), START), x], 1)]
+    rate = coupled(x, None, tp, g).num_accepted.double().mean().item()
+    assert abs(rate - P[START, 2].item()) < 4 * (P[START, 2].item() / ROWS) ** 0.5 + 1e-3
+
+
+def test_coupled_chain_emits_the_plain_samples_of_its_positions():
+    """Whatever is drafted, the emitted tokens are inverse_cdf(p_i, u_i) of the positions reached."""
+    P, _ = tables(23)
+    g = torch.Generator().manual_seed(7)
+    state = torch.randint(0, V, (500,), generator=g)
+    u = torch.rand(500, 4, generator=g, dtype=torch.float64)
+    plain, prev = [], state
+    for i in range(4):  # plain decoding with the same numbers
+        prev = sample_from_probs(P[prev], u[:, i])
+        plain.append(prev)
+    plain = torch.stack(plain, 1)  # [n, 4]
+    wrong = (plain[:, :3] + torch.randint(0, 2, (500, 3), generator=g)) % V  # drafts right about half the time
+    tp = P[torch.cat([state[:, None], wrong], 1)]
+    res = verify_chain_coupled(wrong, tp, u)
+    emitted = chain_emitted(wrong, res.num_accepted, res.next_token)
+    for r in range(500):
+        a = int(res.num_accepted[r])
+        assert emitted[r, : a + 1].tolist() == plain[r, : a + 1].tolist()
+    assert 0 < res.num_accepted.double().mean() < 3
 
 
 def accept_always(draft, q, tp, g):

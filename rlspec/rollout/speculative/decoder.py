@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -36,7 +36,7 @@ from rlspec.rollout.sampling import token_logprobs
 from rlspec.rollout.speculative.bandit import DraftShapeBandit, step_reward
 from rlspec.rollout.speculative.draft_tree import ArmShape, tree_attention_mask
 from rlspec.rollout.speculative.sources import Draft, DraftSource
-from rlspec.rollout.speculative.verification import target_probs, verify_chain, verify_tree
+from rlspec.rollout.speculative.verification import target_probs, verify_chain, verify_chain_coupled, verify_tree
 
 Emitted = tuple[list[int], list[float], torch.Tensor, torch.Tensor]
 
@@ -96,9 +96,14 @@ class SpeculativeDecoder:
     """Drives speculative steps for the active rows of one ``generate`` call (see module doc)."""
 
     def __init__(self, backend: Any, source: DraftSource, params: SamplingParams, bandit: DraftShapeBandit,
-                 generator: torch.Generator | None) -> None:
+                 generator: torch.Generator | None,
+                 uniforms: Callable[[int], torch.Tensor] | None = None) -> None:
         self.backend, self.source, self.params, self.bandit, self.generator = backend, source, params, bandit, generator
         self.device = backend.device
+        # point-mass chains (lookups) are verified coupled with plain sampling when the call draws
+        # per-position numbers: uniforms(width) gives the active rows' [n, width] numbers at their
+        # next `width` positions, and the step emits what plain decoding would
+        self.uniforms = uniforms
 
     @staticmethod
     def cache_slack(bandit: DraftShapeBandit) -> int:
@@ -196,7 +201,10 @@ class SpeculativeDecoder:
             path = torch.arange(m, device=self.device).expand(n, m)
         elif draft.is_chain:  # point-mass chains (lookups): the chain verifier is the tree one for a chain
             limit = draft.valid.sum(dim=1) if draft.valid is not None else None
-            res = verify_chain(tokens, None, probs, self.generator, num_drafts=limit)
+            if self.uniforms is not None:
+                res = verify_chain_coupled(tokens, probs, self.uniforms(m + 1), num_drafts=limit)
+            else:
+                res = verify_chain(tokens, None, probs, self.generator, num_drafts=limit)
             num = res.num_accepted
             path = torch.arange(m, device=self.device).expand(n, m)
         else:

@@ -167,6 +167,52 @@ def verify_chain(
     return ChainVerifyResult(num_accepted, next_token)
 
 
+def verify_chain_coupled(
+    draft_tokens: torch.Tensor,
+    target_probs: torch.Tensor,
+    uniforms: torch.Tensor,
+    num_drafts: torch.Tensor | None = None,
+) -> ChainVerifyResult:
+    """Point-mass drafts verified by *coupling* with plain sampling: the emitted tokens are the
+    ones plain decoding draws with the same per-position uniform numbers.
+
+    At each position ``i`` the plain sample ``y_i = inverse_cdf(p_i, u_i)`` is drawn; draft ``x_i``
+    is accepted when ``y_i == x_i``, and at the first mismatch (or after the last draft) ``y_i``
+    is the next token. ``P(accept x_i) = p_i(x_i)`` and a rejection emits ``y_i ~ p_i`` given
+    ``y_i != x_i``, i.e. ``norm(p_i`` without ``x_i)`` -- exactly :func:`verify_chain`'s rule for
+    point-mass drafts (its acceptance rate and distribution), with the randomness tied to the
+    position. With ``u_i`` from :func:`rlspec.rollout.sampling.position_uniforms` a run gives the
+    same tokens with speculation on or off (up to float rounding between a verify forward and a
+    plain one). Lossless for drafts chosen without looking at ``uniforms``.
+
+    Args:
+        draft_tokens: ``[n, K]`` long drafted tokens.
+        target_probs: ``[n, K + 1, V]`` from :func:`target_probs` (index 0 = after the root).
+        uniforms: ``[n, K + 1]`` numbers in ``[0, 1)``: position ``i`` of row ``r`` draws with
+            ``uniforms[r, i]``.
+        num_drafts: optional ``[n]`` long, drafts beyond ``num_drafts[r]`` are ignored for row ``r``.
+
+    >>> p = torch.tensor([[[0.5, 0.5, 0.0], [0.1, 0.1, 0.8], [1.0, 0.0, 0.0]]])
+    >>> verify_chain_coupled(torch.tensor([[1, 2]]), p, torch.tensor([[0.7, 0.9, 0.3]]))  # y = 1, 2, 0
+    ChainVerifyResult(num_accepted=tensor([2]), next_token=tensor([0]))
+    >>> verify_chain_coupled(torch.tensor([[0, 2]]), p, torch.tensor([[0.7, 0.9, 0.3]]))  # y_0 = 1 != 0
+    ChainVerifyResult(num_accepted=tensor([0]), next_token=tensor([1]))
+    """
+    n, k = draft_tokens.shape  # [n, K]
+    if target_probs.dim() != 3 or target_probs.shape[:2] != (n, k + 1):
+        raise ValueError(f"target_probs must be [n, K+1, V] = [{n}, {k + 1}, V], got {tuple(target_probs.shape)}")
+    if tuple(uniforms.shape) != (n, k + 1):
+        raise ValueError(f"uniforms must be [n, K+1] = [{n}, {k + 1}], got {tuple(uniforms.shape)}")
+    device = target_probs.device
+    limit = (torch.full((n,), k, dtype=torch.long, device=device) if num_drafts is None
+             else num_drafts.long().clamp(0, k))
+    plain = sample_from_probs(target_probs.reshape(n * (k + 1), -1), uniforms.reshape(-1)).view(n, k + 1)  # y
+    match = (plain[:, :k] == draft_tokens.long()) & (torch.arange(k, device=device) < limit.unsqueeze(-1))
+    num_accepted = match.long().cumprod(dim=-1).sum(dim=-1)  # [n], leading run of matches
+    next_token = plain.gather(1, num_accepted.unsqueeze(-1)).squeeze(-1)
+    return ChainVerifyResult(num_accepted, next_token)
+
+
 def chain_emitted(
     draft_tokens: torch.Tensor, num_accepted: torch.Tensor, next_token: torch.Tensor, pad_id: int = -1
 ) -> torch.Tensor:
