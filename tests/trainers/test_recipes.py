@@ -415,3 +415,28 @@ def test_speculation_starts_without_a_drafter_and_resumes_with_its_history(make_
     saved, restored = trainer.engine.history.state_dict(), resumed.engine.history.state_dict()
     assert all(torch.equal(saved[k], restored[k]) for k in ("tokens", "lengths", "counts"))
     assert restored["tokens"].numel() > 0
+
+
+def test_lookup_speculation_trains_on_the_plain_runs_tokens_and_resumes_to_them(make_trainer, tiny_model_path, tmp_path):
+    """Seeded rollouts draw position-keyed numbers and lookup drafts are verified coupled with
+    plain sampling: a run with speculation on (adaptive: plain and draft steps mixed, as timing
+    decides) samples the plain run's tokens, step after step, and so does a resumed run."""
+    over = ["rollout.speculative.lookup.min_ngram=1", "rollout.speculative.lookup.min_samples=1",
+            "rollout.speculative.lookup.lengths=[2,4]", "eval.at_start=false", "eval.at_end=false"]
+    plain_cfg = compose_config([*TINY_OVERRIDES, f"run_dir={tmp_path / 'plain'}", "+recipe=grpo", *over])
+    plain = build_trainer(plain_cfg, tmp_path / "plain")
+    spec = make_trainer("+recipe=grpo", "rollout.speculative.enable=true", *over)
+    keys = ("reward/mean", "response_length/mean", "response_length/max", "acc/mean")
+    first = [spec.train_step(), plain.train_step()]
+    assert first[0]["spec/sd_steps"] > 0
+    for k in keys:
+        assert first[0][k] == first[1][k], k
+    spec.save()
+    second, plain_second = spec.train_step(), plain.train_step()
+    for k in keys:
+        assert second[k] == plain_second[k], k
+    resumed = make_trainer("+recipe=grpo", "rollout.speculative.enable=true", *over)
+    resumed.maybe_resume()
+    again = resumed.train_step()
+    for k in (*keys, "actor/pg_loss"):
+        assert again[k] == pytest.approx(second[k], abs=1e-6), k
