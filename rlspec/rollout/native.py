@@ -515,11 +515,7 @@ class _GenerateCall:
 
     def consume(self, logits: torch.Tensor, hidden: torch.Tensor | None, reqs: list[int]) -> tuple[torch.Tensor, list]:
         """Sample one token per row from ``logits``; returns the tokens and the finished rows."""
-        uniform = None
-        if self.seed is not None:
-            uniform = position_uniforms(self.seed, torch.tensor(reqs, dtype=torch.long),
-                                        torch.tensor([len(self.responses[r]) for r in reqs], dtype=torch.long))
-            uniform = uniform.to(logits.device)
+        uniform = self._uniforms(reqs, 1)[:, 0] if self.seed is not None else None
         tokens, lps = sample_next_tokens(logits, self.params, self.generator, uniform)
         if hidden is not None:
             self.hidden_steps.append((hidden, list(reqs)))
@@ -529,9 +525,13 @@ class _GenerateCall:
 
     def row_uniforms(self, width: int) -> torch.Tensor:
         """``[rows, width]`` position-keyed numbers of the active rows' next ``width`` tokens."""
-        reqs = torch.tensor(self.rows, dtype=torch.long)
-        first = torch.tensor([len(self.responses[r]) for r in self.rows], dtype=torch.long)
-        return position_uniforms(self.seed, reqs, first[:, None] + torch.arange(width)).to(self.engine.device)
+        return self._uniforms(self.rows, width)
+
+    def _uniforms(self, reqs: list[int], width: int) -> torch.Tensor:
+        """``[len(reqs), width]`` position-keyed numbers of requests ``reqs``' next ``width`` tokens."""
+        first = torch.tensor([len(self.responses[r]) for r in reqs], dtype=torch.long)
+        streams = torch.tensor(reqs, dtype=torch.long)
+        return position_uniforms(self.seed, streams, first[:, None] + torch.arange(width)).to(self.engine.device)
 
     def remove(self, done: list[int]) -> None:
         """Drop finished rows from the backend (and the decoder while speculating)."""

@@ -136,9 +136,7 @@ def position_uniforms(seed: int, streams: torch.Tensor, positions: torch.Tensor)
     positions = positions.long()
     if positions.dim() > streams.dim():
         streams = streams.view(*streams.shape, *([1] * (positions.dim() - streams.dim())))
-    x = (seed * _GOLDEN) & _MASK64
-    z = streams * _STREAM + positions + _signed(x)  # wraps mod 2^64
-    z = z + _GOLDEN
+    z = streams * _STREAM + positions + _signed(((seed + 1) * _GOLDEN) & _MASK64)  # wraps mod 2^64
     z = (z ^ _srl(z, 30)) * _MIX1
     z = (z ^ _srl(z, 27)) * _MIX2
     z = z ^ _srl(z, 31)
