@@ -489,3 +489,27 @@ def test_spot_trainer_state_round_trip_continues_training_exactly(target):
     tight = SpotDrafterTrainer(EagleDrafter.from_target(target), OnlineDrafterConfig(checkpoint_buffer_mb=0.0))
     tight.buffer = first.buffer
     assert tight.state_dict()["buffer"] is None
+
+
+def test_spot_trainer_publishes_only_when_the_rollout_ends(target):
+    """A spot trainer that reaches ``max_steps`` while the long tail still decodes keeps its weights
+    to itself: the engine drafts with one drafter version for the whole rollout, and the trained
+    weights reach it at ``stop()`` (the rollout's end), with the next policy weights (TLT)."""
+    from rlspec.config import OnlineDrafterConfig
+    from rlspec.rollout.speculative.spot_trainer import SpotDrafterTrainer
+
+    spot = SpotDrafterTrainer(EagleDrafter.from_target(target),
+                              OnlineDrafterConfig(lr=1e-3, batch_size=2, window=16, max_steps=3))
+    spot.buffer = random_buffer(target)
+    before = {k: v.clone() for k, v in spot.drafter.state_dict().items()}
+    spot.start()
+    spot._thread.join()  # max_steps reached; the rollout has not ended
+    assert spot.trainer.total_steps == 3
+    assert spot.drafter.version == 0
+    assert all(torch.equal(v, before[k]) for k, v in spot.drafter.state_dict().items())  # nothing published
+    metrics = spot.stop(1)  # the rollout ends
+    assert metrics["drafter/steps"] == 3 and spot.drafter.version == 1 and metrics["drafter/version"] == 1.0
+    for (name, p), q in zip(spot.drafter.named_parameters(), spot.trainer.shadow.parameters()):
+        assert torch.equal(p, q.to(p.dtype)), name  # the trained weights, published once
+    assert spot.published_step == 1 and metrics["drafter/lag_steps"] == 0.0
+    assert spot.stop(2)["drafter/lag_steps"] == 1.0 and spot.drafter.version == 1  # nothing new: no publish

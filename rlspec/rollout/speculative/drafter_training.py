@@ -154,7 +154,7 @@ class DrafterTrainer:
     a reader holding ``drafter.lock`` (e.g. around each draft round) sees either the old or the new
     weights, never a mix. During training, publishing is attempted without blocking after every
     ``publish_every`` steps (skipped while a reader holds the lock) and done blocking at the end of
-    :meth:`train`. The shared target embedding / LM head are read without a lock: do not update the
+    :meth:`train` (unless ``publish_at_end=False``: the caller publishes). The shared target embedding / LM head are read without a lock: do not update the
     target while the trainer runs (TLT trains only during the rollout's long tail).
     Weights loaded into ``self.drafter`` from outside must be followed by :meth:`sync_from_drafter`.
     """
@@ -197,6 +197,11 @@ class DrafterTrainer:
         self.total_steps = 0
         self._dirty = False
         self._train_lock = threading.Lock()
+
+    @property
+    def unpublished(self) -> bool:
+        """Whether the private copy has trained since the last :meth:`publish`."""
+        return self._dirty
 
     @property
     def version(self) -> int:
@@ -271,12 +276,15 @@ class DrafterTrainer:
         max_steps: int,
         stop_event: threading.Event | None = None,
         deadline: float | None = None,
+        publish_at_end: bool = True,
     ) -> dict[str, float | str]:
         """Train up to ``max_steps`` steps; preemptible between steps.
 
         Stops early when ``stop_event`` is set, when ``time.monotonic() >= deadline``, when the buffer
         is empty (never raises for that: 0 steps) or on a non-finite loss. The last weights are
-        published before returning. Returns ``steps``, ``loss`` / ``vloss`` / ``ploss`` / ``top1`` (token-
+        published before returning unless ``publish_at_end=False`` (the spot trainer publishes at the
+        rollout's end, not when training stops: :attr:`unpublished` then tells whether there is
+        anything to publish). Returns ``steps``, ``loss`` / ``vloss`` / ``ploss`` / ``top1`` (token-
         weighted means over the steps run; NaN with 0 steps), ``tokens``, ``seconds``, ``version``,
         ``total_steps`` and ``stopped`` (``max_steps`` / ``stop_event`` / ``deadline`` / ``empty`` /
         ``nonfinite``).
@@ -308,7 +316,7 @@ class DrafterTrainer:
                     sums[key] += metrics[key] * metrics["tokens"]
                 if self.publish_every and self.total_steps % self.publish_every == 0:
                     self.publish(blocking=False)
-            if self._dirty:
+            if publish_at_end and self._dirty:
                 self.publish(blocking=True)
         out: dict[str, float | str] = {key: (value / tokens if tokens else float("nan")) for key, value in sums.items()}
         out.update(

@@ -46,7 +46,7 @@ class SpotDrafterTrainer:
         self.buffer = DrafterBuffer(keep_steps=settings.keep_steps, max_samples=max_samples)
         # publish only at stop(): the engine keeps one drafter version for a whole rollout
         self.trainer = DrafterTrainer(drafter, lr=settings.lr, batch_size=settings.batch_size, window=settings.window,
-                                      publish_every=10**9, seed=seed)
+                                      publish_every=0, seed=seed)
         self.max_steps = settings.max_steps
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -62,7 +62,9 @@ class SpotDrafterTrainer:
         self._started_at = time.perf_counter()
 
         def work() -> None:
-            self._result = dict(self.trainer.train(self.buffer, self.max_steps, stop_event=self._stop))
+            # reaching max_steps mid-rollout must not publish: stop() does, when the rollout ends
+            self._result = dict(self.trainer.train(self.buffer, self.max_steps, stop_event=self._stop,
+                                                   publish_at_end=False))
 
         self._thread = threading.Thread(target=work, name="rlspec-spot-drafter", daemon=True)
         self._thread.start()
@@ -76,7 +78,8 @@ class SpotDrafterTrainer:
         self._thread = None
         seconds = time.perf_counter() - (self._started_at or time.perf_counter())
         res = self._result
-        if res.get("steps", 0):
+        if self.trainer.unpublished:  # the rollout ended: the engine gets the new weights now
+            self.trainer.publish(blocking=True)
             self.published_step = step
         # lag: RL steps since the rollouts the engine's drafter last trained on (0 = this step's)
         out = {"drafter/steps": float(res.get("steps", 0)), "drafter/train_seconds": seconds,
