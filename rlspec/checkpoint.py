@@ -167,15 +167,20 @@ class Checkpointer:
         if tag is not None and name not in self.tags.setdefault(tag, []):
             self.tags[tag].append(name)
         writers: list[Callable[[Path], None]] = [part.save for part in self.parts]
-        if self.strategy.name == "deepspeed":
-            sharded = checkpoint_root(self.run_dir) / f"{name}.tmp-deepspeed"
+        # DeepSpeed: the policy's (and a part's own, e.g. the critic's) optimizer partitions
+        sharded_owners = [("deepspeed", self.strategy)] + [
+            (part.sharded_dir, part.strategy) for part in self.parts if getattr(part, "sharded_dir", None)]
+        for subdir, owner in sharded_owners:
+            if owner.name != "deepspeed":
+                continue
+            sharded = checkpoint_root(self.run_dir) / f"{name}.tmp-{subdir}"
             if self.strategy.is_main:
                 shutil.rmtree(sharded, ignore_errors=True)
                 sharded.mkdir(parents=True)
             self.strategy.barrier()
-            self.strategy.save_sharded(sharded)
+            owner.save_sharded(sharded)
             self.strategy.barrier()
-            writers.append(lambda checkpoint: os.replace(sharded, checkpoint / "deepspeed"))
+            writers.append(lambda checkpoint, src=sharded, dst=subdir: os.replace(src, checkpoint / dst))
         path = checkpoint_root(self.run_dir) / name
         if self.strategy.is_main:
             path = save_checkpoint(

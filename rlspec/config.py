@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from rlspec import registry
 from rlspec.errors import ConfigError
+from rlspec.ppo_config import CriticConfig, GaeConfig
 from rlspec.schema import build, choice_error, field_defaults, require, setting
 
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -109,9 +110,14 @@ class OnlineDrafterConfig:
     window: int = setting(512, "tokens per training window (TLT: 512)")
     keep_steps: int = setting(2, "RL steps of rollouts kept in the buffer (TLT: the last 2)")
     checkpoint_buffer_mb: float = setting(256.0, "the buffer goes into checkpoints when at most this big (0: never)")
+    buffer_mb: float = setting(2048.0, "the buffer's size bound in host memory, oldest samples dropped first; a token "
+                                       "takes hidden_size x dtype bytes + 9 (7 KiB for a 7B model in bf16): 2 GiB "
+                                       "holds 300k such tokens (max_steps x batch_size x window = 410k are trained on)")
 
     def __post_init__(self) -> None:
         require(self.lr > 0, "rollout.speculative.online.lr", f"must be > 0, got {self.lr}")
+        require(self.buffer_mb > 0, "rollout.speculative.online.buffer_mb",
+                f"must be > 0 (MiB of host memory for the drafter's training data), got {self.buffer_mb}")
         for key in ("max_steps", "batch_size", "window", "keep_steps"):
             require(getattr(self, key) >= 1, f"rollout.speculative.online.{key}", "must be >= 1")
         require(self.checkpoint_buffer_mb >= 0, "rollout.speculative.online.checkpoint_buffer_mb",
@@ -303,7 +309,7 @@ class TrainerConfig:
     lr_schedule: Literal["constant", "cosine"] = setting("constant", "after the warm-up")
     grad_clip: float = setting(1.0, "gradient-norm clip")
     adv_estimator: str = setting("grpo", "grpo | dr_grpo | batch_norm (DLER) | reinforce_plus_plus_baseline | "
-                                         "hbpo | hbpo_code | brpo (anytime)")
+                                         "hbpo | hbpo_code | brpo (anytime) | gae (PPO: a critic, see critic.*)")
     norm_adv_by_std: bool = setting(True, "grpo: divide by the group std")
     adv_token_weighted: bool = setting(True, "batch_norm statistics over tokens (DLER code) or responses (paper)")
     loss_agg_mode: LossAggMode = setting("token-mean", "token-mean (TRL dapo) | seq-mean-token-mean (grpo) | "
@@ -313,6 +319,10 @@ class TrainerConfig:
     clip_ratio_c: Optional[float] = setting(None, "dual-clip bound for negative advantages (DLER: 10); null = off")
     kl_coef: float = setting(0.0, "KL loss weight (TRL beta); > 0 keeps a frozen reference model")
     kl_estimator: Literal["k1", "k2", "k3"] = setting("k3", "k1 | k2 (mse) | k3 (low_var_kl)")
+    kl_in_reward: bool = setting(False, "subtract kl_reward_coef x KL(policy || reference) per token from the reward "
+                                        "(verl use_kl_in_reward), with trainer.kl_estimator")
+    kl_reward_coef: float = setting(0.001, "trainer.kl_in_reward's weight (verl kl_ctrl.kl_coef)")
+    gae: GaeConfig = setting(help="trainer.adv_estimator=gae (PPO with a critic)", default_factory=GaeConfig)
     entropy_coef: float = setting(0.0, "entropy bonus weight")
     old_logprobs: Literal["rollout", "recompute"] = setting("rollout", "rollout: the engine's log-probs | "
                                                                        "recompute: an extra forward")
@@ -340,7 +350,7 @@ class TrainerConfig:
         require(self.ppo_epochs >= 1, "trainer.ppo_epochs", "must be >= 1")
         require(self.lr > 0, "trainer.lr", f"must be > 0, got {self.lr}")
         require(len(self.betas) == 2, "trainer.betas", "must be a list of two floats, e.g. [0.9,0.999]")
-        valid = (*registry.ADVANTAGE_ESTIMATORS.names(), "brpo")  # brpo: the anytime hook's advantages
+        valid = (*registry.ADVANTAGE_ESTIMATORS.names(), "brpo", "gae")  # brpo: the anytime hook's; gae: the critic's
         if self.adv_estimator not in valid:
             raise choice_error("trainer.adv_estimator", self.adv_estimator, valid)
         require(0 <= self.clip_ratio_low < 1, "trainer.clip_ratio_low", "must be in [0, 1)")
@@ -520,6 +530,7 @@ class RLSpecConfig:
     reward: RewardConfig = setting(help="reward", default_factory=RewardConfig)
     logger: LoggerConfig = setting(help="logging", default_factory=LoggerConfig)
     eval: EvalConfig = setting(help="held-out evaluation", default_factory=EvalConfig)
+    critic: CriticConfig = setting(help="trainer.adv_estimator=gae: the value model", default_factory=CriticConfig)
     hbpo: HbpoConfig = setting(help="HBPO constants", default_factory=HbpoConfig)
     anytime: AnytimeConfig = setting(help="AnytimeReasoner", default_factory=AnytimeConfig)
     runtime: Literal["local", "ray"] = setting("local", "local: this process (one per rank under torchrun) | "

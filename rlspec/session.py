@@ -38,6 +38,7 @@ from rlspec.rollout.speculative.spot_trainer import SpotDrafterTrainer
 from rlspec.schema import is_known_key, schema_keys, unknown_key_error
 from rlspec.schema import to_dict as config_to_dict
 from rlspec.tracking import MetricsLogger
+from rlspec.trainers.critic import Critic, CriticCheckpoint, build_value_model, critic_trainer_config
 from rlspec.trainers.grpo import GRPOTrainer
 from rlspec.trainers.strategy import DataParallelEngine, make_strategy
 
@@ -268,6 +269,13 @@ def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: MetricsLogger | None
                 spot = SpotDrafterTrainer(drafter, sc.online, seed=cfg.trainer.seed)
             online = OnlineDrafting(engine, spot)
         parts.append(DrafterCheckpoint(drafter, model, spot))  # trained online: part of the run's state
+    critic = None
+    if cfg.trainer.adv_estimator == "gae":  # PPO: a value model trained beside the policy, in the checkpoints
+        value_model = build_value_model(cfg.critic.path, str(model_path), cfg.model.dtype,
+                                        cfg.model.trust_remote_code, next(model.parameters()).device)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+        critic = Critic(cfg, make_strategy(value_model, critic_trainer_config(cfg)), pad_id)
+        parts.append(CriticCheckpoint(critic))
     history = getattr(engine, "history", None)  # the native engine's history source (Ray workers keep their own)
     if history is not None and sc.lookup.checkpoint_history_mb > 0:
         parts.append(HistoryCheckpoint(history, int(sc.lookup.checkpoint_history_mb * 2**20)))
@@ -275,7 +283,7 @@ def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: MetricsLogger | None
         cfg, model=model, tokenizer=tokenizer, engine=engine, eos_ids=eos_ids, train_rows=train_rows,
         eval_rows=eval_rows, train_prompt_ids=train_prompt_ids, eval_prompt_ids=eval_prompt_ids, run_dir=run_dir,
         reward_terms=reward_terms, logger=logger, start_model_path=str(model_path), strategy=strategy,
-        online_drafting=online, checkpoint_parts=parts,
+        online_drafting=online, checkpoint_parts=parts, critic=critic,
     )
 
 

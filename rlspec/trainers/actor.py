@@ -52,6 +52,21 @@ class Actor:
                 for row, i in enumerate(micro):
                     batch.old_logprobs[i] = logprobs[row, : len(batch.response_ids[i])].detach().cpu()
 
+    def kl_to_reference(self, batch: TrainBatch) -> list[torch.Tensor]:
+        """``[L_i]`` per response: the per-token KL estimate (``trainer.kl_estimator``) between the
+        policy that sampled it (its old log-probs) and the reference, for ``trainer.kl_in_reward``."""
+        if self.ref_model is None:
+            raise TrainingError("trainer.kl_in_reward needs the reference model (the trainer builds one)")
+        out: list[torch.Tensor] = [torch.zeros(0)] * batch.size
+        with torch.no_grad():
+            for micro in self._micro_batches(batch, list(range(batch.size))):
+                t = self.tensors(batch, micro)
+                ref_logprobs, _ = self.response_logprobs(self.ref_model, t, with_entropy=False)
+                kl = kl_penalty(t["old_logprobs"], ref_logprobs, self.tc.kl_estimator).cpu()  # [b, R]
+                for row, i in enumerate(micro):
+                    out[i] = kl[row, : len(batch.response_ids[i])].clone()
+        return out
+
     def update(self, batch: TrainBatch, step: int, lr: float) -> dict[str, float]:
         """PPO epochs x mini-batches (one optimizer step each) x micro-batches (accumulated)."""
         tc = self.tc
@@ -59,7 +74,7 @@ class Actor:
         mini_groups = tc.mini_batch_size or tc.prompts_per_step
         sums: dict[str, float] = {}
         token_total = 0.0
-        ratio_max = 0.0
+        ratio_max, ratio_min = 0.0, float("inf")
         grad_norms: list[float] = []
         shuffle = torch.Generator().manual_seed(derive_seed(tc.seed, step, 99))
         strategy = self.strategy
@@ -124,16 +139,20 @@ class Actor:
                         if value is not None:
                             sums[key] = sums.get(key, 0.0) + value
                     ratio_max = max(ratio_max, float((pg.ratio * mask).max()))
+                    ratio_min = min(ratio_min, float(pg.ratio.masked_fill(mask == 0, float("inf")).min()))
                     token_total += tok
                 grad_norms.append(strategy.step(tc.grad_clip, step))
         train_module.eval()
         sums["_tokens"] = token_total
         sums = strategy.all_reduce_sum(sums)  # data parallel: every rank saw a share of the micro-batches
         token_total = sums.pop("_tokens")
-        sums["actor/ratio_max"] = strategy.all_reduce_max({"r": ratio_max})["r"]
-        metrics = {k: (v if k == "actor/ratio_max" else v / max(token_total, 1.0)) for k, v in sums.items()}
+        extremes = strategy.all_reduce_max({"max": ratio_max, "neg_min": -ratio_min})
+        metrics = {k: v / max(token_total, 1.0) for k, v in sums.items()}
+        metrics["actor/ratio_max"], metrics["actor/ratio_min"] = extremes["max"], -extremes["neg_min"]
         metrics["actor/pg_loss"] = sums.get("actor/pg_loss", 0.0) / max(token_total, 1.0)
         metrics["actor/pg_clipfrac"] = metrics.get("actor/pg_clipfrac_high", 0.0) + metrics.get("actor/pg_clipfrac_low", 0.0)
+        metrics["actor/clipfrac_high"] = metrics.get("actor/pg_clipfrac_high", 0.0)  # the issue's / verl's names
+        metrics["actor/clipfrac_low"] = metrics.get("actor/pg_clipfrac_low", 0.0)
         metrics["actor/grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
         metrics["actor/lr"] = lr
         metrics["actor/num_updates"] = float(len(grad_norms))

@@ -52,6 +52,9 @@ class TrainBatch:
     seg_start: list[torch.Tensor] | None = None  # [B] of [R_i] (see rlspec.trainers.hooks.anytime.PackedRollout)
     seg_cut: list[torch.Tensor] | None = None
     positions: list[torch.Tensor] | None = None  # [B] of [R_i], offsets from the prompt length
+    # PPO with a critic (rlspec.trainers.critic): the critic's targets and its values at scoring time
+    returns: list[torch.Tensor] | None = None  # [B] of [R_i]
+    values: list[torch.Tensor] | None = None  # [B] of [R_i]
 
     @property
     def size(self) -> int:

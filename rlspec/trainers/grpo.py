@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -64,6 +65,7 @@ class GRPOTrainer:
         strategy: Any = None,
         online_drafting: Any = None,
         checkpoint_parts: Sequence[CheckpointPart] = (),
+        critic: Any = None,
     ) -> None:
         self.cfg, self.tc = cfg, cfg.trainer
         self.start_model_path = start_model_path  # recorded in summary.json (export's merge.base=start)
@@ -83,8 +85,14 @@ class GRPOTrainer:
         self.global_step = 0
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.sampler = PromptSampler(len(self.train_rows), seed=self.tc.seed, shuffle=cfg.data.shuffle)
-        ref_model = copy.deepcopy(self.model).eval().requires_grad_(False) if self.tc.kl_coef > 0 else None
+        needs_ref = self.tc.kl_coef > 0 or self.tc.kl_in_reward
+        ref_model = copy.deepcopy(self.model).eval().requires_grad_(False) if needs_ref else None
         self.actor = Actor(cfg, self.strategy, ref_model, pad_id)
+        # PPO with a critic (trainer.adv_estimator=gae): rlspec.trainers.critic.Critic, built by the run wiring
+        self.critic = critic
+        if (critic is None) == (self.tc.adv_estimator == "gae"):
+            raise ConfigError("trainer.adv_estimator=gae and a critic go together (the run wiring builds the critic "
+                              "from critic.*); use +recipe=ppo")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(  # acts on the strategy optimizer's param groups
             self.strategy.optimizer, lambda s: lr_factor(s, self.tc.warmup_steps, self.tc.lr_schedule, self.tc.steps))
         self.checkpointer = Checkpointer(self.run_dir, self.model, tokenizer, self.strategy, keep=self.tc.save_total_limit,
@@ -157,17 +165,24 @@ class GRPOTrainer:
         metrics.update(self._spec_metrics())  # speculative decoding, over the step's rollout calls
         t_train = time.perf_counter()
         if kept:
-            batch = self.build_batch(kept)  # 3. advantage
+            batch = self.build_batch(kept, metrics)  # 3. advantage (a critic's values: GAE)
             if self.tc.old_logprobs == "recompute":
                 self.actor.recompute_old_logprobs(batch)
-            metrics.update(self.update_policy(batch, step))  # 4-5. loss + optimizer step
+            if self.critic is not None:  # 4'. the critic's own update on the returns
+                metrics.update(self.critic.update(batch, step))
             metrics["adv/mean"] = float(batch.advantages.mean())
             metrics["adv/abs_mean"] = float(batch.advantages.abs().mean())
-            self.strategy.sync_policy()  # ZeRO-3: gather the new weights into the policy copy
-            self.engine.update_weights()
+            if self.critic is not None and step <= self.critic.warmup_steps:  # critic warm-up: the policy waits
+                metrics["actor/num_updates"] = 0.0
+            else:
+                metrics.update(self.update_policy(batch, step))  # 4-5. loss + optimizer step
+                self.strategy.sync_policy()  # ZeRO-3: gather the new weights into the policy copy
+                self.engine.update_weights()
         else:
             metrics["actor/num_updates"] = 0.0
-        self.scheduler.step()
+        with warnings.catch_warnings():  # the schedule follows RL steps, also those without a policy update
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
         self.global_step = step
         now = time.perf_counter()
         metrics["timing_s/rollout"] = timing["rollout"]
@@ -288,11 +303,20 @@ class GRPOTrainer:
         return out
 
     # ------------------------------------------------------------------ 3. advantage
-    def build_batch(self, groups: list[Group]) -> TrainBatch:
+    def build_batch(self, groups: list[Group], metrics: dict[str, float] | None = None) -> TrainBatch:
         n = self.cfg.rollout.n
         if groups and groups[0].packed is not None:
             return packed_batch(groups, n)  # per-token advantages from the rollout hook (BRPO)
         batch = flatten_groups(groups, n)
+        metrics = metrics if metrics is not None else {}
+        kl = self.actor.kl_to_reference(batch) if self.tc.kl_in_reward else None  # verl use_kl_in_reward
+        if kl is not None:
+            metrics["reward/kl_penalty"] = self.tc.kl_reward_coef * float(torch.cat(kl).mean())
+        if self.critic is not None:  # PPO: per-token GAE advantages from the critic's values
+            metrics.update(self.critic.score(batch, kl))
+            return batch
+        if kl is not None:  # outcome estimators see the reward less the response's summed KL penalty
+            batch.rewards = batch.rewards - self.tc.kl_reward_coef * torch.stack([k.sum() for k in kl])
         extra: dict[str, Any] = {"budgets": batch.budgets} if batch.budgets is not None else {}
         for hook in self.hooks:
             extra.update(hook.advantage_inputs(batch.budgets))  # HBPO's budget baseline f2(b), Eq. 4

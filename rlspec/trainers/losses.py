@@ -167,3 +167,31 @@ def token_logprobs_and_entropy(
         probs = torch.softmax(logits, dim=-1)  # [B, T, V]
         entropy = log_norm - (probs * logits).sum(-1)  # [B, T]
     return logprobs, entropy
+
+
+@dataclass
+class ValueLossOutput:
+    loss_mat: torch.Tensor  # [B, T] per-token 0.5 * max(unclipped, clipped) squared error
+    clipped: torch.Tensor  # [B, T] bool: the clipped error was the larger (the update is cut there)
+
+
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_range: float | None
+) -> ValueLossOutput:
+    """PPO's clipped value loss (verl ``compute_value_loss``, OpenAI baselines ppo2):
+
+    ``0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)`` per token, so one update
+    cannot move a value more than ``c`` from the one the advantages were computed with
+    (``clip_range=None``: the plain squared error). Aggregate with :func:`aggregate_loss`.
+
+    Args:
+        values: ``[B, T]`` the critic's current predictions (with grad).
+        old_values: ``[B, T]`` its predictions when the batch was scored.
+        returns: ``[B, T]`` the regression targets (GAE returns).
+    """
+    unclipped = (values - returns) ** 2  # [B, T]
+    if clip_range is None:
+        return ValueLossOutput(0.5 * unclipped, torch.zeros_like(unclipped, dtype=torch.bool))
+    clipped_values = old_values + (values - old_values).clamp(-clip_range, clip_range)  # [B, T]
+    clipped = (clipped_values - returns) ** 2  # [B, T]
+    return ValueLossOutput(0.5 * torch.maximum(unclipped, clipped), (clipped > unclipped).detach())

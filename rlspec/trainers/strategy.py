@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from rlspec.data import derive_seed
 from rlspec.errors import ConfigError, TrainingError
-from rlspec.rollout.base import merge_stats
+from rlspec.rollout.base import merge_stats, stream_keys
 
 
 def _adamw(params: Sequence[torch.nn.Parameter], tc: Any) -> torch.optim.AdamW:
@@ -120,7 +120,7 @@ class LocalStrategy:
     def save_sharded(self, directory: Path) -> None:
         """No per-rank state beyond ``trainer_state.pt``."""
 
-    def load_sharded(self, checkpoint: Path) -> None:
+    def load_sharded(self, checkpoint: Path, subdir: str = "deepspeed") -> None:
         """No per-rank state beyond ``trainer_state.pt``."""
 
     def close(self) -> None:
@@ -326,10 +326,10 @@ class DeepSpeedStrategy:
         """Every rank writes its optimizer partition (collective)."""
         self.engine.save_checkpoint(str(directory), tag="state", save_latest=False)
 
-    def load_sharded(self, checkpoint: Path) -> None:
-        path = checkpoint / "deepspeed"
+    def load_sharded(self, checkpoint: Path, subdir: str = "deepspeed") -> None:
+        path = checkpoint / subdir
         if not (path / "state").is_dir():
-            raise TrainingError(f"{checkpoint} has no deepspeed/state directory: it was not written with "
+            raise TrainingError(f"{checkpoint} has no {subdir}/state directory: it was not written with "
                                 f"trainer.strategy=deepspeed; resume with the strategy that wrote it")
         loaded, _ = self.engine.load_checkpoint(str(path), tag="state", load_optimizer_states=True,
                                                 load_lr_scheduler_states=False, load_module_strict=True)
@@ -355,7 +355,9 @@ class DataParallelEngine:
     """Shards each ``generate`` call over the ranks and gathers the results on every rank.
 
     Rank ``r`` samples a contiguous slice of the prompts with its own seed (derived from the
-    call's seed and ``r``), so the ranks' rollouts are independent; every rank then holds the whole
+    call's seed and ``r``) -- or, when the call gives ``SamplingParams.streams``, with the call's
+    seed and its prompts' stream keys (a row then samples as on one rank) -- so the ranks' rollouts
+    are independent; every rank then holds the whole
     result, in input order, and scores it identically (stateful reward terms such as HAPO's history
     stay the same on every rank).
     """
@@ -381,8 +383,13 @@ class DataParallelEngine:
         n = len(prompt_ids)
         bounds = [n * r // world for r in range(world + 1)]
         mine = list(prompt_ids[bounds[rank] : bounds[rank + 1]])
-        seed = None if params.seed is None else derive_seed(params.seed, rank, 7)
-        local = self.inner.generate(mine, dataclasses.replace(params, seed=seed), **kwargs) if mine else None
+        if getattr(params, "streams", None) is not None:  # keyed rows: the call's seed, this slice's keys
+            keys = stream_keys(params, n)
+            mine_params = dataclasses.replace(params, streams=tuple(keys[bounds[rank] : bounds[rank + 1]]))
+        else:
+            seed = None if params.seed is None else derive_seed(params.seed, rank, 7)
+            mine_params = dataclasses.replace(params, seed=seed)
+        local = self.inner.generate(mine, mine_params, **kwargs) if mine else None
         parts = self.strategy.all_gather_object(local)
         parts = [p for p in parts if p is not None]
         if not parts:  # no prompts at all
