@@ -39,6 +39,7 @@ from rlspec.rollout.speculative.bandit import DraftShapeBandit
 from rlspec.rollout.speculative.controller import LongTailController
 from rlspec.rollout.speculative.decoder import SpecStats, SpeculativeDecoder
 from rlspec.rollout.speculative.draft_tree import ArmShape
+from rlspec.rollout.speculative.drafter_buffer import host_sync, to_host
 from rlspec.rollout.speculative.eagle_source import EagleDraftSource
 from rlspec.rollout.speculative.history import DraftHistory
 from rlspec.rollout.speculative.lookup_source import LOOKUP_SOURCES, LookupDraftSource
@@ -359,7 +360,7 @@ class _GenerateCall:
                 logits, hidden, states = backend.prefill_keeping_states(
                     [self.prompts[r] for r in chunk], True, keep_states=True)
                 for j, r in enumerate(chunk):
-                    self.prompt_states[r] = states[j, : len(self.prompts[r])]
+                    self.prompt_states[r] = to_host(states[j, : len(self.prompts[r])], non_blocking=True)
             else:
                 logits, hidden = backend.prefill([self.prompts[r] for r in chunk], self.want_hidden)
             tokens, done = self.consume(logits, hidden, chunk)
@@ -487,7 +488,7 @@ class _GenerateCall:
             if finished:
                 done.append(i)
         if want_states and kept_hidden:
-            self.hidden_steps.append((torch.cat(kept_hidden), kept_reqs))
+            self.hidden_steps.append((to_host(torch.cat(kept_hidden), non_blocking=True), kept_reqs))
         decoder.commit(kept)
         self.cur = torch.tensor(new_cur, dtype=torch.long, device=self.engine.device)
         if record:
@@ -518,7 +519,7 @@ class _GenerateCall:
         uniform = self._uniforms(reqs, 1)[:, 0] if self.seed is not None else None
         tokens, lps = sample_next_tokens(logits, self.params, self.generator, uniform)
         if hidden is not None:
-            self.hidden_steps.append((hidden, list(reqs)))
+            self.hidden_steps.append((to_host(hidden, non_blocking=True), list(reqs)))  # off the GPU as collected
         host = torch.stack((tokens.to(torch.float64), lps.to(torch.float64))).tolist()
         done = [i for i, (r, t, lp) in enumerate(zip(reqs, host[0], host[1])) if self.append(r, int(t), lp)]
         return tokens, done
@@ -548,8 +549,10 @@ class _GenerateCall:
 
         ``hidden_steps`` holds, per prefill/decode call, ``(states [m, H], requests)``: a row's first
         entry is its prefill's ``h_{P-1}`` (already the last prompt state), then one ``h_j`` per
-        decode step that fed ``x_j``, ``j = P .. L-1``.
+        decode step that fed ``x_j``, ``j = P .. L-1``. They are kept in host memory (copied out as
+        they are computed); the active rows' go back to the engine's device here.
         """
+        host_sync(self.engine.device)
         active = set(self.rows)
         per_row: dict[int, list[torch.Tensor]] = {r: [] for r in self.rows}
         for states, reqs in self.hidden_steps:
@@ -560,13 +563,14 @@ class _GenerateCall:
         for r in self.rows:
             decoded = per_row[r][1:]  # drop the prefill's h_{P-1}
             prompt = self.prompt_states[r]
-            out.append(torch.cat([prompt, torch.stack(decoded)]) if decoded else prompt)
+            out.append((torch.cat([prompt, torch.stack(decoded)]) if decoded else prompt).to(self.engine.device))
         return out
 
     def finished_samples(self, reqs: list[int]) -> list[FinishedSample]:
         """``(prompt, response, hidden [len, H])`` of finished requests ``reqs`` mid-generation."""
         if not reqs or not self.hidden_steps:
             return []
+        host_sync(self.engine.device)
         wanted = set(reqs)
         parts: dict[int, list[torch.Tensor]] = {r: [] for r in reqs}
         for h, owners in self.hidden_steps:
@@ -578,6 +582,7 @@ class _GenerateCall:
     def collect_hidden(self) -> list[torch.Tensor]:
         if not self.hidden_steps:
             return [torch.zeros(0) for _ in self.responses]
+        host_sync(self.engine.device)
         states = torch.cat([h for h, _ in self.hidden_steps]).clone()  # clone: a normal (not inference) tensor
         owner = torch.tensor([r for _, reqs in self.hidden_steps for r in reqs], dtype=torch.long)
         order = torch.sort(owner, stable=True).indices  # chronological within each request

@@ -513,3 +513,79 @@ def test_spot_trainer_publishes_only_when_the_rollout_ends(target):
         assert torch.equal(p, q.to(p.dtype)), name  # the trained weights, published once
     assert spot.published_step == 1 and metrics["drafter/lag_steps"] == 0.0
     assert spot.stop(2)["drafter/lag_steps"] == 1.0 and spot.drafter.version == 1  # nothing new: no publish
+
+
+# ------------------------------------------------------------------- the buffer's memory bound
+
+
+def test_buffer_is_bounded_in_bytes_and_drops_the_oldest_first():
+    per_token = DrafterBuffer.bytes_per_token(4, torch.float32)  # hidden 4 x 4 bytes + id 8 + mask 1
+    assert per_token == 4 * 4 + 8 + 1
+    buf = DrafterBuffer(keep_steps=2, max_bytes=30 * per_token)
+    assert buf.add(0, *fake_sample(2, 8, base=100))  # 10 tokens
+    assert buf.add(1, *fake_sample(2, 8, base=200))
+    assert buf.nbytes == 20 * per_token
+    assert buf.add(1, *fake_sample(2, 13, base=300))  # 15 more: over 30, the oldest (step 0) goes
+    assert [int(s.input_ids[0]) for s in buf._samples] == [200, 300] and buf.nbytes == 25 * per_token
+    assert buf.add(1, *fake_sample(2, 8, base=400))  # 10 more: 35 > 30, drops 200
+    assert [int(s.input_ids[0]) for s in buf._samples] == [300, 400] and buf.nbytes <= 30 * per_token
+    assert not buf.add(1, *fake_sample(2, 40, base=500))  # alone over the bound: not stored
+    assert [int(s.input_ids[0]) for s in buf._samples] == [300, 400]
+    with pytest.raises(ConfigError, match="max_bytes"):
+        DrafterBuffer(max_bytes=0)
+
+
+def test_bytes_per_token_is_what_the_buffer_holds():
+    """README's figure: hidden_size x dtype bytes (one layer: the last, post-norm) + 9 bytes of token
+    id and loss mask; Qwen2.5-7B (hidden 3584, bf16): 7177 bytes, 7.0 KiB a token."""
+    buf = DrafterBuffer()
+    buf.add(0, torch.arange(12), torch.randn(12, 64, dtype=torch.bfloat16), torch.arange(12) >= 3)
+    assert buf.nbytes == 12 * DrafterBuffer.bytes_per_token(64, torch.bfloat16) == 12 * (64 * 2 + 9)
+    assert DrafterBuffer.bytes_per_token(3584, torch.bfloat16) == 7177
+
+
+def test_spot_trainer_buffer_bound_comes_from_the_config_and_its_size_is_logged(target):
+    from rlspec.config import OnlineDrafterConfig
+    from rlspec.rollout.speculative.online import OnlineDrafting
+    from rlspec.rollout.speculative.spot_trainer import SpotDrafterTrainer
+
+    assert OnlineDrafterConfig().buffer_mb == 2048.0
+    with pytest.raises(ConfigError, match="rollout.speculative.online.buffer_mb"):
+        OnlineDrafterConfig(buffer_mb=0)
+    spot = SpotDrafterTrainer(EagleDrafter.from_target(target), OnlineDrafterConfig(buffer_mb=0.5))
+    assert spot.buffer.max_bytes == 2**19
+    online = OnlineDrafting(NativeEngine(target, eos_token_ids=[]), spot)
+    result = online.generate([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=8, temperature=1.0, seed=0), step=1)
+    assert spot.buffer.nbytes == 2 * 8 * DrafterBuffer.bytes_per_token(H, torch.float32) > 0
+    assert result.stats["drafter/buffer_bytes"] == spot.buffer.nbytes
+    assert all(s.hidden.device.type == "cpu" for s in spot.buffer._samples)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: hidden states leave the GPU")
+def test_hidden_states_are_collected_into_pinned_host_memory(monkeypatch):
+    """On a GPU the rollout's hidden states go to pinned host memory as they are collected (each
+    step's are copied out), so neither the call nor the drafter buffer keeps them on the GPU; the
+    switch to speculation takes the tail rows' states back from there."""
+    import rlspec.rollout.native as native
+    from rlspec.config import SpeculativeConfig
+
+    model = tiny_target().cuda()
+    drafter = EagleDrafter.from_target(model)
+
+    engine = NativeEngine(model, eos_token_ids=[], speculative=SpeculativeConfig(mode="always", sources=["eagle"]))
+    engine.set_drafter(drafter)
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    staged = []
+    real_to_host = native.to_host
+    monkeypatch.setattr(native, "to_host", lambda t, **kw: staged.append(real_to_host(t, **kw)) or staged[-1])
+    out = engine.generate([[1, 2, 3], [4, 5]], params, return_hidden_states=True)
+    assert all(h.device.type == "cpu" and h.shape == (12, H) for h in out.response_hidden_states)
+    assert out.stats["spec/sd_steps"] > 0  # the switch ran on the kept (host) states
+    assert staged and all(t.device.type == "cpu" and t.is_pinned() for t in staged)  # every step's copy
+    plain = NativeEngine(model, eos_token_ids=[]).generate([[1, 2, 3], [4, 5]], params, return_hidden_states=True)
+    assert out.response_ids == plain.response_ids
+    for a, b in zip(out.response_hidden_states, plain.response_hidden_states):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    buf = DrafterBuffer()
+    buf.add(0, torch.arange(12), torch.randn(12, H, device="cuda"), torch.arange(12) >= 3)
+    assert buf._samples[0].hidden.device.type == "cpu"

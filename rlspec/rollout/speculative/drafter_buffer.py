@@ -1,4 +1,12 @@
-"""The drafter's training data: rollouts' token ids and target hidden states, by RL step (TLT's DataBuffer)."""
+"""The drafter's training data: rollouts' token ids and target hidden states, by RL step (TLT's DataBuffer).
+
+Hidden states live in host memory: the rollout engine copies each step's states out of the GPU as
+it collects them (:func:`to_host`: asynchronous copies into pinned memory), and the buffer, bounded
+in bytes, keeps them in ordinary host memory. A stored token costs
+:meth:`DrafterBuffer.bytes_per_token` = ``hidden_size x dtype bytes`` (one layer: the last, after
+the final norm, which EAGLE-1/2 regress) ``+ 9`` (its int64 id and bool loss mask): 7177 bytes
+(7.0 KiB) for Qwen2.5-7B in bf16, so one step of 8192 responses x 4096 tokens would be 241 GB.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +17,22 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from rlspec.errors import ConfigError, DataError
+
+
+def to_host(tensor: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+    """``tensor`` in CPU memory: unchanged when it is there already, else a copy -- pinned when
+    CUDA is available (``pin_memory`` needs it). With ``non_blocking=True`` the copy is queued on
+    the current stream: call :func:`host_sync` before reading it on the host."""
+    if tensor.device.type == "cpu":
+        return tensor
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=torch.cuda.is_available())
+    return out.copy_(tensor, non_blocking=non_blocking)
+
+
+def host_sync(device: torch.device) -> None:
+    """Wait for copies queued by :func:`to_host` from ``device`` (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 @dataclass
@@ -48,11 +72,17 @@ class DrafterBatch:
         )
 
 
+def _sample_bytes(sample: DrafterSample) -> int:
+    return sum(t.numel() * t.element_size() for t in (sample.input_ids, sample.hidden, sample.loss_mask))
+
+
 class DrafterBuffer:
     """Rollouts' token ids + target hidden states, tagged by RL step (TLT DataBuffer).
 
-    Keeps the samples of the newest ``keep_steps`` RL steps (TLT: the last 2) and at most
-    ``max_samples`` (oldest dropped first; TLT: 10 000). :meth:`sample_windows` mixes the newest
+    Keeps the samples of the newest ``keep_steps`` RL steps (TLT: the last 2), at most
+    ``max_samples`` of them (TLT: 10 000) and at most ``max_bytes`` (None: no bound); the oldest
+    are dropped first, and a sample larger than ``max_bytes`` on its own is not stored. Hidden
+    states are stored on ``device`` (default: host memory). :meth:`sample_windows` mixes the newest
     step's samples -- during rollout these are the already finished, shorter responses -- with the
     previous steps' samples, which include the long tail (TLT: "mixes partial responses of the current
     step with long sequences from the previous step to fix the long-tail data skew"): each window comes
@@ -68,6 +98,7 @@ class DrafterBuffer:
         max_samples: int = 10_000,
         current_fraction: float = 0.5,
         device: str | torch.device | None = None,
+        max_bytes: int | None = None,
     ):
         if keep_steps < 1:
             raise ConfigError(f"drafter buffer keep_steps must be >= 1, got {keep_steps}")
@@ -75,7 +106,12 @@ class DrafterBuffer:
             raise ConfigError(f"drafter buffer max_samples must be >= 1, got {max_samples}")
         if not 0.0 <= current_fraction <= 1.0:
             raise ConfigError(f"drafter buffer current_fraction must be in [0, 1], got {current_fraction}")
+        if max_bytes is not None and max_bytes < 1:
+            raise ConfigError(f"drafter buffer max_bytes must be >= 1 or None, got {max_bytes} "
+                              "(rollout.speculative.online.buffer_mb)")
         self.keep_steps = keep_steps
+        self.max_bytes = max_bytes
+        self._bytes = 0  # held by self._samples
         self.max_samples = max_samples
         self.current_fraction = current_fraction
         self.device = device
@@ -84,6 +120,11 @@ class DrafterBuffer:
 
     def __len__(self) -> int:
         return len(self._samples)
+
+    @staticmethod
+    def bytes_per_token(hidden_size: int, dtype: torch.dtype) -> int:
+        """Bytes one stored token takes: its hidden state, int64 id and bool loss mask."""
+        return hidden_size * torch.empty((), dtype=dtype).element_size() + 8 + 1
 
     @property
     def steps(self) -> list[int]:
@@ -116,32 +157,44 @@ class DrafterBuffer:
                 f"{tuple(ids.shape)}, {tuple(hidden.shape)}, {tuple(mask.shape)}"
             )
         hid = hidden.detach()
-        if hid.is_inference():
-            hid = hid.clone()
         if self.device is not None:
             hid = hid.to(self.device)
+        if hid.device.type != "cpu" and self.device is None:
+            hid = hid.to("cpu")  # a fresh copy in host memory, not left on the accelerator
+        elif hid.is_inference():
+            hid = hid.clone()
         ids, mask = ids.to(hid.device), mask.to(hid.device)
         num_pairs = int(mask[1:].sum()) if ids.shape[0] >= 2 else 0
         if num_pairs == 0:
             return False
         first = int(mask.nonzero()[0])
         sample = DrafterSample(int(step), ids, hid, mask, int(start_pos), first, num_pairs)
+        size = _sample_bytes(sample)
+        if self.max_bytes is not None and size > self.max_bytes:
+            return False
         with self._lock:
             oldest_kept = self._oldest_kept(sample.step)
             if sample.step < oldest_kept:
                 return False
-            self._samples = [s for s in self._samples if s.step >= oldest_kept]
+            if any(s.step < oldest_kept for s in self._samples):
+                self._samples = [s for s in self._samples if s.step >= oldest_kept]
+                self._bytes = sum(_sample_bytes(s) for s in self._samples)
             self._samples.append(sample)
-            if len(self._samples) > self.max_samples:
-                del self._samples[: len(self._samples) - self.max_samples]
+            self._bytes += size
+            drop = max(0, len(self._samples) - self.max_samples)  # the oldest first
+            dropped = sum(_sample_bytes(s) for s in self._samples[:drop])
+            while self.max_bytes is not None and self._bytes - dropped > self.max_bytes:  # ends at the new one
+                dropped += _sample_bytes(self._samples[drop])
+                drop += 1
+            del self._samples[:drop]
+            self._bytes -= dropped
         return True
 
     @property
     def nbytes(self) -> int:
         """Memory held by the stored samples (hidden states dominate)."""
         with self._lock:
-            return sum(t.numel() * t.element_size() for s in self._samples
-                       for t in (s.input_ids, s.hidden, s.loss_mask))
+            return self._bytes
 
     def state_dict(self) -> dict[str, Any]:
         """The stored samples (CPU tensors), for a checkpoint: a resumed run trains the drafter on
@@ -154,7 +207,7 @@ class DrafterBuffer:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Replace the contents with a :meth:`state_dict` (kept-steps and size limits apply)."""
         with self._lock:
-            self._samples = []
+            self._samples, self._bytes = [], 0
         for s in state["samples"]:
             self.add(s["step"], s["input_ids"], s["hidden"], s["loss_mask"], s["start_pos"])
 

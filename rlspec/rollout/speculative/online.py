@@ -44,6 +44,7 @@ class OnlineDrafting:
             if hash((tuple(prompt), tuple(response))) not in self._added:  # not buffered at the long tail
                 self.spot.buffer.add_response(step, prompt, response, hidden)
         result.stats.update(drafter_stats)
+        result.stats["drafter/buffer_bytes"] = float(self.spot.buffer.nbytes)  # host memory, <= online.buffer_mb
         return result
 
     def _on_long_tail(self, finished: list[FinishedSample]) -> None:

@@ -39,7 +39,8 @@ class SpotTrainerActor:
 
     def info(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "target_version": self.target_version, "drafter_version": self.drafter.version,
-                "num_pairs": self.spot.buffer.num_pairs, "training_steps": self.spot.trainer.total_steps}
+                "num_pairs": self.spot.buffer.num_pairs, "nbytes": self.spot.buffer.nbytes,
+                "training_steps": self.spot.trainer.total_steps}
 
     def load_target(self, state: dict, version: int) -> int:
         if self.spot._thread is not None:  # noqa: SLF001 -- the target must not change under training
@@ -110,6 +111,12 @@ class _BufferProxy:
     def num_pairs(self) -> int:
         self.flush()
         return int(import_ray().get(self._owner.actor.info.remote())["num_pairs"])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the actor's buffer holds (queued responses sent first)."""
+        self.flush()
+        return int(import_ray().get(self._owner.actor.info.remote())["nbytes"])
 
 
 class _TrainerProxy:

@@ -5,10 +5,11 @@ Infrastructure only (the loss and optimiser are
 Flow per RL step, as in TLT (arXiv 2511.16665, Sec. 4) minus the bugs found in its code:
 
 * the rollouts' hidden states come for free from the rollout engine
-  (``generate(..., return_hidden_states=True)``); they go into a
-  :class:`~rlspec.rollout.speculative.drafter_buffer.DrafterBuffer` that keeps the last
-  ``keep_steps`` steps (the previous steps' long sequences mixed with the current step's finished
-  ones; :class:`~rlspec.rollout.speculative.online.OnlineDrafting` fills it);
+  (``generate(..., return_hidden_states=True)``, copied to pinned host memory as they are
+  computed); they go into a :class:`~rlspec.rollout.speculative.drafter_buffer.DrafterBuffer` that
+  keeps the last ``keep_steps`` steps within ``buffer_mb`` (the previous steps' long sequences
+  mixed with the current step's finished ones; :class:`~rlspec.rollout.speculative.online.OnlineDrafting`
+  fills it);
 * when the engine reports the long tail (:meth:`NativeEngine.on_long_tail`: few rows left, the
   hardware mostly idle) :meth:`start` trains a private copy of the drafter in a background
   thread; :meth:`stop` -- called when the rollout ends -- preempts it between two optimizer steps,
@@ -43,7 +44,8 @@ class SpotDrafterTrainer:
         settings = settings or OnlineDrafterConfig()
         self.drafter = drafter
         self.checkpoint_buffer_mb = settings.checkpoint_buffer_mb
-        self.buffer = DrafterBuffer(keep_steps=settings.keep_steps, max_samples=max_samples)
+        self.buffer = DrafterBuffer(keep_steps=settings.keep_steps, max_samples=max_samples,
+                                    max_bytes=int(settings.buffer_mb * 2**20))
         # publish only at stop(): the engine keeps one drafter version for a whole rollout
         self.trainer = DrafterTrainer(drafter, lr=settings.lr, batch_size=settings.batch_size, window=settings.window,
                                       publish_every=0, seed=seed)
