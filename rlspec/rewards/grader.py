@@ -7,7 +7,10 @@ Protocol (efficient-reasoning.md Sec. 6; the DeepScaleR/rLLM grader used by DLER
    **last** ``\boxed{...}`` / ``\fbox{...}`` / ``\boxed x``, matching nested braces.
 2. :func:`grade` -- if the answer and the gold are both plain numbers (``25``, ``025``,
    ``1,000``, ``-3.50``, ``7/2``, ``\frac{7}{2}``, ``10\%``) compare them exactly as
-   :class:`fractions.Fraction`; otherwise ask math-verify (``parse`` + ``verify``).
+   :class:`fractions.Fraction`; otherwise ask math-verify (``parse`` + ``verify``). math-verify
+   grades a relation ``lhs = rhs`` (also ``==``, ``:=``, ``\approx``, ``\equiv``) by its right-hand
+   side, so ``\boxed{2+2=5}`` would match ``5``: against a gold that is not itself a relation, a
+   boxed relation is an answer only as ``name = value`` (:func:`relation_is_answer`).
 
 math-verify's own timeouts use ``signal.alarm`` and raise outside the main thread, so it is
 always called with its timeouts off and the time limit is enforced here:
@@ -39,7 +42,7 @@ from typing import Any, Sequence
 
 logger = logging.getLogger(__name__)
 
-THINK_CLOSE = "</think>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 
@@ -91,7 +94,8 @@ def extract_final_answer(text: str, *, require_think_close: bool = False, last_n
     * If that last box is unbalanced (``\boxed{12`` at a length cut) or empty, the answer is
       ``None``: earlier boxes are *not* used, because they are not the final answer.
     * ``last_number_fallback`` (GSM8K's convention, as in lm-eval-harness' flexible extract):
-      with no box at all, the last number of the (post-``</think>``) text is the answer.
+      with no box at all, the last number of the (post-``</think>``) text is the answer; text
+      from an unclosed ``<think>`` on is reasoning cut off, not an answer, and is ignored.
 
     >>> extract_final_answer("<think>2+2</think> so \\boxed{3} no, \\boxed{\\frac{8}{2}}.")
     '\\frac{8}{2}'
@@ -110,7 +114,8 @@ def extract_final_answer(text: str, *, require_think_close: bool = False, last_n
         pass
     if last is None:
         if last_number_fallback:
-            numbers = _LAST_NUMBER_RE.findall(text)
+            opened = text.find(THINK_OPEN)  # after the last </think>, any <think> is unclosed
+            numbers = _LAST_NUMBER_RE.findall(text if opened < 0 else text[:opened])
             return numbers[-1].rstrip(",").replace(",", "") if numbers else None
         return None
     content = _box_content(text, last.end())
@@ -169,6 +174,97 @@ def as_plain_number(text: str) -> Fraction | None:
         num = sign * int(match.group(2) if match.group(2) is not None else match.group(4))
         den = int(match.group(3) if match.group(3) is not None else match.group(5))
     return Fraction(num, den) if den != 0 else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Boxed relations
+# ----------------------------------------------------------------------------------------------
+
+# relations math-verify reduces to their right-hand side ("<=", ">=", "!=" are not among them)
+_EQ_RELATION_RE = re.compile(r"==|:=|(?<![<>!:=])=(?!=)|\\(?:approx|equiv|simeq|doteq|coloneqq)(?![A-Za-z])")
+_CLAUSE_SEP_RE = re.compile(r"[,;]|\\\\|\\q?quad(?![A-Za-z])|\\(?:text|textrm|mathrm|mbox)\{\s*(?:or|and)\s*\}"
+                            r"|(?<![A-Za-z\\])(?:or|and)(?![A-Za-z])")  # "x = 1, y = 2", "x = 2 \text{ or } 3"
+_TOKEN_RE = re.compile(r"\\[{}]|\\[A-Za-z]+|\\.|.", re.S)
+_SPACING_RE = re.compile(r"\\(?:left|right|[bB]igg?[lr]?|displaystyle)(?![A-Za-z])|\\[,;:! ]|\$")
+_GREEK = ("alpha|beta|gamma|delta|epsilon|varepsilon|zeta|eta|theta|vartheta|iota|kappa|lambda|mu|nu|xi|rho|varrho|"
+          "sigma|varsigma|tau|upsilon|phi|varphi|chi|psi|omega|Gamma|Delta|Theta|Lambda|Xi|Sigma|Phi|Psi|Omega")  # no \pi
+_ATOM = (rf"(?:[A-Za-z]|\\(?:{_GREEK}|angle|measuredangle|triangle)(?![A-Za-z])"
+         r"|\\(?:text|textrm|textit|textbf|mathrm|mathit|mathbf|operatorname)\{[A-Za-z ]+\}"
+         r"|\\(?:hat|bar|overline|underline|vec|tilde|widehat|widetilde|overrightarrow|dot|ddot)\s*"
+         r"(?:\{[A-Za-z\\ ]+\}|[A-Za-z]))")
+_NAME_RE = re.compile(rf"\s*(?:{_ATOM}(?:_(?:[A-Za-z0-9]|\{{[A-Za-z0-9, ]+\}})|'|\^\{{?(?:\*|\\prime)\}}?)*\s*)+")
+
+
+def _tokens(text: str) -> list[tuple[int, int]]:
+    r"""``(start, depth change)`` per token: ``( [ { \{`` open, ``) ] } \}`` close (mixed: ``[1, 2)``)."""
+    return [(m.start(), 1 if m.group() in ("(", "[", "{", "\\{") else -1 if m.group() in (")", "]", "}", "\\}") else 0)
+            for m in _TOKEN_RE.finditer(text)]
+
+
+def _split_top(text: str, pattern: re.Pattern[str]) -> tuple[list[str], int]:
+    """``text`` split at the matches of ``pattern`` outside any bracket, and how many there were."""
+    pieces, depth, skip, last = [], 0, 0, 0
+    for start, delta in _tokens(text):
+        if start < skip:
+            continue
+        match = pattern.match(text, start) if depth == 0 else None
+        if match and match.end() > start:
+            pieces.append(text[last:start])
+            skip = last = match.end()
+            continue
+        depth = max(depth + delta, 0)
+    return pieces + [text[last:]], len(pieces)
+
+
+def _unwrap(text: str) -> str | None:
+    r"""The inside of ``text`` when it is one bracket group (``(x, y)``, ``\{...\}``), else None."""
+    tokens, depth = _tokens(text), 0
+    for k, (start, delta) in enumerate(tokens):
+        depth += delta
+        if depth <= 0:
+            return text[tokens[1][0]:start] if 0 < k == len(tokens) - 1 else None
+    return None
+
+
+def _is_name(text: str) -> bool:
+    r"""A lone variable (``x``, ``y_1``, ``\theta``, ``\overline{AB}``, ``f(x)``, ``p(2)``) or a tuple (``(x, y)``)."""
+    text = text.strip()
+    inner = _unwrap(text)
+    if inner is not None:
+        return all(_is_name(part) for part in _split_top(inner, re.compile(","))[0])
+    if text.endswith(")"):  # f(x): a name applied to names or numbers
+        depth, opened = 0, -1
+        for start, delta in _tokens(text):
+            if delta == 1 and depth == 0:
+                opened = start
+            depth = max(depth + delta, 0)
+        if opened > 0:
+            args = _split_top(text[opened + 1 : -1], re.compile(","))[0]
+            return _is_name(text[:opened]) and all(_is_name(a) or as_plain_number(a) is not None for a in args)
+    return 0 < len(text) <= 200 and _NAME_RE.fullmatch(text) is not None
+
+
+def relation_is_answer(answer: str, depth: int = 0) -> bool:
+    r"""Whether a boxed answer with relations (``=``, ``==``, ``:=``, ``\approx``, ``\equiv``) states
+    values: each clause (split at ``,`` ``;`` ``\text{ or }`` ...) has at most one relation, its left
+    side a lone variable (:func:`_is_name`). Not ``2+2=5``, ``3=4``, ``a=b=5``, ``2x=10``, ``(2+2=5)``.
+
+    >>> relation_is_answer("y = 5"), relation_is_answer("(x, y) = (1, 2)"), relation_is_answer("2+2=5")
+    (True, True, False)
+    """
+    if depth > 8:  # nested deeper is no answer (and the work stays linear in the answer's length)
+        return False
+    text = _SPACING_RE.sub(" ", answer).strip()
+    inner = _unwrap(text)
+    if inner is not None:
+        return relation_is_answer(inner, depth + 1)
+    clauses, count = _split_top(text, _CLAUSE_SEP_RE)
+    if count:
+        return all(relation_is_answer(c, depth + 1) for c in clauses)
+    sides, relations = _split_top(text, _EQ_RELATION_RE)
+    if relations == 0:  # none at the top level: one inside brackets, as in 2(x=3), is no answer
+        return _EQ_RELATION_RE.search(text) is None
+    return relations == 1 and _is_name(sides[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,6 +577,8 @@ def grade(response: str, gold: str, *, require_think_close: bool = False, timeou
     if answer is None or gold_text is None:
         return False
     try:
+        if _EQ_RELATION_RE.search(answer) and not _EQ_RELATION_RE.search(gold_text) and not relation_is_answer(answer):
+            return False  # "2+2=5" is not the answer 5
         answer_number, gold_number = as_plain_number(answer), as_plain_number(gold_text)
         if answer_number is not None and gold_number is not None:
             return answer_number == gold_number

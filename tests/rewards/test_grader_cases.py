@@ -214,6 +214,72 @@ def test_case_count():
     assert len(BOXED_CASES) + len(RESPONSE_CASES) >= 60
 
 
+# ------------------------------------------------------------------ boxed relations
+# math-verify grades a relation by its right-hand side, so "2+2=5" would match 5. A boxed relation
+# counts only as an answer "name = value": its left side a lone variable (x, y_1, \theta, f(x),
+# (x, y)), one relation per clause. Against a gold that is itself a relation math-verify decides.
+RELATION_CASES = [
+    ("2+2=5", "5", False),
+    ("3=4", "4", False),
+    ("x=5", "5", True),
+    ("y = 5", "5", True),
+    ("a=b=5", "5", False),  # a chain is not a single assignment
+    ("x = 3 = 3", "3", False),
+    ("x+1=5", "5", False),
+    ("2x=10", "10", False),
+    ("x^2 = 4", "4", False),
+    (r"\frac{6}{2}=3", "3", False),
+    (r"2 \cdot 3 = 6", "6", False),
+    (r"\pi = 3", "3", False),  # a constant, not a variable
+    ("(2+2=5)", "5", False),  # brackets do not hide the relation
+    (r"\left[2+2=5\right]", "5", False),
+    (r"\{2+2=5\}", "5", False),
+    (r"2+2 \approx 4", "4", False),
+    (r"3 \equiv 4", "4", False),
+    ("3 == 4", "4", False),
+    (r"x^2 = 4 \implies x = 2", "2", False),  # a derivation, not an answer
+    ("2+2=4, 5", "4, 5", False),
+    ("x_1 = 3", "3", True),
+    (r"x_{1} = 2, x_{2} = 3", "2, 3", True),
+    (r"\theta = 30^\circ", "30", True),
+    (r"\alpha_{1} = 2", "2", True),
+    ("x' = 3", "3", True),
+    ("f(x) = 2x + 1", "2x+1", True),
+    ("p(2) = 5", "5", True),
+    ("x = 1, y = 2", "1, 2", True),
+    ("(x, y) = (1, 2)", "(1, 2)", True),
+    ("(x=1, y=2)", "(1,2)", True),
+    (r"x = 2 \text{ or } x = 3", "2, 3", True),
+    (r"x = 1 \text{ and } y = 2", "1, 2", True),
+    ("x = 1; y = 2", "1, 2", True),
+    ("x = 2, 3", "2, 3", True),
+    (r"x=\pm 2", "2, -2", True),
+    (r"x \approx 3.14", "3.14", True),
+    ("x := 5", "5", True),
+    (r"\text{Area} = 12", "12", True),
+    ("AB = 5", "5", True),  # a segment's name
+    (r"\overline{AB} = 5", "5", True),
+    (r"m\angle ABC = 30^\circ", "30", True),
+    (r"x = 5 \text{ cm}", "5", True),
+    ("n = 7", "7", True),
+    # relations the grader handled before are untouched: membership, inequalities, intervals
+    (r"x \in [1, 2]", "[1,2]", True),
+    (r"2 \in [1, 2]", "[1,2]", False),
+    ("x<3", "3", False),
+    (r"1 \le x \le 2", "[1,2]", False),
+    # the gold is a relation: math-verify compares the two relations
+    ("2x+1=y", "y=2x+1", True),
+    ("3=4", "x=4", False),
+    ("x = 4, y = 5", "x=4, y=5", True),
+    ("5", "x=5", True),
+]
+
+
+@pytest.mark.parametrize("answer, gold, expected", RELATION_CASES, ids=[f"{a}|{g}" for a, g, _ in RELATION_CASES])
+def test_boxed_relation_verdict(answer, gold, expected):
+    assert grade(boxed(answer), gold) is expected
+
+
 # ------------------------------------------------------------------ GSM8K's last-number fallback
 @pytest.mark.parametrize("response,gold,expected", [
     ("<think>...</think> 3 apples and 4 more make 7 apples.", "7", True),
@@ -224,6 +290,9 @@ def test_case_count():
     ("<think>...</think> \\boxed{6} (or maybe 7)", "6", True),  # a box always takes precedence
     ("<think>...</think> no number here", "3", False),
     ("<think>12 then 13</think>", "13", False),  # nothing after </think>
+    ("<think>12 then 13", "13", False),  # cut off while thinking: no answer yet
+    ("So 7. <think>maybe 8 or 9", "7", True),  # what came before the unclosed <think> counts
+    ("no tags, just 21", "21", True),
 ])
 def test_last_number_fallback(response, gold, expected):
     from rlspec.rewards.grader import grade
