@@ -97,3 +97,19 @@ def test_torchrun_training_checkpoints_and_resumes(tiny_model_path, tmp_path):
     saved = AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "step_000003" / "model")
     for (name, a), b in zip(exported.state_dict().items(), saved.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_torchrun_ppo_shards_the_critic_like_the_policy_and_resumes(tiny_model_path, tmp_path):
+    run = tmp_path / "run"
+    base = ["-m", "rlspec.train", *TINY_OVERRIDES, f"run_dir={run}", "+recipe=ppo", "eval.at_start=false",
+            "eval.at_end=false", "trainer.prompts_per_step=4", "trainer.mini_batch_size=2",
+            "trainer.strategy=deepspeed", "trainer.deepspeed.zero_stage=2", "trainer.num_threads=1"]
+    _torchrun([*base, "trainer.steps=2"])
+    ckpt = run / "checkpoints" / "step_000002"
+    assert (ckpt / "critic" / "value_model.safetensors").is_file()
+    assert len(list((ckpt / "critic_deepspeed" / "state").glob("*optim_states.pt"))) == 2
+    assert not list((run / "checkpoints").glob("*.tmp-*"))
+    proc = _torchrun([*base, "trainer.steps=3"])
+    assert "resumed from" in proc.stdout
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in rows if "critic/vf_loss" in r}) == [1, 2, 3]
