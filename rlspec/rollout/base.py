@@ -27,8 +27,17 @@ class SamplingParams:
     top_k: int = 0  # 0 disables top-k
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None  # seeds a private torch.Generator; None uses the global RNG
+    # one random-stream key per prompt (ints in [0, 2**63)): with a seed, token j of prompt i draws
+    # with the numbers of (seed, streams[i], j), so a row samples the same tokens whichever rows
+    # share its call or batch (an eval keys rows by problem and sample); None = the request index
+    streams: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.streams is not None:
+            self.streams = tuple(int(s) for s in self.streams)
+            bad = [s for s in self.streams if not 0 <= s < 2**63]
+            if bad:
+                raise ValueError(f"streams must be ints in [0, 2**63) (one key per prompt), got {bad[0]}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -79,6 +88,22 @@ class RolloutResultWithHidden(RolloutResult):
 # (prompt ids, response ids, hidden states [len, H]) of a response that finished before the long
 # tail (what an engine's ``on_long_tail`` listener receives)
 FinishedSample = tuple[list[int], list[int], torch.Tensor]
+
+
+def stream_keys(params: SamplingParams, n: int) -> list[int]:
+    """The random-stream key of each of ``n`` prompts: ``params.streams``, else the request index.
+
+    >>> stream_keys(SamplingParams(), 3), stream_keys(SamplingParams(streams=(9, 4)), 2)
+    ([0, 1, 2], [9, 4])
+    """
+    if params.streams is None:
+        return list(range(n))
+    if len(params.streams) != n:
+        raise ValueError(
+            f"SamplingParams.streams has {len(params.streams)} keys for {n} prompts: give one stream key "
+            "per prompt (in prompt order), or streams=None for the request index"
+        )
+    return list(params.streams)
 
 
 def check_prompt_ids(prompt_ids: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:

@@ -32,7 +32,7 @@ from rlspec.errors import ConfigError
 from rlspec.rollout.backends import Backend, HFGenericBackend
 from rlspec.rollout.base import FINISH_LENGTH, FINISH_STOP, FinishedSample, RolloutResult, RolloutResultWithHidden
 from rlspec.rollout.base import SamplingParams
-from rlspec.rollout.base import check_prompt_ids
+from rlspec.rollout.base import check_prompt_ids, stream_keys
 from rlspec.rollout.fast_backend import LlamaFastBackend, UnsupportedModel
 from rlspec.rollout.sampling import position_uniforms, sample_next_tokens
 from rlspec.rollout.speculative.bandit import DraftShapeBandit
@@ -82,7 +82,8 @@ class NativeEngine:
             and hidden states are the target's either way.
 
     Results do not depend on how ``max_batch_size`` splits the prompts beyond floating-point
-    rounding; sampling is reproducible for a given ``SamplingParams.seed`` and inputs.
+    rounding; with a ``SamplingParams.seed`` a row's tokens depend on its prompt and stream key
+    (``SamplingParams.streams``, default the request index) only, not on the rows beside it.
     """
 
     def __init__(
@@ -263,11 +264,12 @@ class _GenerateCall:
                  generator: torch.Generator | None, want_hidden: bool) -> None:
         self.engine, self.backend, self.prompts, self.params = engine, backend, prompts, params
         self.generator, self.want_hidden = generator, want_hidden
-        # sampled tokens draw position-keyed numbers (request, token index) when the call is
-        # seeded: the same tokens whichever rows share a step, and lookup drafts verified coupled
-        # with plain sampling emit exactly them (speculation on or off, same run)
+        # sampled tokens draw position-keyed numbers (request's stream key, token index) when the
+        # call is seeded: the same tokens whichever rows share a step or a call, and lookup drafts
+        # verified coupled with plain sampling emit exactly them (speculation on or off, same run)
         self.seed = params.seed if params.seed is not None and not params.greedy else None
         n = len(prompts)
+        self.streams = torch.tensor(stream_keys(params, n), dtype=torch.long)  # per request
         self.responses: list[list[int]] = [[] for _ in range(n)]
         self.logprobs: list[list[float]] = [[] for _ in range(n)]
         self.finish: list[str] = [FINISH_LENGTH] * n
@@ -531,7 +533,7 @@ class _GenerateCall:
     def _uniforms(self, reqs: list[int], width: int) -> torch.Tensor:
         """``[len(reqs), width]`` position-keyed numbers of requests ``reqs``' next ``width`` tokens."""
         first = torch.tensor([len(self.responses[r]) for r in reqs], dtype=torch.long)
-        streams = torch.tensor(reqs, dtype=torch.long)
+        streams = self.streams[torch.tensor(reqs, dtype=torch.long)]
         return position_uniforms(self.seed, streams, first[:, None] + torch.arange(width)).to(self.engine.device)
 
     def remove(self, done: list[int]) -> None:

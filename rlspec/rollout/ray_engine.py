@@ -13,6 +13,9 @@ given).
     worker runs it and however often it is re-run: the results depend on ``(seed, chunk_size)``
     only -- not on the number of workers, their speed, or failures. (They differ from
     ``runtime=local`` with the same seed: that engine samples all prompts from one RNG stream.)
+    With ``SamplingParams.streams`` every chunk runs under the call's seed with its requests'
+    stream keys instead, so a request samples what the native engine gives it locally, whatever
+    ``chunk_size`` (the trainer's held-out eval and ``rlspec.eval`` pass streams).
     Chunks are handed out dynamically: a worker gets the next chunk when it returns one (at most
     ``max_inflight_per_worker`` queued per worker), so the long tail spreads over the pool instead
     of waiting on the worker that drew the long responses. Results are reassembled in input order.
@@ -46,6 +49,7 @@ fault tolerance
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import threading
 import time
@@ -57,6 +61,7 @@ import torch
 from rlspec.config import RayConfig, RolloutConfig
 from rlspec.errors import ConfigError, TrainingError
 from rlspec.rollout.base import RolloutResult, SamplingParams, check_prompt_ids, merge_results, merge_stats
+from rlspec.rollout.base import stream_keys
 from rlspec.rollout.ray_worker import (
     import_ray,
     init_ray,
@@ -323,9 +328,11 @@ class RayRolloutEngine:
             self._ship_drafter()  # e.g. a resumed checkpoint restored the drafter
         base = params.seed if params.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
         ranges = split_chunks(len(prompts), self.chunk_size)
-        chunk_params = [SamplingParams(max_new_tokens=params.max_new_tokens, temperature=params.temperature,
-                                       top_p=params.top_p, top_k=params.top_k, stop_strings=tuple(params.stop_strings),
-                                       seed=chunk_seed(base, k)) for k in range(len(ranges))]
+        if params.streams is not None:  # every request takes its stream key to its worker, under the call's seed
+            keys = stream_keys(params, len(prompts))
+            chunk_params = [dataclasses.replace(params, seed=base, streams=tuple(keys[i] for i in r)) for r in ranges]
+        else:
+            chunk_params = [dataclasses.replace(params, seed=chunk_seed(base, k)) for k in range(len(ranges))]
         queue = deque(range(len(ranges)))
         inflight: dict[Any, tuple[int, int]] = {}  # ref -> (worker, chunk)
         load = [0] * self.num_workers

@@ -29,7 +29,10 @@ How it works
   ``max_tokens``, ``stop_token_ids = eos_token_ids`` (``ignore_eos=True``, so exactly the given EOS
   ids stop a response, not also vLLM's idea of the EOS), stop strings with
   ``include_stop_str_in_output=True`` and a per-request seed derived from ``SamplingParams.seed``
-  (:func:`vllm_request_seed`). Response ids include the EOS token, as in the native engine.
+  and the request's stream key (``SamplingParams.streams``, default its index;
+  :func:`vllm_request_seed`), so a request samples the same whichever requests share its call.
+  vLLM draws its own numbers, not the native engine's: same seeds, other tokens. Response ids
+  include the EOS token, as in the native engine.
 * **Log-probs.** ``RolloutResult.response_logprobs`` must be ``log_softmax(logits / T)`` of the
   sampled token *before* top-p/top-k filtering. vLLM's ``logprobs_mode`` options are
   ``raw_logprobs`` (``log_softmax(logits)``: no temperature), ``processed_logprobs`` (after
@@ -102,7 +105,7 @@ import torch
 from rlspec.config import SpeculativeConfig, VllmConfig
 from rlspec.errors import ConfigError
 from rlspec.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutResult, RolloutResultWithHidden, SamplingParams
-from rlspec.rollout.base import check_prompt_ids
+from rlspec.rollout.base import check_prompt_ids, stream_keys
 from rlspec.rollout.vllm_support import (
     METHOD_SOURCE,
     NATIVE_ONLY_SOURCES,
@@ -134,7 +137,8 @@ log = logging.getLogger(__name__)
 
 
 def vllm_request_seed(seed: int | None, index: int) -> int | None:
-    """Seed of request ``index`` in a call made with ``SamplingParams.seed = seed``.
+    """Seed of the request with stream key ``index`` (default: its index in the call) in a call
+    made with ``SamplingParams.seed = seed``.
 
     Every request gets its own seed (vLLM keeps one generator per seeded request), so a call is
     reproducible and the ``n`` copies of a GRPO prompt still sample independently.
@@ -453,6 +457,7 @@ class VLLMEngine:
         forward of the torch model over prompt + response.
         """
         prompts = self._check_prompts(prompt_ids)
+        keys = stream_keys(params, len(prompts))  # a request's seed follows its stream key
         if params.stop_strings and self.tokenizer is None:
             raise ConfigError("stop_strings need a tokenizer: pass tokenizer=... to VLLMEngine (or drop stop_strings)")
         longest = max((len(p) for p in prompts), default=0)
@@ -486,7 +491,7 @@ class VLLMEngine:
                 ignore_eos=True,  # only eos_token_ids stop (not also the tokenizer's EOS)
                 stop=list(params.stop_strings) or None,
                 include_stop_str_in_output=True,
-                seed=vllm_request_seed(params.seed, i),
+                seed=vllm_request_seed(params.seed, keys[i]),
                 logprobs=0,
                 detokenize=detok,
                 skip_special_tokens=False,
