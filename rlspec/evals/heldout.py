@@ -47,6 +47,17 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def heldout_streams(positions: Sequence[int], k: int) -> tuple[int, ...]:
+    """Stream keys of ``k`` samples of the problems at ``positions`` of the eval list: ``i * k + s``
+    -- the request index of one call over the whole list, so one call samples what it did before
+    streams existed.
+
+    >>> heldout_streams([0, 2], 2)
+    (0, 1, 4, 5)
+    """
+    return tuple(i * k + s for i in positions for s in range(k))
+
+
 def evaluate(
     engine: RolloutEngine,
     tokenizer: Any,
@@ -62,7 +73,10 @@ def evaluate(
     """Sample ``k`` responses per problem (``eval.*``: samples, sampling, seed), grade them
     (``reward.require_think_close``, ``reward.grader_timeout_s``), return summary metrics.
 
-    ``prompt_ids[i]`` is the tokenised chat prompt of ``rows[i]``.
+    ``prompt_ids[i]`` is the tokenised chat prompt of ``rows[i]``. Sample ``s`` of problem ``i``
+    draws from random stream ``i * k + s`` (:func:`heldout_streams`) under ``eval.seed``, so its
+    tokens do not depend on ``eval.num_problems``, on the engine's batch size, on Ray's chunks or
+    on the data-parallel ranks (``rlspec.eval`` with ``eval.seeding=shared`` draws the same).
     """
     k = settings.samples_per_problem
     params = SamplingParams(
@@ -71,6 +85,7 @@ def evaluate(
         top_p=settings.top_p,
         top_k=settings.top_k,
         seed=settings.seed,
+        streams=heldout_streams(range(len(prompt_ids)), k),
     )
     started = time.perf_counter()
     repeated = [list(p) for p in prompt_ids for _ in range(k)]

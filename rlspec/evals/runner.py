@@ -11,15 +11,25 @@ samples: text, extracted answer, tokens, verdict, finish reason). A rerun with t
 reads that file and only generates the problems that are not in it, so an interrupted run resumes
 where it stopped; a line written under other settings is an error (choose another ``out``).
 
-Seeding (``seeding``):
+Problems are generated in batched calls (``call_rows`` rows = problems x samples each, default
+``max_batch_size``; a problem's samples share a call) and written when their call returns. Every
+row draws from its own random stream (``SamplingParams.streams``) under the call seed ``seed``:
+token ``j`` of a row uses the numbers of ``(seed, stream, j)``, so a row samples the same tokens
+whichever rows share its call or batch, and batching costs nothing in reproducibility.
 
-* ``per_problem`` (default): each problem's ``samples`` responses come from one ``generate`` call
-  seeded with a hash of ``(seed, problem uid)``, so a problem's samples do not depend on which
-  other problems are evaluated, on ``limit``, on the order, or on an interruption + resume.
-* ``shared``: one ``generate`` call over all pending problems, seeded with ``seed`` -- exactly what
-  :func:`rlspec.evals.heldout.evaluate` (the trainer's held-out eval) does, so the numbers match the
-  training run's eval for the same checkpoint and settings. Results then depend on the problem set,
-  and a resumed run differs from an uninterrupted one (the pending set is different).
+Seeding (``seeding``) says how a row's stream is keyed:
+
+* ``per_problem`` (default): a stable 63-bit hash of ``(problem uid, sample index)``
+  (:func:`problem_streams`), so a problem's samples do not depend on which other problems are
+  evaluated, on ``limit``, on the order, on ``call_rows`` / ``max_batch_size`` or on an
+  interruption + resume (generated alone or batched: the same tokens).
+* ``shared``: ``position * samples + sample``, the position in the benchmark's problem list --
+  exactly what :func:`rlspec.evals.heldout.evaluate` (the trainer's held-out eval) does, so the
+  numbers match the training run's eval for the same checkpoint and settings. Results then depend
+  on the problem order (not on ``limit``; a resumed run equals an uninterrupted one).
+
+Files written before per-row streams (``per_problem`` drew from one seed per problem then) are
+refused (:data:`SAMPLER_VERSION` is part of the settings fingerprint).
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from rlspec.config import STANDARD_INSTRUCTION, EvalSampling
 from rlspec.data import build_prompt_ids
 from rlspec.errors import ConfigError
 from rlspec.evals.benchmarks import BENCHMARKS, BenchmarkProblem
+from rlspec.evals.heldout import heldout_streams
 from rlspec.evals.metrics import summarize_problems
 from rlspec.models import decode_responses, eos_token_ids
 from rlspec.rewards.grader import extract_final_answer, grade
@@ -44,7 +55,11 @@ from rlspec.rollout.base import SamplingParams
 from rlspec.rollout.native import NativeEngine
 from rlspec.schema import setting
 
-__all__ = ["RunnerSettings", "evaluate_benchmark", "problem_seed", "read_records"]
+__all__ = ["RunnerSettings", "evaluate_benchmark", "problem_streams", "read_records"]
+
+# how rows get their random numbers; part of the fingerprint, so results of another version are not
+# mixed in on resume. 1: per_problem seeded one call per problem with hash(seed, uid); 2: per-row streams
+SAMPLER_VERSION = 2
 
 
 @dataclass
@@ -52,8 +67,9 @@ class RunnerSettings(EvalSampling):
     """Everything that decides a benchmark result (recorded in the JSONL lines and the summary);
     the ``eval.*`` keys of ``python -m rlspec.eval``.
 
-    ``max_batch_size`` only sets how many sequences the native engine decodes at once; it does not
-    change the samples (beyond floating-point rounding) and is not part of the fingerprint.
+    ``max_batch_size`` (sequences the native engine decodes at once) and ``call_rows`` (rows per
+    ``generate`` call) do not change the samples (every row has its own random stream; beyond
+    floating-point rounding) and are not part of the fingerprint.
     """
 
     samples: int = setting(4, "samples per problem (pass@1 averages over them; pass@k, maj@k use all)")
@@ -65,6 +81,8 @@ class RunnerSettings(EvalSampling):
     require_think_close: bool = setting(False, "grade only the text after </think>")
     grader_timeout_s: float = setting(5.0, "math-verify timeout per answer")
     max_batch_size: int = setting(256, "sequences decoded at once")
+    call_rows: int = setting(0, "rows (problems x samples) per generate call, a problem's samples in one call; "
+                                "0 = max_batch_size; samples do not depend on it (results are written per call)")
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, what: str) -> None:
@@ -79,21 +97,33 @@ class RunnerSettings(EvalSampling):
         need(self.seeding in ("per_problem", "shared"), "seeding", "must be one of per_problem, shared")
         need(self.grader_timeout_s > 0, "grader_timeout_s", "must be > 0 seconds")
         need(isinstance(self.max_batch_size, int) and self.max_batch_size >= 1, "max_batch_size", "must be an integer >= 1")
+        need(isinstance(self.call_rows, int) and self.call_rows >= 0, "call_rows",
+             "must be an integer >= 0 (0 = max_batch_size)")
 
     def record(self) -> dict[str, Any]:
         """The settings as written to result files (these fields only, also in a subclass)."""
         return {f.name: getattr(self, f.name) for f in fields(RunnerSettings)}
 
     def fingerprint(self) -> str:
-        """A short hash of the settings that change the samples or their grading."""
-        keep = {k: v for k, v in self.record().items() if k != "max_batch_size"}
+        """A short hash of the settings that change the samples or their grading (and the sampler version)."""
+        keep = {k: v for k, v in self.record().items() if k not in ("max_batch_size", "call_rows")}
+        keep["sampler"] = SAMPLER_VERSION
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def problem_seed(seed: int, uid: str) -> int:
-    """The sampling seed of one problem: a stable 63-bit hash of ``(seed, uid)``."""
-    digest = hashlib.sha256(f"{seed}\0{uid}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+def problem_streams(uid: str, samples: int) -> tuple[int, ...]:
+    """``per_problem`` seeding: the random-stream keys of a problem's samples, stable 63-bit hashes
+    of ``(uid, sample index)`` (sample ``s``'s key does not depend on ``samples`` either).
+
+    >>> a = problem_streams("math500/x", 2)
+    >>> len(set(a)), a[:1] == problem_streams("math500/x", 1), all(0 <= s < 2**63 for s in a)
+    (2, True, True)
+    """
+    keys = []
+    for sample in range(samples):
+        digest = hashlib.sha256(f"{uid}\0{sample}".encode()).digest()
+        keys.append(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return tuple(keys)
 
 
 def read_records(path: str | Path, fingerprint: str | None = None) -> dict[str, dict[str, Any]]:
@@ -120,6 +150,12 @@ def read_records(path: str | Path, fingerprint: str | None = None) -> dict[str, 
             record["samples"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise ConfigError(f"{path}:{number} is not a problem record of rlspec.eval; delete the file or choose another out=") from None
+        if fingerprint is not None and record.get("sampler") != SAMPLER_VERSION:
+            raise ConfigError(
+                f"{path}:{number} was written by an earlier rlspec.eval (sampler version {record.get('sampler', 1)}, "
+                f"now {SAMPLER_VERSION}: rows draw other random numbers), so it cannot be resumed; choose another "
+                "out= or delete the file to start over"
+            )
         if fingerprint is not None and record.get("settings_fingerprint") != fingerprint:
             raise ConfigError(
                 f"{path} holds results of other eval settings ({path}:{number}: {record.get('settings')}); "
@@ -140,6 +176,21 @@ def _rewrite_complete(path: Path, records: dict[str, dict[str, Any]]) -> None:
             for record in records.values():
                 f.write(json.dumps(record) + "\n")
         os.replace(tmp, path)
+
+
+def call_chunks(problems: Sequence[BenchmarkProblem], samples: int, rows: int) -> list[list[BenchmarkProblem]]:
+    """``problems`` in order, split into ``generate`` calls of at most ``rows`` rows (``samples``
+    per problem; at least one problem per call).
+
+    >>> [len(c) for c in call_chunks(list(range(5)), 2, 4)], [len(c) for c in call_chunks(list(range(2)), 3, 1)]
+    ([2, 2, 1], [1, 1])
+    """
+    chunks: list[list[BenchmarkProblem]] = []
+    for problem in problems:
+        if not chunks or (len(chunks[-1]) + 1) * samples > rows:
+            chunks.append([])
+        chunks[-1].append(problem)
+    return chunks
 
 
 def engine_and_eos(model_or_engine: Any, tokenizer: Any, max_batch_size: int) -> tuple[Any, list[int]]:
@@ -232,22 +283,25 @@ def evaluate_benchmark(
     bar = _Bar(progress, name, len(problems), len(finished))
     bar.update(len(finished), correct, sampled)
 
-    def params(seed: int) -> SamplingParams:
-        return SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                              top_p=settings.top_p, top_k=settings.top_k, seed=seed)
+    position = {p.uid: i for i, p in enumerate(problems)}
 
-    if settings.seeding == "shared":  # one call over everything pending, like heldout.evaluate
-        chunks = [(pending, settings.seed)] if pending else []
-    else:
-        chunks = [([p], problem_seed(settings.seed, p.uid)) for p in pending]
+    def streams(problem: BenchmarkProblem) -> tuple[int, ...]:
+        if settings.seeding == "shared":  # keyed by position, as heldout.evaluate
+            return heldout_streams([position[problem.uid]], k)
+        return problem_streams(problem.uid, k)
+
+    chunks = call_chunks(pending, k, settings.call_rows or settings.max_batch_size)
     # GSM8K's convention: a response without \boxed{} is graded on its last number
     fallback = bool(name in BENCHMARKS.names() and BENCHMARKS.get(name).last_number_fallback)
     try:
         with open(path, "a", encoding="utf-8") as f:
-            for chunk, seed in chunks:
+            for chunk in chunks:
                 prompt_ids = build_prompt_ids(tokenizer, [{"question": p.question} for p in chunk], settings.instruction)
                 repeated = [list(ids) for ids in prompt_ids for _ in range(k)]
-                result = engine.generate(repeated, params(seed))
+                keys = [streams(p) for p in chunk]
+                result = engine.generate(repeated, SamplingParams(
+                    max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
+                    top_k=settings.top_k, seed=settings.seed, streams=tuple(key for ks in keys for key in ks)))
                 texts = decode_responses(tokenizer, result.response_ids, eos)
                 for j, problem in enumerate(chunk):
                     samples = []
@@ -267,7 +321,9 @@ def evaluate_benchmark(
                         "gold": problem.answer,
                         "level": problem.level,
                         "subject": problem.subject,
-                        "seed": seed,
+                        "seed": settings.seed,
+                        "streams": list(keys[j]),
+                        "sampler": SAMPLER_VERSION,
                         "prompt_tokens": len(prompt_ids[j]),
                         "samples": samples,
                         "settings_fingerprint": fingerprint,

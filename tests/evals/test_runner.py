@@ -7,7 +7,7 @@ import torch
 
 from rlspec.errors import ConfigError, ModelLoadError
 from rlspec.evals.benchmarks import load_benchmark
-from rlspec.evals.runner import RunnerSettings, evaluate_benchmark, problem_seed, read_records
+from rlspec.evals.runner import SAMPLER_VERSION, RunnerSettings, evaluate_benchmark, problem_streams, read_records
 
 torch.set_num_threads(1)
 
@@ -49,12 +49,13 @@ def test_runner_end_to_end_heldout(tiny, tmp_path):
     problems = load_benchmark("heldout", limit=3)
     counting = Counting(engine)
     result = evaluate_benchmark(counting, tokenizer, problems, RunnerSettings(**SETTINGS), tmp_path, progress=False)
-    assert counting.calls == 3 and counting.prompts == 6  # per-problem seeding: one call of k prompts each
+    assert counting.calls == 1 and counting.prompts == 6  # the 3 problems x 2 samples batched in one call
     lines = (tmp_path / "heldout.jsonl").read_text().splitlines()
     assert [json.loads(line)["uid"] for line in lines] == [p.uid for p in problems]
     for line, p in zip(lines, problems):
         rec = json.loads(line)
-        assert rec["gold"] == p.answer and rec["seed"] == problem_seed(1234, p.uid)
+        assert rec["gold"] == p.answer and rec["seed"] == 1234 and rec["streams"] == list(problem_streams(p.uid, 2))
+        assert rec["sampler"] == SAMPLER_VERSION
         assert rec["settings"]["samples"] == 2 and rec["settings"]["temperature"] == 0.6
         assert rec["settings"]["top_p"] == 0.95 and "boxed" in rec["settings"]["instruction"]
         assert len(rec["samples"]) == 2
@@ -91,15 +92,16 @@ def test_runner_resumes_without_regenerating(tiny, tmp_path):
     with pytest.raises(Stop):
         evaluate_benchmark(counting, tokenizer, problems, settings, tmp_path / "run", progress=False,
                            on_problem=stop_after_two)
-    assert counting.calls == 2
+    assert counting.calls == 1  # 4 problems x 2 samples: one call of max_batch_size=8 rows
     path = tmp_path / "run" / "heldout.jsonl"
     with open(path, "a") as f:
         f.write('{"uid": "heldout/half-writ')  # a write cut off by the kill
     counting.calls = counting.prompts = 0
     resumed = evaluate_benchmark(counting, tokenizer, problems, settings, tmp_path / "run", progress=False)
-    assert counting.calls == 2 and counting.prompts == 4  # only the two unfinished problems
+    assert counting.calls == 1 and counting.prompts == 4  # only the two unfinished problems
     assert resumed["generated"] == 2
-    assert resumed["records"] == full["records"]  # per-problem seeds: same samples as an uninterrupted run
+    assert resumed["records"] == full["records"]  # per-row streams: same samples as an uninterrupted run
+    assert path.read_text() == (tmp_path / "full" / "heldout.jsonl").read_text()
     assert json.dumps(resumed["metrics"]) == json.dumps(full["metrics"])  # (NaN-safe equality)
     assert len(path.read_text().splitlines()) == 4
 
@@ -114,7 +116,7 @@ def test_runner_resumes_without_regenerating(tiny, tmp_path):
 
 
 class Scripted:
-    """An engine that answers each problem with scripted texts (cycled per call), to check grading + metrics."""
+    """An engine that answers with scripted texts (one list per call, in row order), to check grading + metrics."""
 
     def __init__(self, tokenizer, texts_per_call):
         from rlspec.rollout.base import RolloutResult
@@ -127,17 +129,17 @@ class Scripted:
         ids = [self.tokenizer.encode(t, add_special_tokens=False) + [self.tokenizer.eos_token_id] for t in texts]
         return self.result_type(prompt_ids=[list(p) for p in prompt_ids], response_ids=ids,
                                 response_logprobs=[torch.zeros(len(i)) for i in ids],
-                                finish_reasons=["stop", "length", "stop"][: len(ids)])
+                                finish_reasons=(["stop", "length", "stop"] * len(ids))[: len(ids)])
 
 
 def test_runner_grades_and_scores_scripted_answers(tiny, tmp_path):
     _, tokenizer, _ = tiny
     problems = load_benchmark("heldout", limit=2)
     a0, a1 = problems[0].answer, problems[1].answer
-    script = [
-        [f"<think>x</think> \\boxed{{{a0}}}", "\\boxed{123456}", "\\boxed{123456}"],  # 1/3 right, vote wrong
-        [f"\\boxed{{{a1}}}", "no box", f"\\boxed{{ {a1} }}"],  # 2/3 right, vote right
-    ]
+    script = [[  # one call: both problems' samples
+        f"<think>x</think> \\boxed{{{a0}}}", "\\boxed{123456}", "\\boxed{123456}",  # 1/3 right, vote wrong
+        f"\\boxed{{{a1}}}", "no box", f"\\boxed{{ {a1} }}",  # 2/3 right, vote right
+    ]]
     result = evaluate_benchmark(Scripted(tokenizer, script), tokenizer, problems,
                                 RunnerSettings(samples=3, max_new_tokens=64), tmp_path, progress=False)
     m = result["metrics"]
@@ -173,11 +175,99 @@ def test_shared_seeding_matches_training_heldout_eval(tiny, tmp_path):
     assert ours["metrics"]["truncation_rate"] == pytest.approx(reference["eval/truncation_rate"])
 
 
+def _samples_by_uid(result):
+    return {r["uid"]: r["samples"] for r in result["records"]}
+
+
+def test_per_problem_samples_are_the_same_alone_batched_and_at_any_call_size(tiny, tmp_path):
+    """per_problem: every row has its own stream (problem uid, sample), so a problem's samples are
+    bit-identical generated alone, batched with others, one problem per call, in another order and
+    on an engine of another batch size."""
+    model, tokenizer, engine = tiny
+    problems = load_benchmark("heldout", limit=5)
+    settings = dict(samples=2, max_new_tokens=24, max_batch_size=8)  # T=0.6, top-p 0.95: the protocol's
+    counting = Counting(engine)
+    batched = evaluate_benchmark(counting, tokenizer, problems, RunnerSettings(**settings, call_rows=16),
+                                 tmp_path / "batched", progress=False)
+    assert counting.calls == 1 and counting.prompts == 10
+    ref = _samples_by_uid(batched)
+    texts = [s["text"] for samples in ref.values() for s in samples]
+    assert len(set(texts)) >= 8  # real samples: the two samples of a problem differ too
+    for i, problem in enumerate(problems):
+        alone = evaluate_benchmark(engine, tokenizer, [problem], RunnerSettings(**settings), tmp_path / f"alone{i}",
+                                   progress=False)
+        assert alone["records"][0]["samples"] == ref[problem.uid]
+    counting.calls = 0
+    one_each = evaluate_benchmark(counting, tokenizer, problems[::-1], RunnerSettings(**settings, call_rows=1),
+                                  tmp_path / "one", progress=False)  # the old one-problem-per-call batching
+    assert counting.calls == 5 and _samples_by_uid(one_each) == ref
+    narrow = evaluate_benchmark(model, tokenizer, problems[1:4], RunnerSettings(**{**settings, "max_batch_size": 3}),
+                                tmp_path / "narrow", progress=False)  # a new engine decoding 3 rows at a time
+    assert _samples_by_uid(narrow) == {p.uid: ref[p.uid] for p in problems[1:4]}
+
+
+def test_shared_seeding_is_keyed_by_position_and_resumes_to_the_same_file(tiny, tmp_path):
+    _, tokenizer, engine = tiny
+    problems = load_benchmark("heldout", limit=4)
+    settings = RunnerSettings(**SETTINGS, seeding="shared", call_rows=4)
+    full = evaluate_benchmark(engine, tokenizer, problems, settings, tmp_path / "full", progress=False)
+    assert full["records"][2]["streams"] == [4, 5]  # position 2 x 2 samples + sample
+    one_call = evaluate_benchmark(engine, tokenizer, problems, RunnerSettings(**SETTINGS, seeding="shared"),
+                                  tmp_path / "one", progress=False)  # call_rows = max_batch_size = 8: one call
+    assert _samples_by_uid(one_call) == _samples_by_uid(full)
+    with pytest.raises(Stop):
+        evaluate_benchmark(engine, tokenizer, problems, settings, tmp_path / "run", progress=False,
+                           on_problem=lambda record: record["uid"] == problems[1].uid and (_ for _ in ()).throw(Stop))
+    resumed = evaluate_benchmark(engine, tokenizer, problems, settings, tmp_path / "run", progress=False)
+    assert resumed["generated"] == 2 and resumed["records"] == full["records"]
+    assert (tmp_path / "run" / "heldout.jsonl").read_text() == (tmp_path / "full" / "heldout.jsonl").read_text()
+    per_problem = evaluate_benchmark(engine, tokenizer, problems, RunnerSettings(**SETTINGS), tmp_path / "pp",
+                                     progress=False)
+    assert _samples_by_uid(per_problem) != _samples_by_uid(full)  # the key decides the numbers
+
+
+def test_heldout_eval_does_not_depend_on_num_problems_or_batch_size(tiny, tmp_path):
+    from rlspec.config import EvalConfig
+    from rlspec.data import build_prompt_ids
+    from rlspec.evals.heldout import evaluate
+    from rlspec.rollout.native import NativeEngine
+
+    model, tokenizer, engine = tiny
+    problems = load_benchmark("heldout", limit=4)
+    rows = [{"question": p.question, "answer": p.answer, "uid": p.uid, "level": p.level} for p in problems]
+    prompts = build_prompt_ids(tokenizer, rows, RunnerSettings().instruction)
+    settings = EvalConfig(samples_per_problem=2, max_new_tokens=16, seed=3)
+
+    def responses(eng, n, name):
+        evaluate(eng, tokenizer, rows[:n], prompts[:n], settings, engine.eos_token_ids, out_path=tmp_path / name)
+        return [json.loads(line)["response"] for line in (tmp_path / name).read_text().splitlines()]
+
+    four = responses(engine, 4, "four.jsonl")
+    narrow = NativeEngine(model, engine.eos_token_ids, tokenizer=tokenizer, max_batch_size=3)
+    assert responses(narrow, 2, "two.jsonl") == four[:4]
+    assert len(set(four)) >= 6
+
+
+def test_results_of_the_earlier_sampler_are_not_mixed_in(tiny, tmp_path):
+    _, tokenizer, engine = tiny
+    problems = load_benchmark("heldout", limit=2)
+    settings = RunnerSettings(**SETTINGS)
+    evaluate_benchmark(engine, tokenizer, problems[:1], settings, tmp_path, progress=False)
+    path = tmp_path / "heldout.jsonl"
+    old = json.loads(path.read_text())
+    del old["sampler"], old["streams"]  # a line as the one-seed-per-problem runner wrote it
+    path.write_text(json.dumps(old) + "\n")
+    with pytest.raises(ConfigError, match="earlier rlspec.eval .*sampler version 1, now 2"):
+        evaluate_benchmark(engine, tokenizer, problems, settings, tmp_path, progress=False)
+
+
 def test_settings_errors_name_the_key():
     with pytest.raises(ConfigError, match="eval.samples"):
         RunnerSettings(samples=0)
     with pytest.raises(ConfigError, match="eval.seeding"):
         RunnerSettings(seeding="global")
+    with pytest.raises(ConfigError, match="eval.call_rows"):
+        RunnerSettings(call_rows=-1)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
