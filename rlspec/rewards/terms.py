@@ -81,9 +81,15 @@ class RewardBatch:
 
 
 @REWARD_TERMS.register("correctness")
-def correctness(batch: RewardBatch) -> list[float]:
-    """1.0 when the final answer matches the gold answer (``batch.correct``), else 0.0."""
-    return [1.0 if c else 0.0 for c in batch.correct]
+def correctness(batch: RewardBatch, correct_reward: float = 1.0, incorrect_reward: float = 0.0) -> list[float]:
+    """``correct_reward`` when the final answer matches the gold answer (``batch.correct``), else
+    ``incorrect_reward``: 1 / 0 by default (DeepScaleR, DLER), 1 / -1 for DAPO's rule-based reward
+    (arXiv 2503.14476 Eq. 1; verl's ``math_dapo``), which also sets how much DAPO's overlong
+    penalty weighs against a wrong answer."""
+    for key, value in (("correct_reward", correct_reward), ("incorrect_reward", incorrect_reward)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"reward.terms.correctness.kwargs.{key} must be a finite number, got {value!r}")
+    return [float(correct_reward) if c else float(incorrect_reward) for c in batch.correct]
 
 
 @REWARD_TERMS.register("format")

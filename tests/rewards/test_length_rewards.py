@@ -61,6 +61,37 @@ def test_dapo_overlong_hand_values():
     assert dapo_overlong_penalty([], 20, 4) == []
 
 
+def test_correctness_term_values_are_settable():
+    """DAPO's rule-based reward (arXiv 2503.14476 Eq. 1; verl's math_dapo) is +1 / -1, not 1 / 0."""
+    batch = make_batch([5, 5, 5], [True, False, True], [0, 0, 0])
+    assert score_batch(batch, {"correctness": {}})[0] == [1.0, 0.0, 1.0]
+    assert score_batch(batch, {"correctness": {"kwargs": {"incorrect_reward": -1.0}}})[0] == [1.0, -1.0, 1.0]
+    assert score_batch(batch, {"correctness": {"kwargs": {"correct_reward": 2.0, "incorrect_reward": 0.5}}})[0] == [
+        2.0, 0.5, 2.0]
+    with pytest.raises(ConfigError, match="reward.terms.correctness.kwargs.correct_reward"):
+        score_batch(batch, {"correctness": {"kwargs": {"correct_reward": float("nan")}}})
+
+
+def test_dapo_recipe_reward_is_plus_minus_one_plus_the_soft_overlong_penalty():
+    """The dapo recipe's total reward is DAPO's: +1 correct / -1 wrong (Eq. 1), plus R_len (Eq. 13)
+    with L_max = 256 and L_cache = 51, so a wrong answer at L_max scores -2 and a correct one 0."""
+    from conftest import compose_config
+
+    from rlspec.rewards import build_reward_terms
+
+    cfg = compose_config(["+recipe=dapo"])
+    terms = build_reward_terms(cfg.reward)
+    lengths = [10, 205, 206, 230, 256, 10, 205, 230, 256]
+    correct = [True] * 5 + [False] * 4
+    totals, _ = score_batch(make_batch(lengths, correct, [0] * 5 + [1] * 4), terms)
+
+    def r_len(n):  # Eq. 13
+        return 0.0 if n <= 256 - 51 else ((256 - 51) - n) / 51 if n <= 256 else -1.0
+
+    assert totals == approx([(1.0 if c else -1.0) + r_len(n) for n, c in zip(lengths, correct)])
+    assert totals[0] == 1.0 and totals[4] == pytest.approx(0.0) and totals[5] == -1.0 and totals[8] == approx(-2.0)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(max_len=0, cache_len=1), "max_len must be an int >= 1"),
     (dict(max_len=10, cache_len=11), "cache_len must be <= max_len=10"),
