@@ -204,6 +204,21 @@ def test_pool_equals_native_chunk_by_chunk(pool, model):
         assert torch.equal(final[(tuple(prompt), tuple(response))], h)
 
 
+def test_streams_follow_their_requests_to_the_workers(pool, model):
+    """With SamplingParams.streams every chunk runs under the call's seed with its requests' keys:
+    the pool samples what one local NativeEngine does, whatever the chunks (the held-out eval)."""
+    keys = [(2**61 + 13 * i) % 2**63 for i in range(len(PROMPTS))]
+    params = SamplingParams(max_new_tokens=24, temperature=1.0, top_p=0.9, seed=11, streams=keys)
+    result = pool.generate(PROMPTS, params)
+    local = NativeEngine(model, EOS, max_batch_size=8).generate(PROMPTS, params)
+    assert result.response_ids == local.response_ids and result.finish_reasons == local.finish_reasons
+    for a, b in zip(result.response_logprobs, local.response_logprobs):  # other batch shapes: rounding only
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert result.stats["ray/chunks"] == 4 and len(set(map(tuple, result.response_ids))) > 5
+    with pytest.raises(ValueError, match="streams has 2 keys for 10 prompts"):
+        pool.generate(PROMPTS, SamplingParams(max_new_tokens=4, seed=1, streams=[1, 2]))
+
+
 def test_bad_input_fails_with_a_clear_error(pool, model):
     with pytest.raises(DataError, match="prompt 1 .*vocabulary"):
         pool.generate([[1, 2], [V + 3]], SamplingParams(max_new_tokens=4))

@@ -12,6 +12,7 @@ speculative settings the engine derives and run without vLLM.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -201,6 +202,23 @@ def test_same_seed_reproduces(setup):
     assert c.response_ids != a.response_ids
     dup = engine.generate([prompts[0]] * 4, params)  # a GRPO group: copies sample independently
     assert len({tuple(r) for r in dup.response_ids}) > 1
+
+
+@engine_test
+def test_streams_key_each_requests_seed(setup):
+    """A request's vLLM seed follows its stream key: alone or batched, the same sample; no streams =
+    the request index."""
+    engine, prompts = setup["engine"], setup["prompts"]
+    keys = [11, 2**62 + 5, 7, 3, 9, 1]
+    params = SamplingParams(max_new_tokens=64, temperature=1.0, top_k=50, seed=5, streams=keys)
+    full = engine.generate(prompts, params)
+    alone = engine.generate([prompts[1]], dataclasses.replace(params, streams=[keys[1]]))
+    assert alone.response_ids[0] == full.response_ids[1]
+    by_index = engine.generate(prompts, dataclasses.replace(params, streams=range(len(prompts))))
+    assert engine.generate(prompts, dataclasses.replace(params, streams=None)).response_ids == by_index.response_ids
+    assert by_index.response_ids != full.response_ids
+    with pytest.raises(ValueError, match="streams has 1 keys for 6 prompts"):
+        engine.generate(prompts, dataclasses.replace(params, streams=[1]))
 
 
 @engine_test
