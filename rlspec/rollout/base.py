@@ -28,8 +28,9 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None  # seeds a private torch.Generator; None uses the global RNG
     # one random-stream key per prompt (ints in [0, 2**63)): with a seed, token j of prompt i draws
-    # with the numbers of (seed, streams[i], j), so a row samples the same tokens whichever rows
-    # share its call or batch (an eval keys rows by problem and sample); None = the request index
+    # with the numbers of (seed, streams[i], j) (vLLM: request i is seeded from (seed, streams[i])),
+    # so a row samples the same tokens whichever rows share its call or batch (an eval keys rows by
+    # problem and sample); None = the request index. Steps drafted by EAGLE use the call's RNG.
     streams: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
