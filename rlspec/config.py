@@ -263,8 +263,12 @@ class FilterGroupsConfig:
     """DAPO dynamic sampling (arXiv 2503.14476 Sec. 3.2; verl algorithm.filter_groups)."""
 
     enable: bool = setting(False, "drop groups whose metric is all-equal and refill the batch")
-    metric: Literal["acc", "reward"] = setting("acc", "acc: raw correctness (recommended) | reward: total reward")
+    metric: Literal["acc", "reward"] = setting("acc", "acc: raw correctness (DAPO) | reward: total reward (DLER, "
+                                                      "verl seq_reward; with length-shaped rewards prefer acc)")
     max_num_gen_batches: int = setting(4, "generation chunks per step before giving up filling the batch")
+    on_short: Literal["train", "error"] = setting("train", "when max_num_gen_batches chunks leave fewer than "
+                                                           "prompts_per_step groups: train on those kept (warned "
+                                                           "once, train/groups_short logged) | error (verl)")
 
     def __post_init__(self) -> None:
         require(self.max_num_gen_batches >= 1, "trainer.filter_groups.max_num_gen_batches", "must be >= 1")

@@ -30,7 +30,7 @@ import torch
 from rlspec.checkpoint import Checkpointer, CheckpointPart, rng_state, set_rng_state
 from rlspec.config import RLSpecConfig
 from rlspec.data import PromptSampler, derive_seed
-from rlspec.errors import ConfigError
+from rlspec.errors import ConfigError, TrainingError
 from rlspec.evals.heldout import evaluate
 from rlspec.models import decode_responses
 from rlspec.rewards.terms import RewardBatch, compute_rewards
@@ -211,7 +211,23 @@ class GRPOTrainer:
             chunks += 1
             generated.extend(groups)
             kept.extend(g for g in groups if (self._informative(g) or not fg.enable))
+        self._engine_stats["train/groups_short"] = float(max(target - len(kept), 0))
+        if len(kept) < target:
+            self._short_batch(len(kept), chunks)
         return kept[:target], generated, chunks
+
+    def _short_batch(self, kept: int, chunks: int) -> None:
+        """Dynamic sampling ran out of chunks: stop (``on_short=error``, verl) or warn once and train."""
+        fg, target = self.tc.filter_groups, self.tc.prompts_per_step
+        msg = (f"dynamic sampling kept {kept} of {target} groups after {chunks} generation chunks "
+               f"(trainer.filter_groups.max_num_gen_batches={fg.max_num_gen_batches}); raise it or "
+               f"trainer.gen_batch_size (now {self.tc.gen_batch_size or target} prompts per chunk)")
+        if fg.on_short == "error":
+            raise TrainingError(f"{msg}, or set trainer.filter_groups.on_short=train to train on the groups kept")
+        if not getattr(self, "_warned_short", False):
+            self._warned_short = True
+            warnings.warn(f"{msg}; training on the groups kept (said once: train/groups_short logs each step's)",
+                          stacklevel=3)
 
     def _informative(self, group: Group) -> bool:
         """DAPO dynamic sampling keeps groups whose metric is not all-equal (0 < #correct < n)."""

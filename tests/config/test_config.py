@@ -28,7 +28,7 @@ def test_dler_recipe_sets_the_paper_knobs():
     cfg = validate_config(_compose(["+recipe=dler"]))
     assert cfg.trainer.adv_estimator == "batch_norm"
     assert (cfg.trainer.clip_ratio_low, cfg.trainer.clip_ratio_high) == (0.2, 0.28)
-    assert cfg.trainer.filter_groups.enable and cfg.trainer.filter_groups.metric == "acc"
+    assert cfg.trainer.filter_groups.enable and cfg.trainer.filter_groups.metric == "reward"  # Sec. 3.3: seq_reward
     assert cfg.trainer.loss_agg_mode == "token-mean"
     assert set(cfg.reward.terms) == {"correctness", "dler_truncation"}
 
