@@ -17,6 +17,10 @@ TINY_RECIPE_OVERRIDES = {
     "siri": ["rollout.length_schedule.kwargs={l_max: 96, l_min: 48, period: 2}"],
     "thinkprune": ["rollout.length_schedule.kwargs={lengths: [96, 64, 48], boundaries: [1, 2]}"],
     "dler_da": ["rollout.truncation.kwargs={tiers: [[0.5, 48]]}"],
+    # mini-batches of 8 prompts (2 updates per step at 16 prompts) -> 2 updates per step at 4 prompts
+    "anytime": ["trainer.mini_batch_size=2"],
+    "l1_exact": ["trainer.mini_batch_size=2"],
+    "l1_max": ["trainer.mini_batch_size=2"],
 }
 
 
@@ -254,7 +258,8 @@ def test_anytime_step_hand_computed(make_trainer):
     A = [[-1/3, 1/12], [1/3, 1/12]]; summary advantages: score - pool mean -> only r0 slot 1 is +-.5.
     """
     trainer = make_trainer("+recipe=anytime", "rollout.n=2", "trainer.prompts_per_step=1",
-                           "anytime.budgets=[2,4]", "anytime.n_summary=2", "eval.at_start=false", "eval.at_end=false")
+                           "trainer.mini_batch_size=null", "anytime.budgets=[2,4]", "anytime.n_summary=2",
+                           "eval.at_start=false", "eval.at_end=false")
     tok = trainer.tokenizer
     close = tok.convert_tokens_to_ids("</think>")
     think = tok("We need", add_special_tokens=False)["input_ids"][:1] * 4
@@ -321,7 +326,8 @@ def test_anytime_thinking_rollout_goes_through_the_online_drafter(make_trainer):
     """With TLT's spot trainer on, AnytimeReasoner's thinking is a training rollout like any other
     (its long tail trains the drafter); the summaries sampled after it are not."""
     trainer = make_trainer("+recipe=anytime", "rollout.n=2", "trainer.prompts_per_step=1",
-                           "anytime.budgets=[2,4]", "anytime.n_summary=1", "eval.at_start=false", "eval.at_end=false")
+                           "trainer.mini_batch_size=null", "anytime.budgets=[2,4]", "anytime.n_summary=1",
+                           "eval.at_start=false", "eval.at_end=false")
     tok = trainer.tokenizer
     think = tok("We need", add_special_tokens=False)["input_ids"][:1] * 4
     summary = tok("\\boxed{1}", add_special_tokens=False)["input_ids"] + trainer.eos_ids[:1]
