@@ -106,6 +106,7 @@ from rlspec.config import SpeculativeConfig, VllmConfig
 from rlspec.errors import ConfigError
 from rlspec.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutResult, RolloutResultWithHidden, SamplingParams
 from rlspec.rollout.base import check_prompt_ids, stream_keys
+from rlspec.rollout.speculative.drafter_buffer import host_sync, to_host
 from rlspec.rollout.vllm_support import (
     METHOD_SOURCE,
     NATIVE_ONLY_SOURCES,
@@ -550,11 +551,15 @@ class VLLMEngine:
                 for j, s in enumerate(seqs):
                     ids[j, : len(s)] = torch.tensor(s)
                     mask[j, : len(s)] = 1
-                hidden = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                               output_hidden_states=True).hidden_states[-1]
+                with torch.no_grad():
+                    hidden = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                   output_hidden_states=True).hidden_states[-1]
                 for j, i in enumerate(rows):
                     p, r = len(prompts[i]), len(responses[i])
-                    out.append(hidden[j, p - 1 : p - 1 + r].clone())
+                    state = hidden[j, p - 1 : p - 1 + r]
+                    # off the accelerator as computed (pinned host memory), like the native engine's
+                    out.append(state.clone() if state.device.type == "cpu" else to_host(state, non_blocking=True))
+            host_sync(torch.device(self.device))
         finally:
             model.train(was_training)
         return out
