@@ -13,6 +13,7 @@ implementation.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, List, Literal, Optional
 
@@ -166,7 +167,10 @@ class SpeculativeConfig:
     """Lossless speculative decoding: model-free lookup drafts at any batch size, and TLT's
     EAGLE drafter on the long tail (arXiv 2511.16665)."""
 
-    enable: bool = setting(False, "lossless speculative decoding (native backend; vllm: n-gram and EAGLE)")
+    enable: Literal["auto", True, False] = setting(
+        "auto", "auto: the model-free sources (self, group, history) on the native backend, off on vLLM (measured "
+                "never slower; docs/speculation.md) | true: every listed source, EAGLE included, and vLLM's n-gram "
+                "and EAGLE | false: off")
     sources: List[str] = setting(help="draft sources: self (the row's own text), group (the other responses to its "
                                       "prompt), history (earlier steps' responses to it), eagle (the drafter, "
                                       "on the long tail)", default_factory=lambda: list(DRAFT_SOURCES))
@@ -186,6 +190,8 @@ class SpeculativeConfig:
     online: OnlineDrafterConfig = setting(help="online drafter training", default_factory=OnlineDrafterConfig)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.enable, str):
+            self.enable = bool(self.enable)  # 1 / 0 from a YAML file mean true / false
         bad = [x for x in self.sources if x not in DRAFT_SOURCES]
         if bad:
             raise choice_error("rollout.speculative.sources", bad[0], DRAFT_SOURCES)
@@ -256,6 +262,17 @@ class RolloutConfig:
                 raise choice_error(f"rollout.{key}.name", name, valid)
             if group != "schedule":  # unknown kwargs keys fail here, before any model loads
                 registry.ROLLOUT_HOOKS.get(name).check_kwargs(getattr(self, key).kwargs)
+
+    def speculation(self) -> Optional[SpeculativeConfig]:
+        """The speculative settings the engine runs with, or None (off): ``enable=auto`` keeps the
+        model-free sources on the native backend (EAGLE needs ``enable=true``) and is off on vLLM."""
+        sc = self.speculative
+        if sc.enable is True:
+            return sc
+        if sc.enable == "auto" and self.backend == "native":
+            lookups = [s for s in sc.sources if s != "eagle"]
+            return dataclasses.replace(sc, sources=lookups) if lookups else None
+        return None
 
 
 @dataclass

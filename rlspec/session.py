@@ -232,8 +232,8 @@ def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: MetricsLogger | None
     # `model` becomes the policy the engine samples from (ZeRO-3: a full copy of the sharded one)
     strategy = make_strategy(model, cfg.trainer)
     model = strategy.policy
-    sc = cfg.rollout.speculative
-    engine_kwargs: dict[str, Any] = {"speculative": sc} if sc.enable else {}
+    sc = cfg.rollout.speculation()  # None: off (rollout.speculative.enable=false, or auto on vLLM)
+    engine_kwargs: dict[str, Any] = {"speculative": sc} if sc is not None else {}
     train_prompt_ids = build_prompt_ids(tokenizer, train_rows, cfg.data.instruction)
     eval_prompt_ids = build_prompt_ids(tokenizer, eval_rows, cfg.data.instruction)
     if cfg.rollout.backend == "vllm":
@@ -254,7 +254,7 @@ def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: MetricsLogger | None
         engine = DataParallelEngine(engine, strategy)
     online, parts = None, []
     drafter = None
-    if sc.enable and "eagle" in sc.sources:
+    if sc is not None and "eagle" in sc.sources:
         trains_online = spot_training_allowed(cfg, next(model.parameters()).device)
         drafter = load_drafter(cfg, model, tokenizer, model_path, train_prompt_ids, trains_online)
     if drafter is not None:
@@ -277,7 +277,7 @@ def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: MetricsLogger | None
         critic = Critic(cfg, make_strategy(value_model, critic_trainer_config(cfg)), pad_id)
         parts.append(CriticCheckpoint(critic))
     history = getattr(engine, "history", None)  # the native engine's history source (Ray workers keep their own)
-    if history is not None and sc.lookup.checkpoint_history_mb > 0:
+    if history is not None and sc is not None and sc.lookup.checkpoint_history_mb > 0:
         parts.append(HistoryCheckpoint(history, int(sc.lookup.checkpoint_history_mb * 2**20)))
     return GRPOTrainer(
         cfg, model=model, tokenizer=tokenizer, engine=engine, eos_ids=eos_ids, train_rows=train_rows,
