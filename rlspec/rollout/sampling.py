@@ -57,6 +57,30 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
         raise ValueError(f"top_p must be in (0, 1], got {p}")
     if p >= 1:
         return logits
+    vocab = logits.shape[-1]
+    if TOP_P_CANDIDATES >= vocab:
+        return _top_p_by_sort(logits, p)
+    # the nucleus lies within the k most probable tokens of every row whose top k hold >= p of the
+    # mass: found with torch.topk instead of sorting the whole vocabulary (a sort of 49k ids took
+    # ~40% of a 64-row decode step of a 49M model on CPU); rows whose top k hold less take the
+    # sort. Row by row, so a row's nucleus does not depend on the rows beside it.
+    flat = logits.reshape(-1, vocab)
+    top, idx = torch.topk(flat.float().softmax(dim=-1), TOP_P_CANDIDATES, dim=-1)  # descending
+    cum = top.cumsum(dim=-1)
+    keep = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device).scatter(-1, idx, (cum - top) < p)
+    out = flat.masked_fill(~keep, float("-inf"))
+    outside = cum[:, -1] < p
+    if bool(outside.any()):
+        rows = outside.nonzero().squeeze(-1)
+        out[rows] = _top_p_by_sort(flat[rows], p)
+    return out.view(logits.shape)
+
+
+TOP_P_CANDIDATES = 256  # apply_top_p looks for the nucleus among this many tokens first
+
+
+def _top_p_by_sort(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """:func:`apply_top_p` over the whole sorted vocabulary."""
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     sorted_probs = sorted_logits.float().softmax(dim=-1)
     mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs  # [B, V], 0 for the top token

@@ -62,6 +62,29 @@ def test_top_p_keeps_smallest_nucleus():
         apply_top_p(x, 0.0)
 
 
+@pytest.mark.parametrize("p", [0.5, 0.95, 0.999])
+def test_top_p_from_candidates_keeps_the_sorted_nucleus(p):
+    """Large vocabularies look for the nucleus among the top TOP_P_CANDIDATES tokens, and sort
+    only the rows whose candidates hold < p of the mass: the same nucleus as sorting every row,
+    for peaked rows, flat rows (the sort) and a batch mixing them; a row's result is its own."""
+    from rlspec.rollout.sampling import TOP_P_CANDIDATES, _top_p_by_sort
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 20 * TOP_P_CANDIDATES
+    scales = torch.tensor([0.05, 1.0, 3.0, 8.0, 20.0])[:, None]  # flat ... peaked rows
+    logits = torch.randn(5, vocab, generator=g) * scales
+    out = apply_top_p(logits, p)
+    ref = _top_p_by_sort(logits, p)
+    assert torch.equal(torch.isfinite(out), torch.isfinite(ref))
+    assert torch.equal(out[torch.isfinite(out)], logits[torch.isfinite(out)])
+    kept = torch.isfinite(out).sum(-1)
+    assert kept[0] > TOP_P_CANDIDATES and kept[-1] < TOP_P_CANDIDATES  # both paths ran
+    for i in range(5):
+        assert torch.equal(apply_top_p(logits[i : i + 1], p), out[i : i + 1])
+    three = apply_top_p(logits.view(5, 1, vocab).expand(5, 2, vocab), p)  # [n, positions, V] (verification)
+    assert torch.equal(three, out[:, None].expand(5, 2, vocab))
+
+
 def test_token_logprobs_hand_values():
     logits = torch.tensor([[0.0, math.log(3.0)]])  # softmax = [0.25, 0.75]
     tok = torch.tensor([1])
