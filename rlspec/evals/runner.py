@@ -12,7 +12,8 @@ reads that file and only generates the problems that are not in it, so an interr
 where it stopped; a line written under other settings is an error (choose another ``out``).
 
 Problems are generated in batched calls (``call_rows`` rows = problems x samples each, default
-``max_batch_size``; a problem's samples share a call) and written when their call returns. Every
+``max_batch_size``; a problem's samples share a call), shortest prompt first, and written when
+their call returns (so the file's lines are in that order; results are in problem order). Every
 row draws from its own random stream (``SamplingParams.streams``) under the call seed ``seed``:
 token ``j`` of a row uses the numbers of ``(seed, stream, j)``, so a row samples the same tokens
 whichever rows share its call or batch, and batching costs nothing in reproducibility.
@@ -290,13 +291,18 @@ def evaluate_benchmark(
             return heldout_streams([position[problem.uid]], k)
         return problem_streams(problem.uid, k)
 
-    chunks = call_chunks(pending, k, settings.call_rows or settings.max_batch_size)
+    prompts = dict(zip([p.uid for p in pending], build_prompt_ids(
+        tokenizer, [{"question": p.question} for p in pending], settings.instruction))) if pending else {}
+    # generated (and written) shortest prompt first: calls and prefill chunks of similar lengths pad
+    # less; the samples do not depend on it, and a resumed run writes the same lines in the same order
+    by_length = sorted(pending, key=lambda p: len(prompts[p.uid]))
+    chunks = call_chunks(by_length, k, settings.call_rows or settings.max_batch_size)
     # GSM8K's convention: a response without \boxed{} is graded on its last number
     fallback = bool(name in BENCHMARKS.names() and BENCHMARKS.get(name).last_number_fallback)
     try:
         with open(path, "a", encoding="utf-8") as f:
             for chunk in chunks:
-                prompt_ids = build_prompt_ids(tokenizer, [{"question": p.question} for p in chunk], settings.instruction)
+                prompt_ids = [prompts[p.uid] for p in chunk]
                 repeated = [list(ids) for ids in prompt_ids for _ in range(k)]
                 keys = [streams(p) for p in chunk]
                 result = engine.generate(repeated, SamplingParams(

@@ -51,9 +51,12 @@ def test_runner_end_to_end_heldout(tiny, tmp_path):
     result = evaluate_benchmark(counting, tokenizer, problems, RunnerSettings(**SETTINGS), tmp_path, progress=False)
     assert counting.calls == 1 and counting.prompts == 6  # the 3 problems x 2 samples batched in one call
     lines = (tmp_path / "heldout.jsonl").read_text().splitlines()
-    assert [json.loads(line)["uid"] for line in lines] == [p.uid for p in problems]
-    for line, p in zip(lines, problems):
-        rec = json.loads(line)
+    by_uid = {json.loads(line)["uid"]: json.loads(line) for line in lines}
+    assert len(lines) == 3 and set(by_uid) == {p.uid for p in problems}
+    assert [r["prompt_tokens"] for r in map(json.loads, lines)] == sorted(r["prompt_tokens"] for r in by_uid.values())
+    assert [r["uid"] for r in result["records"]] == [p.uid for p in problems]
+    for p in problems:
+        rec = by_uid[p.uid]
         assert rec["gold"] == p.answer and rec["seed"] == 1234 and rec["streams"] == list(problem_streams(p.uid, 2))
         assert rec["sampler"] == SAMPLER_VERSION
         assert rec["settings"]["samples"] == 2 and rec["settings"]["temperature"] == 0.6
@@ -215,9 +218,16 @@ def test_shared_seeding_is_keyed_by_position_and_resumes_to_the_same_file(tiny, 
     one_call = evaluate_benchmark(engine, tokenizer, problems, RunnerSettings(**SETTINGS, seeding="shared"),
                                   tmp_path / "one", progress=False)  # call_rows = max_batch_size = 8: one call
     assert _samples_by_uid(one_call) == _samples_by_uid(full)
+    written = []
+
+    def stop_after_two(record):
+        written.append(record["uid"])
+        if len(written) == 2:
+            raise Stop
+
     with pytest.raises(Stop):
         evaluate_benchmark(engine, tokenizer, problems, settings, tmp_path / "run", progress=False,
-                           on_problem=lambda record: record["uid"] == problems[1].uid and (_ for _ in ()).throw(Stop))
+                           on_problem=stop_after_two)
     resumed = evaluate_benchmark(engine, tokenizer, problems, settings, tmp_path / "run", progress=False)
     assert resumed["generated"] == 2 and resumed["records"] == full["records"]
     assert (tmp_path / "run" / "heldout.jsonl").read_text() == (tmp_path / "full" / "heldout.jsonl").read_text()
