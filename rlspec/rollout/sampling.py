@@ -58,7 +58,7 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     if p >= 1:
         return logits
     vocab = logits.shape[-1]
-    if TOP_P_CANDIDATES >= vocab:
+    if vocab < 4 * TOP_P_CANDIDATES:  # small vocabularies: a sort costs no more
         return _top_p_by_sort(logits, p)
     # the nucleus lies within the k most probable tokens of every row whose top k hold >= p of the
     # mass: found with torch.topk instead of sorting the whole vocabulary (a sort of 49k ids took
