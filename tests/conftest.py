@@ -37,3 +37,16 @@ TINY_OVERRIDES = [
 
 def compose_config(overrides: list[str]) -> RLSpecConfig:
     return compose(overrides)
+
+
+@pytest.fixture()
+def make_trainer(tiny_model_path, tmp_path):
+    """``make_trainer(*overrides, run_dir=None)``: a trainer on the tiny model (``TINY_OVERRIDES``
+    first), in ``run_dir`` (default the test's ``tmp_path``)."""
+    from rlspec.session import build_trainer
+
+    def _make(*overrides, run_dir=None):
+        run_dir = run_dir or tmp_path
+        return build_trainer(compose_config([*TINY_OVERRIDES, f"run_dir={run_dir}", *overrides]), run_dir)
+
+    return _make

@@ -15,7 +15,7 @@ import torch
 from rlspec.config import RLSpecConfig
 from rlspec.data import derive_seed
 from rlspec.errors import TrainingError
-from rlspec.trainers.batch import TrainBatch, micro_batches, micro_tensors
+from rlspec.trainers.batch import TrainBatch, micro_batches, micro_tensors, mini_batch_members
 from rlspec.trainers.losses import LossNormalizer, aggregate_loss, kl_penalty, ppo_clip_policy_loss, token_logprobs_and_entropy
 
 
@@ -70,7 +70,6 @@ class Actor:
     def update(self, batch: TrainBatch, step: int, lr: float) -> dict[str, float]:
         """PPO epochs x mini-batches (one optimizer step each) x micro-batches (accumulated)."""
         tc = self.tc
-        num_groups = len(batch.group_rows)
         mini_groups = tc.mini_batch_size or tc.prompts_per_step
         sums: dict[str, float] = {}
         token_total = 0.0
@@ -80,68 +79,65 @@ class Actor:
         strategy = self.strategy
         train_module = strategy.train_module
         train_module.train()
-        for _epoch in range(tc.ppo_epochs):
-            order = torch.randperm(num_groups, generator=shuffle).tolist()
-            for start in range(0, num_groups, mini_groups):
-                members = [i for g in order[start : start + mini_groups] for i in batch.group_rows[g]]
-                lengths = [len(batch.response_ids[i]) if batch.loss_masks is None else float(batch.loss_masks[i].sum())
-                           for i in members]
-                normalizer = LossNormalizer(
-                    num_tokens=float(max(sum(lengths), 1)),
-                    num_seqs=float(len(members)),
-                    max_response_length=float(self.max_response_length),
+        for members in mini_batch_members(batch, mini_groups, tc.ppo_epochs, shuffle):
+            lengths = [len(batch.response_ids[i]) if batch.loss_masks is None else float(batch.loss_masks[i].sum())
+                       for i in members]
+            normalizer = LossNormalizer(
+                num_tokens=float(max(sum(lengths), 1)),
+                num_seqs=float(len(members)),
+                max_response_length=float(self.max_response_length),
+            )
+            strategy.zero_grad()
+            # this rank's micro-batches (all of them in one process); `counted=False` pads a
+            # rank that is short of one so every rank runs the same forwards/backwards
+            mine = strategy.deal(self._micro_batches(batch, members))
+            for k, (micro, counted) in enumerate(mine):
+                t = self.tensors(batch, micro)
+                logprobs, entropy = self.response_logprobs(train_module, t, with_entropy=True)
+                mask = t["mask"]
+                pg = ppo_clip_policy_loss(
+                    logprobs,
+                    t["old_logprobs"],
+                    t["advantages"],
+                    clip_ratio_low=tc.clip_ratio_low,
+                    clip_ratio_high=tc.clip_ratio_high,
+                    clip_ratio_c=tc.clip_ratio_c,
                 )
-                strategy.zero_grad()
-                # this rank's micro-batches (all of them in one process); `counted=False` pads a
-                # rank that is short of one so every rank runs the same forwards/backwards
-                mine = strategy.deal(self._micro_batches(batch, members))
-                for k, (micro, counted) in enumerate(mine):
-                    t = self.tensors(batch, micro)
-                    logprobs, entropy = self.response_logprobs(train_module, t, with_entropy=True)
-                    mask = t["mask"]
-                    pg = ppo_clip_policy_loss(
-                        logprobs,
-                        t["old_logprobs"],
-                        t["advantages"],
-                        clip_ratio_low=tc.clip_ratio_low,
-                        clip_ratio_high=tc.clip_ratio_high,
-                        clip_ratio_c=tc.clip_ratio_c,
+                pg_loss = aggregate_loss(pg.loss_mat, mask, tc.loss_agg_mode, normalizer)
+                loss = pg_loss
+                tok = float(mask.sum())
+                kl = None
+                if self.ref_model is not None:
+                    with torch.no_grad():
+                        ref_logprobs, _ = self.response_logprobs(self.ref_model, t, with_entropy=False)
+                    kl = kl_penalty(logprobs, ref_logprobs, tc.kl_estimator)  # [b, R]
+                    loss = loss + tc.kl_coef * aggregate_loss(kl, mask, tc.loss_agg_mode, normalizer)
+                if tc.entropy_coef:
+                    loss = loss - tc.entropy_coef * aggregate_loss(entropy, mask, tc.loss_agg_mode, normalizer)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"non-finite loss ({loss.item()}) at step {step}; lower trainer.lr or check the "
+                        f"reward values; the run resumes from the last checkpoint with trainer.resume=auto"
                     )
-                    pg_loss = aggregate_loss(pg.loss_mat, mask, tc.loss_agg_mode, normalizer)
-                    loss = pg_loss
-                    tok = float(mask.sum())
-                    kl = None
-                    if self.ref_model is not None:
-                        with torch.no_grad():
-                            ref_logprobs, _ = self.response_logprobs(self.ref_model, t, with_entropy=False)
-                        kl = kl_penalty(logprobs, ref_logprobs, tc.kl_estimator)  # [b, R]
-                        loss = loss + tc.kl_coef * aggregate_loss(kl, mask, tc.loss_agg_mode, normalizer)
-                    if tc.entropy_coef:
-                        loss = loss - tc.entropy_coef * aggregate_loss(entropy, mask, tc.loss_agg_mode, normalizer)
-                    if not torch.isfinite(loss):
-                        raise TrainingError(
-                            f"non-finite loss ({loss.item()}) at step {step}; lower trainer.lr or check the "
-                            f"reward values; the run resumes from the last checkpoint with trainer.resume=auto"
-                        )
-                    strategy.backward(loss * (strategy.loss_scale if counted else 0.0), last=k == len(mine) - 1)
-                    if not counted:
-                        continue
-                    masked = lambda x: float((x.float() * mask).sum())  # noqa: E731
-                    for key, value in (
-                        ("actor/pg_loss", float(pg_loss.detach()) * normalizer.num_tokens),
-                        ("actor/entropy", masked(entropy.detach())),
-                        ("actor/pg_clipfrac_high", masked(pg.clipped_high)),
-                        ("actor/pg_clipfrac_low", masked(pg.clipped_low)),
-                        ("actor/pg_clipfrac_dual", masked(pg.dual_clipped)),
-                        ("actor/ppo_kl", masked(pg.approx_kl)),
-                        ("actor/kl", masked(kl.detach()) if kl is not None else None),
-                    ):
-                        if value is not None:
-                            sums[key] = sums.get(key, 0.0) + value
-                    ratio_max = max(ratio_max, float((pg.ratio * mask).max()))
-                    ratio_min = min(ratio_min, float(pg.ratio.masked_fill(mask == 0, float("inf")).min()))
-                    token_total += tok
-                grad_norms.append(strategy.step(tc.grad_clip, step))
+                strategy.backward(loss * (strategy.loss_scale if counted else 0.0), last=k == len(mine) - 1)
+                if not counted:
+                    continue
+                masked = lambda x: float((x.float() * mask).sum())  # noqa: E731
+                for key, value in (
+                    ("actor/pg_loss", float(pg_loss.detach()) * normalizer.num_tokens),
+                    ("actor/entropy", masked(entropy.detach())),
+                    ("actor/pg_clipfrac_high", masked(pg.clipped_high)),
+                    ("actor/pg_clipfrac_low", masked(pg.clipped_low)),
+                    ("actor/pg_clipfrac_dual", masked(pg.dual_clipped)),
+                    ("actor/ppo_kl", masked(pg.approx_kl)),
+                    ("actor/kl", masked(kl.detach()) if kl is not None else None),
+                ):
+                    if value is not None:
+                        sums[key] = sums.get(key, 0.0) + value
+                ratio_max = max(ratio_max, float((pg.ratio * mask).max()))
+                ratio_min = min(ratio_min, float(pg.ratio.masked_fill(mask == 0, float("inf")).min()))
+                token_total += tok
+            grad_norms.append(strategy.step(tc.grad_clip, step))
         train_module.eval()
         sums["_tokens"] = token_total
         sums = strategy.all_reduce_sum(sums)  # data parallel: every rank saw a share of the micro-batches

@@ -8,7 +8,7 @@ position ``P - 1 + j`` predicts response token ``j``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -94,6 +94,16 @@ def packed_batch(groups: list[Group], n: int) -> TrainBatch:
         loss_masks=[p.loss_mask for _, _, p in rows], seg_start=[p.seg_start for _, _, p in rows],
         seg_cut=[p.seg_cut for _, _, p in rows], positions=[p.positions for _, _, p in rows],
     )
+
+
+def mini_batch_members(batch: TrainBatch, mini_groups: int, epochs: int, generator: torch.Generator) -> Iterator[list[int]]:
+    """The rows of each optimizer step: per epoch the groups in a fresh random order, cut into
+    mini-batches of ``mini_groups`` groups (a group's responses stay together)."""
+    num_groups = len(batch.group_rows)
+    for _epoch in range(epochs):
+        order = torch.randperm(num_groups, generator=generator).tolist()
+        for start in range(0, num_groups, mini_groups):
+            yield [i for g in order[start : start + mini_groups] for i in batch.group_rows[g]]
 
 
 def micro_batches(batch: TrainBatch, members: list[int], size: int, budget: int | None) -> list[list[int]]:

@@ -26,7 +26,7 @@ from rlspec.config import RLSpecConfig
 from rlspec.data import derive_seed
 from rlspec.errors import ModelLoadError, TrainingError
 from rlspec.models import load_causal_lm
-from rlspec.trainers.batch import TrainBatch, micro_batches, micro_tensors
+from rlspec.trainers.batch import TrainBatch, micro_batches, micro_tensors, mini_batch_members
 from rlspec.trainers.gae import decoupled_gae, explained_variance, length_adaptive_lambda, masked_whiten, token_level_rewards
 from rlspec.trainers.losses import LossNormalizer, aggregate_loss, clipped_value_loss
 
@@ -185,39 +185,35 @@ class Critic:
         if batch.returns is None or batch.values is None:
             raise TrainingError("Critic.update needs a batch scored by Critic.score (returns and values)")
         tc, strategy = self.tc, self.strategy
-        num_groups = len(batch.group_rows)
         mini_groups = tc.mini_batch_size or tc.prompts_per_step
         shuffle = torch.Generator().manual_seed(derive_seed(tc.seed, step, 98))
         module = strategy.train_module
         module.train()
         sums = {"loss": 0.0, "clipfrac": 0.0, "vpred": 0.0, "tokens": 0.0}
         grad_norms: list[float] = []
-        for _epoch in range(self.cc.ppo_epochs or tc.ppo_epochs):
-            order = torch.randperm(num_groups, generator=shuffle).tolist()
-            for start in range(0, num_groups, mini_groups):
-                members = [i for g in order[start : start + mini_groups] for i in batch.group_rows[g]]
-                normalizer = LossNormalizer(num_tokens=float(max(sum(len(batch.response_ids[i]) for i in members), 1)),
-                                            num_seqs=float(len(members)), max_response_length=1.0)
-                strategy.zero_grad()
-                mine = strategy.deal(self._micro_batches(batch, members))
-                for k, (micro, counted) in enumerate(mine):
-                    t = self._tensors(batch, micro)
-                    vpred = self._response_values(module, t)  # [b, R]
-                    r_len, device = vpred.shape[1], vpred.device
-                    out = clipped_value_loss(vpred, _pad(batch.values, micro, r_len).to(device),
-                                             _pad(batch.returns, micro, r_len).to(device), self.cc.cliprange_value)
-                    mask = t["mask"]
-                    loss = aggregate_loss(out.loss_mat, mask, "token-mean", normalizer)
-                    if not torch.isfinite(loss):
-                        raise TrainingError(f"non-finite critic loss ({loss.item()}) at step {step}; lower critic.lr "
-                                            f"or check the reward values")
-                    strategy.backward(loss * (strategy.loss_scale if counted else 0.0), last=k == len(mine) - 1)
-                    if counted:
-                        sums["loss"] += float(loss.detach()) * normalizer.num_tokens
-                        sums["clipfrac"] += float((out.clipped.float() * mask).sum())
-                        sums["vpred"] += float((vpred.detach() * mask).sum())
-                        sums["tokens"] += float(mask.sum())
-                grad_norms.append(strategy.step(self.cc.grad_clip, step))
+        for members in mini_batch_members(batch, mini_groups, self.cc.ppo_epochs or tc.ppo_epochs, shuffle):
+            normalizer = LossNormalizer(num_tokens=float(max(sum(len(batch.response_ids[i]) for i in members), 1)),
+                                        num_seqs=float(len(members)), max_response_length=1.0)
+            strategy.zero_grad()
+            mine = strategy.deal(self._micro_batches(batch, members))
+            for k, (micro, counted) in enumerate(mine):
+                t = self._tensors(batch, micro)
+                vpred = self._response_values(module, t)  # [b, R]
+                r_len, device = vpred.shape[1], vpred.device
+                out = clipped_value_loss(vpred, _pad(batch.values, micro, r_len).to(device),
+                                         _pad(batch.returns, micro, r_len).to(device), self.cc.cliprange_value)
+                mask = t["mask"]
+                loss = aggregate_loss(out.loss_mat, mask, "token-mean", normalizer)
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"non-finite critic loss ({loss.item()}) at step {step}; lower critic.lr "
+                                        f"or check the reward values")
+                strategy.backward(loss * (strategy.loss_scale if counted else 0.0), last=k == len(mine) - 1)
+                if counted:
+                    sums["loss"] += float(loss.detach()) * normalizer.num_tokens
+                    sums["clipfrac"] += float((out.clipped.float() * mask).sum())
+                    sums["vpred"] += float((vpred.detach() * mask).sum())
+                    sums["tokens"] += float(mask.sum())
+            grad_norms.append(strategy.step(self.cc.grad_clip, step))
         module.eval()
         strategy.sync_policy()
         sums = strategy.all_reduce_sum(sums)

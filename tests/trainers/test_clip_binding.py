@@ -14,8 +14,6 @@ taken before it, so every micro-batch is attributed to its mini-batch.
 import pytest
 import torch
 
-from conftest import TINY_OVERRIDES, compose_config
-from rlspec.session import build_trainer
 from rlspec.trainers import actor as actor_module
 from rlspec.trainers.losses import ppo_clip_policy_loss
 
@@ -23,11 +21,9 @@ CLIP = {"clip_ratio_low": 0.2, "clip_ratio_high": 0.28}
 
 
 @pytest.fixture()
-def make_trainer(tiny_model_path, tmp_path):
+def make_trainer(make_trainer):
     def _make(*overrides):
-        cfg = compose_config([*TINY_OVERRIDES, f"run_dir={tmp_path}", "trainer.clip_ratio_low=0.2",
-                              "trainer.clip_ratio_high=0.28", "trainer.lr=1e-3", *overrides])
-        return build_trainer(cfg, tmp_path)
+        return make_trainer("trainer.clip_ratio_low=0.2", "trainer.clip_ratio_high=0.28", "trainer.lr=1e-3", *overrides)
 
     return _make
 

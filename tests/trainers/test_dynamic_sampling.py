@@ -10,17 +10,7 @@ import torch
 
 from conftest import TINY_OVERRIDES, compose_config
 from rlspec.errors import ConfigError, TrainingError
-from rlspec.session import build_trainer
 from rlspec.trainers.batch import Group
-
-
-@pytest.fixture()
-def make_trainer(tiny_model_path, tmp_path):
-    def _make(*overrides):
-        cfg = compose_config([*TINY_OVERRIDES, f"run_dir={tmp_path}", *overrides])
-        return build_trainer(cfg, tmp_path)
-
-    return _make
 
 
 def group(row: int, correct: list[bool], rewards: list[float] | None = None, finish: list[str] | None = None) -> Group:

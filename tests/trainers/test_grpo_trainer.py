@@ -2,21 +2,9 @@
 
 import copy
 
-import pytest
 import torch
 
-from conftest import TINY_OVERRIDES, compose_config
-from rlspec.session import build_trainer
 from rlspec.trainers.batch import micro_batches
-
-
-@pytest.fixture()
-def make_trainer(tiny_model_path, tmp_path):
-    def _make(*overrides):
-        cfg = compose_config([*TINY_OVERRIDES, f"run_dir={tmp_path}", *overrides])
-        return build_trainer(cfg, tmp_path)
-
-    return _make
 
 
 def test_one_step_updates_the_policy_and_reports_metrics(make_trainer):

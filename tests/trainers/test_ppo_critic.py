@@ -8,7 +8,6 @@ import torch
 
 from conftest import TINY_OVERRIDES, compose_config
 from rlspec.errors import ConfigError, TrainingError
-from rlspec.session import build_trainer
 from rlspec.trainers.batch import flatten_groups
 
 FAST = ["eval.at_start=false", "eval.at_end=false", "trainer.prompts_per_step=4", "rollout.n=2",
@@ -16,11 +15,9 @@ FAST = ["eval.at_start=false", "eval.at_end=false", "trainer.prompts_per_step=4"
 
 
 @pytest.fixture()
-def make_trainer(tiny_model_path, tmp_path):
+def make_trainer(make_trainer):
     def _make(*overrides, run_dir=None):
-        run_dir = run_dir or tmp_path
-        cfg = compose_config([*TINY_OVERRIDES, f"run_dir={run_dir}", *FAST, *overrides])
-        return build_trainer(cfg, run_dir)
+        return make_trainer(*FAST, *overrides, run_dir=run_dir)
 
     return _make
 

@@ -24,15 +24,6 @@ TINY_RECIPE_OVERRIDES = {
 }
 
 
-@pytest.fixture()
-def make_trainer(tiny_model_path, tmp_path):
-    def _make(*overrides):
-        cfg = compose_config([*TINY_OVERRIDES, f"run_dir={tmp_path}", *overrides])
-        return build_trainer(cfg, tmp_path)
-
-    return _make
-
-
 def _chunk(trainer, batch: RewardBatch, result: RolloutResult | None = None) -> RolloutChunk:
     """A generation chunk holding ``batch`` (and ``result``), as the trainer hands it to its hooks."""
     return RolloutChunk(step=0, seed=0, max_length=trainer.max_length_at(0), engine=trainer.engine, row_indices=[],
