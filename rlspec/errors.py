@@ -19,3 +19,11 @@ class ModelLoadError(RLSpecError):
 
 class TrainingError(RLSpecError):
     """Training hit a state it must not continue from (e.g. a NaN loss)."""
+
+
+class RunDirBusyError(RLSpecError):
+    """Another process holds the run directory's lock. The message names its pid and host."""
+
+
+class CheckpointError(RLSpecError):
+    """A checkpoint cannot be written (disk full) or none verifies. The message names the file and the fix."""
