@@ -83,6 +83,8 @@ class GRPOTrainer:
         self.logger = logger
         self.reward_terms = {name: dict(term) for name, term in reward_terms.items()}
         self.global_step = 0
+        # set by the run wiring on SIGTERM/SIGINT (rlspec.stopping): checkpoint after this step and stop
+        self.stop_requested: str | None = None
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.sampler = PromptSampler(len(self.train_rows), seed=self.tc.seed, shuffle=cfg.data.shuffle)
         needs_ref = self.tc.kl_coef > 0 or self.tc.kl_in_reward
@@ -135,8 +137,11 @@ class GRPOTrainer:
                 log.log(metrics, step=step)
             sched = self.cfg.rollout.length_schedule
             tag = checkpoint_tag(sched.name, step, sched.kwargs)  # SIRI: siri-low / siri-high
-            if tag or (self.tc.save_every and step % self.tc.save_every == 0) or step == self.tc.steps:
+            stop = self.stop_agreed() and step < self.tc.steps
+            if stop or tag or (self.tc.save_every and step % self.tc.save_every == 0) or step == self.tc.steps:
                 self.save(tag)
+            if stop:  # no final eval and no summary.json: the run wiring says how to resume
+                return self.summary()
         if ec.at_end and self.tc.steps not in self.eval_history:
             metrics = self.evaluate(self.tc.steps)
             if log:
@@ -149,6 +154,13 @@ class GRPOTrainer:
         if self.cfg.logger.plot:
             plot_training_curves(self.run_dir / "metrics.jsonl", self.run_dir / "training_curves.png", self.cfg.run_name)
         return summary
+
+    def stop_agreed(self) -> bool:
+        """Whether a stop was requested on any rank (then every rank stops after the same step)."""
+        if self.strategy.world_size > 1:
+            asked = self.strategy.all_reduce_max({"stop": float(self.stop_requested is not None)})["stop"] > 0
+            self.stop_requested = self.stop_requested or ("a signal on another rank" if asked else None)
+        return self.stop_requested is not None
 
     def train_step(self) -> dict[str, float]:
         step = self.global_step + 1
