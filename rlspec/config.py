@@ -22,8 +22,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from rlspec import registry
 from rlspec.errors import ConfigError
+from rlspec.guard_config import DivergenceConfig, NoLearningConfig, OverlongPrompts, check_group_size
 from rlspec.method_config import AnytimeConfig, HbpoConfig
 from rlspec.ppo_config import CriticConfig, GaeConfig
+from rlspec.prompts import check_prompt_template
 from rlspec.schema import build, choice_error, field_defaults, require, setting
 
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -34,8 +36,9 @@ STANDARD_INSTRUCTION = "Please reason step by step, and put your final answer wi
 class ModelConfig:
     """The policy (and the reference model, a frozen copy of it)."""
 
-    path: Optional[str] = setting(None, "HF save_pretrained dir or hub id; null = the embedded default, "
-                                        "built locally on first use")
+    path: Optional[str] = setting(None, "HF save_pretrained dir, hub id or a .gguf file; null = the embedded "
+                                        "default, built locally on first use")
+    gguf_file: Optional[str] = setting(None, "a GGUF file inside model.path (dequantized to model.dtype)")
     embedded_preset: Literal["default", "tiny"] = setting("default", "embedded default variant (tiny: tests)")
     dtype: Dtype = setting("float32", "training and rollout dtype (bfloat16 is slower on CPUs without AMX)")
     trust_remote_code: bool = setting(False, "allow the model's own code from the hub")
@@ -60,9 +63,13 @@ class DataConfig:
     instruction: str = setting(STANDARD_INSTRUCTION, "appended to every question (the standard reasoning instruction)")
     max_train_samples: Optional[int] = setting(None, "use only the first N training rows")
     shuffle: bool = setting(True, "shuffle the prompts every epoch (seeded)")
+    prompt_template: str = setting("chat", "chat (the tokenizer's) | r1_zero | plain (base models) | a string with {question}")
+    overlong_prompts: OverlongPrompts = setting("error", "a prompt longer than the model's positions minus the "
+                                                         "response length: error (naming file and row) | drop")
 
     def __post_init__(self) -> None:
         require(self.max_train_samples is None or self.max_train_samples > 0, "data.max_train_samples", "must be > 0")
+        check_prompt_template(self.prompt_template)
 
 
 @dataclass
@@ -349,6 +356,8 @@ class TrainerConfig:
     old_logprobs: Literal["rollout", "recompute"] = setting("rollout", "rollout: the engine's log-probs | "
                                                                        "recompute: an extra forward")
     filter_groups: FilterGroupsConfig = setting(help="dynamic sampling", default_factory=FilterGroupsConfig)
+    divergence: DivergenceConfig = setting(help="divergence guards", default_factory=DivergenceConfig)
+    no_learning: NoLearningConfig = setting(help="silent no-learning guard", default_factory=NoLearningConfig)
     seed: int = setting(0, "seed of sampling, data order and initialisation")
     save_every: int = setting(10, "checkpoint every N steps (and at the end); 0 = only at the end")
     save_total_limit: int = setting(2, "keep the newest N step checkpoints")
@@ -401,8 +410,10 @@ class CustomRewardConfig:
     name: Optional[str] = setting(None, "function name inside it")
     weight: float = setting(1.0, "weight in the sum of terms")
     style: Literal["auto", "trl", "verl"] = setting("auto", "auto: from the function's signature")
+    timeout_s: Optional[float] = setting(300.0, "seconds one call may take (TRL-style: a batch; verl: one completion)")
 
     def __post_init__(self) -> None:
+        require(self.timeout_s is None or self.timeout_s > 0, "reward.custom.timeout_s", "must be > 0 or null")
         require((self.path is None) == (self.name is None), "reward.custom",
                 "set both reward.custom.path and reward.custom.name (or neither)")
 
@@ -416,6 +427,8 @@ class RewardConfig:
                                                  default_factory=dict)
     custom: CustomRewardConfig = setting(help="user reward function", default_factory=CustomRewardConfig)
     require_think_close: bool = setting(False, "grade only the text after </think>; none -> incorrect (DeepScaleR)")
+    think_tags: Literal["require", "auto", "off"] = setting("require", "a model without think tags: require: stop "
+                                                            "at start / step 1 | auto: warn, grade without | off: no check")
     grader_timeout_s: float = setting(5.0, "math-verify timeout per answer")
 
 
@@ -511,6 +524,7 @@ class RLSpecConfig:
     def __post_init__(self) -> None:
         require(bool(self.reward.terms) or self.reward.custom.path is not None, "reward.terms",
                 "no reward term is configured; choose reward=correctness or set reward.custom.path")
+        check_group_size(self)  # rollout.n >= 2 for the group estimators and dynamic sampling
         if self.anytime.enable != (self.trainer.adv_estimator == "brpo"):
             raise ConfigError(
                 "anytime.enable=true needs trainer.adv_estimator=brpo and the reverse (BRPO advantages come from "
