@@ -36,10 +36,12 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from rlspec.checkpoint import newest_verified, warn_line
 from rlspec.cli import parse_options, run_main
 from rlspec.embedded import resolve_model_path
 from rlspec.evals.model_card import RunInfo, generation_settings, get_key, load_run_info, model_card
-from rlspec.errors import ConfigError, ModelLoadError
+from rlspec.errors import CheckpointError, ConfigError, ModelLoadError
+from rlspec.manifest import verify_checkpoint
 from rlspec.merging import update_selective_merge
 from rlspec.schema import setting
 
@@ -138,8 +140,8 @@ def _tags(run_dir: Path) -> dict[str, list[str]]:
 def resolve_checkpoint(run_dir: str | Path, name: str = "latest") -> tuple[Path, str]:
     """``(checkpoint dir, note)`` for ``checkpoint=name``: ``latest``, ``step_N``, ``N`` or a tag.
 
-    Read-only: unlike :func:`rlspec.checkpoint.find_latest_checkpoint` it removes no leftover
-    temporary directories (a trainer may still be writing one). ``note`` says how a tag or
+    Read-only: it removes no leftover temporary directories (a trainer may still be writing one);
+    :func:`verified_checkpoint` then checks the files. ``note`` says how a tag or
     ``latest`` was resolved (empty if there is nothing to say).
     """
     run_dir = Path(run_dir)
@@ -176,6 +178,26 @@ def resolve_checkpoint(run_dir: str | Path, name: str = "latest") -> tuple[Path,
         return root / present[-1], note
     raise ConfigError(f"checkpoint={name} is not a checkpoint or tag of {run_dir}; available: "
                       f"{_available(run_dir, names, tags)}")
+
+
+def verified_checkpoint(run_dir: Path, checkpoint: Path, name: str) -> Path:
+    """``checkpoint`` once its manifest verifies (:mod:`rlspec.manifest`). For ``latest`` a damaged
+    one falls back to the newest older checkpoint that verifies, with one warning line; a checkpoint
+    named explicitly is refused with one line naming the damaged file."""
+    verdict = verify_checkpoint(checkpoint, for_export=True)
+    if verdict.ok:
+        return checkpoint
+    if name != "latest":
+        raise CheckpointError(f"checkpoint={name}: {checkpoint.name}/{verdict.reason}; restore that file or export "
+                              f"another checkpoint (checkpoint=step_N)")
+    older = [run_dir / "checkpoints" / n for n in reversed(_checkpoints(run_dir)) if n < checkpoint.name]
+    chosen, skipped = newest_verified(older, for_export=True)
+    skipped = [f"{checkpoint.name} ({verdict.reason})", *skipped]
+    if chosen is None:
+        raise CheckpointError(f"no checkpoint of run_dir={run_dir} verifies: {'; '.join(skipped)}; restore the "
+                              f"damaged file")
+    warn_line(f"skipped damaged checkpoint {'; '.join(skipped)}; exporting {chosen.name}")
+    return chosen
 
 
 def _available(run_dir: Path, names: list[str], tags: dict[str, list[str]]) -> str:
@@ -313,6 +335,7 @@ def export_run(opts: ExportOptions) -> ExportResult:
 
     run_dir, m = opts.run_path, opts.merge
     checkpoint, note = resolve_checkpoint(run_dir, opts.checkpoint)
+    checkpoint = verified_checkpoint(run_dir, checkpoint, opts.checkpoint)
     notes = [note] if note else []
     info = load_run_info(run_dir)
     step = _step_of(checkpoint)

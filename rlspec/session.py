@@ -5,7 +5,8 @@
 * :func:`build_trainer` -- model, tokenizer, data, rollout engine (native / vLLM / a Ray pool,
   sharded over DeepSpeed ranks), speculative drafter and its online trainer, rewards, strategy,
   all wired into a :class:`~rlspec.trainers.grpo.GRPOTrainer`;
-* :func:`run` -- the run directory (``config.yaml``, resume checks), logging, ``fit``, ``summary.json``.
+* :func:`run` -- the run directory (its lock, ``config.yaml``, resume checks), logging, ``fit``,
+  ``summary.json``; SIGTERM / SIGINT checkpoint and stop (:mod:`rlspec.stopping`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from rlspec.checkpoint import find_latest_checkpoint
+from rlspec.checkpoint import checkpoint_root, find_latest_checkpoint, step_dir_name
 from rlspec.config import RLSpecConfig, defaults, validate_config
 from rlspec.data import build_prompt_ids, load_split
 from rlspec.embedded import get_embedded_drafter_path, resolve_model_path
@@ -35,8 +37,10 @@ from rlspec.rollout.speculative.history import HistoryCheckpoint
 from rlspec.rollout.speculative.online import DrafterCheckpoint, OnlineDrafting
 from rlspec.rollout.speculative.remote_spot_trainer import RemoteSpotTrainer
 from rlspec.rollout.speculative.spot_trainer import SpotDrafterTrainer
+from rlspec.run_lock import RunLock, remove_stale_temps
 from rlspec.schema import is_known_key, schema_keys, unknown_key_error
 from rlspec.schema import to_dict as config_to_dict
+from rlspec.stopping import StopOnSignal
 from rlspec.tracking import MetricsLogger
 from rlspec.trainers.critic import Critic, CriticCheckpoint, build_value_model, critic_trainer_config
 from rlspec.trainers.grpo import GRPOTrainer
@@ -141,7 +145,8 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any],
 
 
 def prepare_run_dir(cfg: RLSpecConfig, resolved: dict[str, Any]) -> Path:
-    """Create the run dir; refuse to resume a run whose config differs (nothing is overwritten)."""
+    """Refuse to resume a run whose config differs (nothing is overwritten), then save the config.
+    Call it holding the run dir's lock (:func:`run` does)."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     saved_path = run_dir / "config.yaml"
@@ -301,32 +306,46 @@ def run(cfg: RLSpecConfig, resolved: dict[str, Any] | None = None) -> dict[str, 
         raise ConfigError(f"launched with {world} processes (WORLD_SIZE={world}) but trainer.strategy="
                           f"{cfg.trainer.strategy} trains in one process; set trainer.strategy=deepspeed or "
                           f"launch a single process")
-    # under torchrun (trainer.strategy=deepspeed) only rank 0 prints, logs and writes the run dir
+    # under torchrun (trainer.strategy=deepspeed) only rank 0 prints, logs, writes the run dir and
+    # holds its lock; every rank stops on a signal after the same step
     if int(os.environ.get("RANK", "0")) != 0:
-        trainer = build_trainer(cfg, Path(cfg.run_dir), None)
-        trainer.maybe_resume()
-        summary = trainer.fit()
-        trainer.strategy.close()
+        with StopOnSignal() as stopper:
+            trainer = build_trainer(cfg, Path(cfg.run_dir), None)
+            stopper.trainer = trainer
+            trainer.maybe_resume()
+            summary = trainer.fit()
+            trainer.strategy.close()
+        if trainer.stop_requested is not None and trainer.global_step < cfg.trainer.steps:
+            raise SystemExit(stopper.exit_code or 143)
         return summary
     console.print(Syntax(OmegaConf.to_yaml(OmegaConf.create(resolved)), "yaml", theme="ansi_dark"))
-    run_dir = prepare_run_dir(cfg, resolved)
-    console.print(f"[bold]run dir:[/bold] {run_dir}  (resolved config saved as {run_dir / 'config.yaml'})")
-    logger = MetricsLogger(run_dir, cfg.logger.backends, project=cfg.logger.project, run_name=cfg.run_name,
-                           wandb_mode=cfg.logger.wandb_mode, wandb_entity=cfg.logger.wandb_entity, config=resolved,
-                           progress=cfg.logger.progress, total_steps=cfg.trainer.steps)
-    try:
-        trainer = build_trainer(cfg, run_dir, logger)
-        resumed = trainer.maybe_resume()
-        if resumed is not None:
-            console.print(f"resumed from {resumed} (step {trainer.global_step}/{cfg.trainer.steps})")
-        summary = trainer.fit()
-        trainer.strategy.close()
-    finally:
-        logger.close()
-    # wall time of this process (an embedded-model build on first use included); a resumed run
-    # reports only its own part
-    summary["wall_seconds"] = round(time.time() - started, 1)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    with RunLock(cfg.run_dir), StopOnSignal() as stopper:  # a second start on this run dir exits 2 naming us
+        remove_stale_temps(checkpoint_root(cfg.run_dir))  # temporary checkpoints of dead writers only
+        run_dir = prepare_run_dir(cfg, resolved)
+        console.print(f"[bold]run dir:[/bold] {run_dir}  (resolved config saved as {run_dir / 'config.yaml'})")
+        logger = MetricsLogger(run_dir, cfg.logger.backends, project=cfg.logger.project, run_name=cfg.run_name,
+                               wandb_mode=cfg.logger.wandb_mode, wandb_entity=cfg.logger.wandb_entity,
+                               config=resolved, progress=cfg.logger.progress, total_steps=cfg.trainer.steps)
+        try:
+            trainer = build_trainer(cfg, run_dir, logger)
+            resumed = trainer.maybe_resume()
+            if resumed is not None:
+                console.print(f"resumed from {resumed} (step {trainer.global_step}/{cfg.trainer.steps})")
+            stopper.trainer = trainer
+            summary = trainer.fit()
+            trainer.strategy.close()
+        finally:
+            logger.close()
+        if trainer.stop_requested is not None and trainer.global_step < cfg.trainer.steps:
+            again = "the same command" if cfg.trainer.resume == "auto" else "the command with trainer.resume=auto"
+            print(f"rlspec: stopped by {stopper.name or trainer.stop_requested} after step {trainer.global_step}/"
+                  f"{cfg.trainer.steps}; checkpoint {checkpoint_root(run_dir) / step_dir_name(trainer.global_step)} "
+                  f"saved; re-run {again} to resume from it", file=sys.stderr, flush=True)
+            raise SystemExit(stopper.exit_code or 143)
+        # wall time of this process (an embedded-model build on first use included); a resumed run
+        # reports only its own part
+        summary["wall_seconds"] = round(time.time() - started, 1)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(console, summary, run_dir)
     console.print(f"wall time: {summary['wall_seconds']:.0f} s (this process)")
     return summary

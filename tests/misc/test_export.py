@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from conftest import TINY_OVERRIDES, compose_config
 from rlspec.errors import ConfigError
 from rlspec.export import main, parse_args, resolve_checkpoint
+from rlspec.manifest import write_manifest
 from rlspec.schema import to_dict
 
 PROMPT = [{"role": "user", "content": "What is 3 + 4?"}]
@@ -41,6 +42,7 @@ def run_dir(tiny_model_path, tmp_path_factory) -> Path:
         for p in model.parameters():
             p.add_(0.01 * torch.linspace(-1, 1, p.numel()).reshape(p.shape))
     model.save_pretrained(model_dir, safe_serialization=True)
+    write_manifest(model_dir.parent)  # the checkpoint was changed on purpose: record its new files
     return path
 
 
