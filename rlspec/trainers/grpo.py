@@ -39,6 +39,7 @@ from rlspec.tracking import MetricsLogger, plot_training_curves, truncate_jsonl
 from rlspec.trainers.actor import Actor
 from rlspec.trainers.advantages import compute_advantages
 from rlspec.trainers.batch import Group, TrainBatch, flatten_groups, packed_batch
+from rlspec.trainers.guards import DivergenceGuard, NoLearningGuard, check_finite_state
 from rlspec.trainers.hooks import HookContext, RolloutChunk, build_hooks
 from rlspec.trainers.metrics import rollout_metrics, write_completions
 from rlspec.trainers.schedules import checkpoint_tag, length_at, lr_factor
@@ -104,6 +105,7 @@ class GRPOTrainer:
         self._spec_calls: list[dict[str, float]] = []  # this step's rollout calls' spec/ stats
         self.reward_state: dict[str, Any] = {}  # stateful reward terms (HAPO history), checkpointed
         self.max_length_at(0)  # a bad length schedule fails at start, not at step N
+        self.divergence, self.no_learning = DivergenceGuard(self.tc), NoLearningGuard(cfg)  # trainers/guards.py
         self.hooks = build_hooks(HookContext(cfg, tokenizer, self.eos_ids, self.train_rows, self.train_prompt_ids,
                                              self.max_length_at))
         for hook in self.hooks:  # bad hook settings fail at start, naming their key
@@ -176,6 +178,7 @@ class GRPOTrainer:
         metrics.update(self._engine_stats)  # the Ray pool, the online drafter
         metrics.update(self._spec_metrics())  # speculative decoding, over the step's rollout calls
         t_train = time.perf_counter()
+        batch = None
         if kept:
             batch = self.build_batch(kept, metrics)  # 3. advantage (a critic's values: GAE)
             if self.tc.old_logprobs == "recompute":
@@ -187,11 +190,13 @@ class GRPOTrainer:
             if self.critic is not None and step <= self.critic.warmup_steps:  # critic warm-up: the policy waits
                 metrics["actor/num_updates"] = 0.0
             else:
-                metrics.update(self.update_policy(batch, step))  # 4-5. loss + optimizer step
-                self.strategy.sync_policy()  # ZeRO-3: gather the new weights into the policy copy
+                with self.divergence.watch(self.model, metrics, step):  # a diverged update stops the run here
+                    metrics.update(self.update_policy(batch, step))  # 4-5. loss + optimizer step
+                    self.strategy.sync_policy()  # ZeRO-3: gather the new weights into the policy copy
                 self.engine.update_weights()
         else:
             metrics["actor/num_updates"] = 0.0
+        self.no_learning.observe(step, generated, kept, batch, metrics)  # train/skipped_updates
         with warnings.catch_warnings():  # the schedule follows RL steps, also those without a policy update
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
             self.scheduler.step()
@@ -417,6 +422,10 @@ class GRPOTrainer:
 
     def save(self, tag: str | None = None) -> Path:
         """Checkpoint the current step (a ``tag`` such as SIRI's ``siri-low`` protects it from rotation)."""
+        parts = [("policy", self.model, self.strategy.optimizer_state())]
+        if self.critic is not None:
+            parts.append(("critic", self.critic.value_model, self.critic.strategy.optimizer_state()))
+        check_finite_state(self.global_step, self.tc, parts)  # a non-finite checkpoint is refused
         return self.checkpointer.save(self.global_step, self.state_dict, tag)
 
     def maybe_resume(self) -> Path | None:
