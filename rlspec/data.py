@@ -17,8 +17,21 @@ from rlspec.errors import DataError
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
+def read_utf8(path: Path) -> str:
+    """A data file's text (a UTF-8 BOM is skipped); bytes that are not UTF-8 raise DataError
+    naming the file, line and column instead of a bare UnicodeDecodeError."""
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - data.rfind(b"\n", 0, err.start)
+        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{data[err.start]:02x} at column {column}); re-save the "
+                        f"file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
 def _read_json_or_jsonl(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     stripped = text.lstrip()
     if path.suffix == ".json" and stripped.startswith("["):
         try:

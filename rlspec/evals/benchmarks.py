@@ -30,6 +30,7 @@ name          hub id                              split  notes
 from __future__ import annotations
 
 import csv
+import io
 import math
 import re
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rlspec import tasks
-from rlspec.data import DATA_SUFFIXES, read_rows
+from rlspec.data import DATA_SUFFIXES, read_rows, read_utf8
 from rlspec.embedded_build import EmbeddedModelConfig
 from rlspec.errors import DataError
 from rlspec.registry import BENCHMARKS
@@ -292,7 +293,7 @@ def _read_matharena(directory: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for part in parts:
         answers = part / "answers.csv"
-        with open(answers, encoding="utf-8", newline="") as f:
+        with io.StringIO(read_utf8(answers), newline="") as f:  # not UTF-8: one line naming file and line
             reader = csv.DictReader(f)
             for line, rec in enumerate(reader, start=2):
                 if rec.get("id") is None or rec.get("answer") is None:
@@ -302,7 +303,7 @@ def _read_matharena(directory: Path) -> list[dict[str, Any]]:
                     raise DataError(f"{answers}:{line}: problem id {rec['id']!r} has no {tex}")
                 rows.append({
                     "id": f"{part.name}/{rec['id'].strip()}",
-                    "problem": tex.read_text(encoding="utf-8"),
+                    "problem": read_utf8(tex),
                     "answer": rec["answer"],
                 })
     return rows
