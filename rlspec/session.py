@@ -28,6 +28,7 @@ from rlspec.config import RLSpecConfig, defaults, validate_config
 from rlspec.data import build_prompt_ids, load_split
 from rlspec.embedded import get_embedded_drafter_path, resolve_model_path
 from rlspec.errors import ConfigError, ModelLoadError
+from rlspec.input_guards import check_tokenizer, fit_prompts, model_positions, source_description
 from rlspec.models import eos_token_ids, load_causal_lm, load_tokenizer
 from rlspec.rewards import build_reward_terms
 from rlspec.rollout.engines import make_engine
@@ -44,6 +45,7 @@ from rlspec.stopping import StopOnSignal
 from rlspec.tracking import MetricsLogger
 from rlspec.trainers.critic import Critic, CriticCheckpoint, build_value_model, critic_trainer_config
 from rlspec.trainers.grpo import GRPOTrainer
+from rlspec.trainers.schedules import length_at
 from rlspec.trainers.strategy import DataParallelEngine, make_strategy
 
 CONFIG_GROUPS = ("model", "data", "rollout", "trainer", "reward", "logger", "recipe")
@@ -52,6 +54,7 @@ HELP_HINT = ". See all keys with: python -m rlspec.train --help"
 RESUMABLE_CHANGES = (
     "trainer.steps", "trainer.resume", "trainer.save_every", "trainer.save_total_limit",
     "trainer.log_completions_every", "trainer.num_threads", "logger.", "eval.", "run_dir", "recipe_notes",
+    "trainer.no_learning.", "trainer.divergence.", "reward.custom.timeout_s",
 )
 
 
@@ -216,6 +219,14 @@ def load_drafter(cfg: RLSpecConfig, model: Any, tokenizer: Any, model_path: Any,
     return None
 
 
+def longest_response(cfg: RLSpecConfig) -> tuple[int, str]:
+    """The longest response a training rollout may sample, and the key that sets it."""
+    sched = cfg.rollout.length_schedule
+    if sched.name is None:
+        return cfg.rollout.max_response_length, "rollout.max_response_length"
+    return max(length_at(sched.name, s, sched.kwargs) for s in range(cfg.trainer.steps)), "rollout.length_schedule"
+
+
 def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: MetricsLogger | None = None) -> GRPOTrainer:
     """Load model, tokenizer, data, engine and rewards, and wire them into a trainer."""
     if cfg.trainer.num_threads:
@@ -233,6 +244,7 @@ def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: MetricsLogger | None
     model = load_causal_lm(model_path, cfg.model.dtype, cfg.model.trust_remote_code).eval()
     model.to(resolve_device(cfg.model.device))
     eos_ids = eos_token_ids(model, tokenizer)
+    check_tokenizer(tokenizer, model, model_path)  # e.g. no tokenizer.json: one line, not 1-token prompts
     # trainer.strategy: local (AdamW in this process) or deepspeed (ZeRO over the launched ranks);
     # `model` becomes the policy the engine samples from (ZeRO-3: a full copy of the sharded one)
     strategy = make_strategy(model, cfg.trainer)
@@ -241,6 +253,12 @@ def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: MetricsLogger | None
     engine_kwargs: dict[str, Any] = {"speculative": sc} if sc is not None else {}
     train_prompt_ids = build_prompt_ids(tokenizer, train_rows, cfg.data.instruction)
     eval_prompt_ids = build_prompt_ids(tokenizer, eval_rows, cfg.data.instruction)
+    train_rows, train_prompt_ids = fit_prompts(  # before anything generates: data.overlong_prompts
+        train_rows, train_prompt_ids, model_positions(model), *longest_response(cfg),
+        source_description(data_path, cfg.data.split), cfg.data.overlong_prompts)
+    eval_rows, eval_prompt_ids = fit_prompts(
+        eval_rows, eval_prompt_ids, model_positions(model), cfg.eval.max_new_tokens, "eval.max_new_tokens",
+        source_description(test_source, cfg.data.test_split), cfg.data.overlong_prompts)
     if cfg.rollout.backend == "vllm":
         longest = max(len(p) for p in [*train_prompt_ids, *eval_prompt_ids])
         engine_kwargs["settings"] = cfg.rollout.vllm
