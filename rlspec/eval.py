@@ -28,6 +28,7 @@ from rlspec.cli import parse_options, run_main
 from rlspec.config import ModelConfig
 from rlspec.embedded import resolve_model_path
 from rlspec.errors import ConfigError
+from rlspec.input_guards import check_tokenizer
 from rlspec.evals.benchmarks import benchmark_names, load_benchmark
 from rlspec.evals.metrics import aes_against
 from rlspec.evals.runner import RunnerSettings, engine_and_eos, evaluate_benchmark
@@ -178,6 +179,7 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
     problems = {name: load_benchmark(name, ev.paths.get(name), ev.limit) for name in ev.benchmarks}
     tokenizer = load_tokenizer(model_path, mo.trust_remote_code)
     model = load_causal_lm(model_path, mo.dtype, mo.trust_remote_code).to(resolve_device(mo.device))
+    check_tokenizer(tokenizer, model, model_path)  # no tokenizer.json: one line, not 0% on empty prompts
     progress = opts.progress == "on" or (opts.progress == "auto" and sys.stderr.isatty())
     settings = ev.settings
     summary: dict[str, Any] = {

@@ -41,6 +41,7 @@ from rlspec.cli import parse_options, run_main
 from rlspec.embedded import resolve_model_path
 from rlspec.evals.model_card import RunInfo, generation_settings, get_key, load_run_info, model_card
 from rlspec.errors import CheckpointError, ConfigError, ModelLoadError
+from rlspec.input_guards import check_tokenizer
 from rlspec.manifest import verify_checkpoint
 from rlspec.merging import update_selective_merge
 from rlspec.schema import setting
@@ -378,6 +379,7 @@ def export_run(opts: ExportOptions) -> ExportResult:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
     except Exception as err:  # noqa: BLE001
         raise ModelLoadError(f"cannot load the tokenizer of {model_dir} ({str(err).strip().splitlines()[0]})") from None
+    check_tokenizer(tokenizer, model, model_dir)  # no tokenizer.json: one line, not an export without a vocabulary
     if not getattr(tokenizer, "chat_template", None):
         notes.append(f"the checkpoint's tokenizer has no chat template; {out} has none either")
 
