@@ -31,11 +31,12 @@ import importlib.util
 import inspect
 import logging
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Mapping
 
-from rlspec.errors import ConfigError
+from rlspec.errors import ConfigError, RLSpecError, TrainingError
 from rlspec.rewards.terms import REWARD_TERMS, RewardBatch, _term_spec, check_term_kwargs
 
 logger = logging.getLogger(__name__)
@@ -113,8 +114,9 @@ class CustomRewardTerm:
     A class rather than a closure so that a registered term can be re-pointed at a reloaded file.
     """
 
-    def __init__(self, fn: Callable, *, style: str, name: str, source: str) -> None:
+    def __init__(self, fn: Callable, *, style: str, name: str, source: str, timeout_s: float | None = None) -> None:
         self.fn, self.style, self.name, self.source = fn, style, name, source
+        self.timeout_s = timeout_s  # reward.custom.timeout_s: one call (a TRL batch, a verl completion)
         params = inspect.signature(fn).parameters
         self._param_names = frozenset(params)
         self._takes_var_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -139,6 +141,39 @@ class CustomRewardTerm:
             f"reward.custom: verl-style {self.where} must accept (data_source, solution_str, ground_truth, "
             f"extra_info=None); its signature is {sig}"
         )
+
+    def _invoke(self, batch: RewardBatch, index: int | None, call: Callable[[], Any]) -> Any:
+        """One call of the user's function (``index``: the completion of a verl-style call), bounded
+        by ``reward.custom.timeout_s``; what it raises becomes one line naming the step and the
+        completion. A call that times out is abandoned in its daemon thread (Python cannot stop it)."""
+        which = (f"completion {index} of {len(batch)}" if index is not None else
+                 f"completions 0-{len(batch) - 1} (a TRL-style reward scores the batch at once)")
+        at = f"training step {batch.step + 1}, {which}"
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["value"] = call()
+            except Exception as err:  # noqa: BLE001 -- reported below, on one line
+                box["error"] = err
+
+        if self.timeout_s is None:
+            run()
+        else:
+            thread = threading.Thread(target=run, name=f"rlspec-reward-{self.name}", daemon=True)
+            thread.start()
+            thread.join(self.timeout_s)
+            if thread.is_alive():
+                raise TrainingError(f"reward.custom: {self.where} did not return within reward.custom.timeout_s="
+                                    f"{self.timeout_s:g} s ({at}); fix the function or raise reward.custom.timeout_s")
+        err = box.get("error")
+        if isinstance(err, RLSpecError):
+            raise err
+        if err is not None:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise TrainingError(f"reward.custom: {self.where} raised {type(err).__name__}"
+                                f"{': ' + first if first else ''} ({at}); fix the function") from err
+        return box["value"]
 
     def __call__(self, batch: RewardBatch, **kwargs: Any) -> list[float]:
         values = self._call_trl(batch, kwargs) if self.style == "trl" else self._call_verl(batch, kwargs)
@@ -173,7 +208,7 @@ class CustomRewardTerm:
                 f"arguments prompts, completions, completion_ids, answer, finish_reasons, correct, group_ids, "
                 f"step and the dataset columns ({', '.join(sorted(batch.columns)) or 'none'}); fix its signature"
             ) from None
-        values = self.fn(**inputs)
+        values = self._invoke(batch, None, lambda: self.fn(**inputs))
         if isinstance(values, (str, bytes, Mapping)) or not hasattr(values, "__len__"):
             raise ConfigError(
                 f"reward.custom: {self.where} returned a {type(values).__name__}; fix: a TRL-style reward "
@@ -206,9 +241,9 @@ class CustomRewardTerm:
                 call = dict(zip(("data_source", "solution_str", "ground_truth", "extra_info"), args))
                 if not self._takes_var_kwargs:
                     call = {k: v for k, v in call.items() if k in self._param_names}
-                value = self.fn(**call)
+                value = self._invoke(batch, i, lambda: self.fn(**call))  # noqa: B023 -- called at once
             else:
-                value = self.fn(*args[: self._verl_arity])
+                value = self._invoke(batch, i, lambda: self.fn(*args[: self._verl_arity]))  # noqa: B023
             if isinstance(value, Mapping):
                 if "score" not in value:
                     raise ConfigError(
@@ -230,7 +265,8 @@ class CustomRewardTerm:
             ) from None
 
 
-def load_custom_reward(path_or_module: str, name: str, *, style: str = "auto") -> CustomRewardTerm:
+def load_custom_reward(path_or_module: str, name: str, *, style: str = "auto",
+                       timeout_s: float | None = None) -> CustomRewardTerm:
     """Load ``name`` from a ``.py`` file or a dotted module and wrap it as a reward term.
 
     Raises:
@@ -258,16 +294,17 @@ def load_custom_reward(path_or_module: str, name: str, *, style: str = "auto") -
         raise ConfigError(f"reward.custom.name: cannot read the signature of {name} in {source}") from None
     if style == "auto":
         style = _detect_style(params, f"{name}() in {source}")
-    return CustomRewardTerm(fn, style=style, name=name, source=source)
+    return CustomRewardTerm(fn, style=style, name=name, source=source, timeout_s=timeout_s)
 
 
-def register_custom_reward(path_or_module: str, name: str, *, style: str = "auto") -> str:
+def register_custom_reward(path_or_module: str, name: str, *, style: str = "auto",
+                           timeout_s: float | None = None) -> str:
     """Load a user reward and register it in :data:`REWARD_TERMS`; returns its term name.
 
     The name is ``"custom:<name>"``. Loading the same name again (e.g. a re-run in a notebook)
     re-points the registered term at the newly loaded function.
     """
-    term = load_custom_reward(path_or_module, name, style=style)
+    term = load_custom_reward(path_or_module, name, style=style, timeout_s=timeout_s)
     key = CUSTOM_PREFIX + name
     if key in REWARD_TERMS:
         existing = REWARD_TERMS.get(key)
@@ -310,7 +347,8 @@ def build_reward_terms(reward: Any, hbpo: Any = None) -> dict[str, dict[str, Any
         if not get(custom, "name"):
             raise ConfigError("reward.custom.name is not set; fix: set it to the reward function's name")
         key = register_custom_reward(
-            str(get(custom, "path")), str(get(custom, "name")), style=str(get(custom, "style", "auto"))
+            str(get(custom, "path")), str(get(custom, "name")), style=str(get(custom, "style", "auto")),
+            timeout_s=get(custom, "timeout_s"),
         )
         weight, _ = _term_spec("custom", {"weight": get(custom, "weight", 1.0)})
         resolved[key] = {"weight": weight, "kwargs": {}}
