@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlspec.errors import DataError
+from rlspec.errors import DataError, ModelLoadError
+from rlspec.prompts import KEY, fill, template_text, user_content
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -130,17 +131,33 @@ def load_split(source: str, split: str, question_key: str = "question", answer_k
 
 def build_messages(question: str, instruction: str) -> list[dict[str, str]]:
     """The user turn: the problem followed by the standard reasoning instruction."""
-    content = f"{question}\n{instruction}" if instruction else question
-    return [{"role": "user", "content": content}]
+    return [{"role": "user", "content": user_content(question, instruction)}]
 
 
-def build_prompt_ids(tokenizer: Any, rows: list[dict[str, Any]], instruction: str) -> list[list[int]]:
-    """The chat prompt (generation prompt included) of every row, as token ids."""
-    texts = [
-        tokenizer.apply_chat_template(build_messages(r["question"], instruction), tokenize=False, add_generation_prompt=True)
-        for r in rows
-    ]
-    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+def build_prompt_texts(tokenizer: Any, rows: list[dict[str, Any]], instruction: str,
+                       template: str = "chat") -> list[str]:
+    """The prompt text of every row under ``data.prompt_template`` (:mod:`rlspec.prompts`): the chat
+    template with its generation prompt, or a plain template. Training, the held-out eval and
+    ``rlspec.eval`` all build prompts here."""
+    plain = template_text(template)
+    if plain is not None:
+        return [fill(plain, r["question"], instruction) for r in rows]
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelLoadError(
+            f"the tokenizer ({getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}) has no "
+            f"chat_template, which {KEY}=chat needs; a base model takes a plain template: set "
+            f"{KEY}=r1_zero (rlspec.eval: eval.prompt_template=r1_zero; or plain, or a string with {{question}})")
+    return [tokenizer.apply_chat_template(build_messages(r["question"], instruction), tokenize=False,
+                                          add_generation_prompt=True) for r in rows]
+
+
+def build_prompt_ids(tokenizer: Any, rows: list[dict[str, Any]], instruction: str,
+                     template: str = "chat") -> list[list[int]]:
+    """The prompt (:func:`build_prompt_texts`) of every row, as token ids; a plain template gets the
+    tokenizer's special tokens (a base model's BOS), the chat template writes its own."""
+    texts = build_prompt_texts(tokenizer, rows, instruction, template)
+    special = template != "chat"
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]]
 
 
 def derive_seed(base: int, *parts: int) -> int:

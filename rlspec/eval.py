@@ -1,6 +1,7 @@
 """Evaluate a model on math benchmarks (pass@1, pass@k, maj@k, tokens, truncation; resumable).
 
-    python -m rlspec.eval [model.path=DIR|HUB_ID] [eval.benchmarks=[math500,heldout]] [out=runs/eval/NAME]
+    python -m rlspec.eval [model.path=DIR|HUB_ID|FILE.gguf] [model.gguf_file=NAME.gguf] [eval.benchmarks=[math500,heldout]]
+        [out=runs/eval/NAME] [eval.prompt_template=chat|r1_zero|plain|'...{question}...']
         [eval.samples=4] [eval.max_new_tokens=32768] [eval.limit=N] [eval.temperature=0.6] [eval.top_p=0.95]
         [eval.top_k=0] [eval.seed=1234] [eval.seeding=per_problem|shared] [eval.require_think_close=false]
         [eval.grader_timeout_s=5] [eval.max_batch_size=256] [eval.call_rows=0] [eval.benchmarks.NAME.path=FILE_OR_DIR]
@@ -32,7 +33,7 @@ from rlspec.input_guards import check_tokenizer
 from rlspec.evals.benchmarks import benchmark_names, load_benchmark
 from rlspec.evals.metrics import aes_against
 from rlspec.evals.runner import RunnerSettings, engine_and_eos, evaluate_benchmark
-from rlspec.models import load_causal_lm, load_tokenizer
+from rlspec.models import gguf_model_dir, gguf_source, load_causal_lm, load_tokenizer
 from rlspec.schema import setting
 from rlspec.session import resolve_device
 
@@ -49,7 +50,7 @@ ALIASES = ((r"eval\.benchmarks\.([^.]+)\.path", r"eval.paths.\1"),)
 class ModelOptions(ModelConfig):
     """The model(s) to evaluate (the training config's ``model`` keys; ``path`` may list several)."""
 
-    path: Optional[Any] = setting(None, "a save_pretrained dir or hub id; [A,B,...]: several models, one table "
+    path: Optional[Any] = setting(None, "a save_pretrained dir, hub id or .gguf file; [A,B,...]: several models, one table "
                                         "and plot; null = the embedded default")
 
     def __post_init__(self) -> None:
@@ -173,9 +174,10 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
     """Load the model, evaluate every benchmark, write ``summary.json`` / ``summary.md``; return the summary."""
     ev, mo = opts.eval, opts.model
     base = _load_base(ev.base) if ev.base else None
-    model_path = resolve_model_path(mo.path, mo.embedded_preset)
+    model_path = resolve_model_path(gguf_source(mo.path, mo.gguf_file), mo.embedded_preset)
+    model_path = gguf_model_dir(model_path, mo.dtype, mo.trust_remote_code)  # a GGUF file: its dequantized HF dir
     out = Path(opts.out).expanduser() if opts.out else Path("runs/eval") / (
-        Path(model_path).name if mo.path else f"embedded-{mo.embedded_preset}")
+        Path(mo.gguf_file or mo.path).stem if mo.path else f"embedded-{mo.embedded_preset}")
     problems = {name: load_benchmark(name, ev.paths.get(name), ev.limit) for name in ev.benchmarks}
     tokenizer = load_tokenizer(model_path, mo.trust_remote_code)
     model = load_causal_lm(model_path, mo.dtype, mo.trust_remote_code).to(resolve_device(mo.device))

@@ -29,7 +29,7 @@ from rlspec.data import build_prompt_ids, load_split
 from rlspec.embedded import get_embedded_drafter_path, resolve_model_path
 from rlspec.errors import ConfigError, ModelLoadError
 from rlspec.input_guards import check_tokenizer, fit_prompts, model_positions, source_description
-from rlspec.models import eos_token_ids, load_causal_lm, load_tokenizer
+from rlspec.models import eos_token_ids, gguf_model_dir, gguf_source, load_causal_lm, load_tokenizer
 from rlspec.rewards import build_reward_terms
 from rlspec.rollout.engines import make_engine
 from rlspec.rollout.ray_engine import make_ray_engine
@@ -233,7 +233,8 @@ def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: MetricsLogger | None
         torch.set_num_threads(cfg.trainer.num_threads)
     torch.manual_seed(cfg.trainer.seed)
     reward_terms = build_reward_terms(cfg.reward, cfg.hbpo)  # a bad term or custom reward fails before any loading
-    model_path = resolve_model_path(cfg.model.path, cfg.model.embedded_preset)
+    model_path = resolve_model_path(gguf_source(cfg.model.path, cfg.model.gguf_file), cfg.model.embedded_preset)
+    model_path = gguf_model_dir(model_path, cfg.model.dtype, cfg.model.trust_remote_code)  # GGUF: dequantized HF dir
     data_path = cfg.data.path if cfg.data.path is not None else model_path  # embedded: splits ship with the model
     train_rows = load_split(data_path, cfg.data.split, cfg.data.question_key, cfg.data.answer_key)
     test_source = cfg.data.test_path if cfg.data.test_path is not None else data_path
@@ -251,8 +252,8 @@ def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: MetricsLogger | None
     model = strategy.policy
     sc = cfg.rollout.speculation()  # None: off (rollout.speculative.enable=false, or auto on vLLM)
     engine_kwargs: dict[str, Any] = {"speculative": sc} if sc is not None else {}
-    train_prompt_ids = build_prompt_ids(tokenizer, train_rows, cfg.data.instruction)
-    eval_prompt_ids = build_prompt_ids(tokenizer, eval_rows, cfg.data.instruction)
+    train_prompt_ids = build_prompt_ids(tokenizer, train_rows, cfg.data.instruction, cfg.data.prompt_template)
+    eval_prompt_ids = build_prompt_ids(tokenizer, eval_rows, cfg.data.instruction, cfg.data.prompt_template)
     train_rows, train_prompt_ids = fit_prompts(  # before anything generates: data.overlong_prompts
         train_rows, train_prompt_ids, model_positions(model), *longest_response(cfg),
         source_description(data_path, cfg.data.split), cfg.data.overlong_prompts)

@@ -51,6 +51,7 @@ from rlspec.evals.benchmarks import BENCHMARKS, BenchmarkProblem
 from rlspec.evals.heldout import heldout_streams
 from rlspec.evals.metrics import summarize_problems
 from rlspec.models import decode_responses, eos_token_ids
+from rlspec.prompts import check_prompt_template
 from rlspec.rewards.grader import extract_final_answer, grade
 from rlspec.rollout.base import SamplingParams
 from rlspec.rollout.native import NativeEngine
@@ -79,6 +80,8 @@ class RunnerSettings(EvalSampling):
         "per_problem", "per_problem: each problem's samples from its own seed (independent of the problem set); "
                        "shared: one call over all problems, as the trainer's held-out eval")
     instruction: str = setting(STANDARD_INSTRUCTION, "appended to every question")
+    prompt_template: str = setting("chat", "chat (the tokenizer's) | r1_zero | plain (base models) | a string with "
+                                           "{question} (rlspec.prompts; the training run's data.prompt_template)")
     require_think_close: bool = setting(False, "grade only the text after </think>")
     grader_timeout_s: float = setting(5.0, "math-verify timeout per answer")
     max_batch_size: int = setting(256, "sequences decoded at once")
@@ -97,6 +100,7 @@ class RunnerSettings(EvalSampling):
         need(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be an integer >= 0 (0 = off)")
         need(self.seeding in ("per_problem", "shared"), "seeding", "must be one of per_problem, shared")
         need(self.grader_timeout_s > 0, "grader_timeout_s", "must be > 0 seconds")
+        check_prompt_template(self.prompt_template, "eval.prompt_template")
         need(isinstance(self.max_batch_size, int) and self.max_batch_size >= 1, "max_batch_size", "must be an integer >= 1")
         need(isinstance(self.call_rows, int) and self.call_rows >= 0, "call_rows",
              "must be an integer >= 0 (0 = max_batch_size)")
@@ -108,6 +112,8 @@ class RunnerSettings(EvalSampling):
     def fingerprint(self) -> str:
         """A short hash of the settings that change the samples or their grading (and the sampler version)."""
         keep = {k: v for k, v in self.record().items() if k not in ("max_batch_size", "call_rows")}
+        if keep["prompt_template"] == "chat":  # the default: results written before the key existed still resume
+            del keep["prompt_template"]
         keep["sampler"] = SAMPLER_VERSION
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -292,7 +298,8 @@ def evaluate_benchmark(
         return problem_streams(problem.uid, k)
 
     prompts = dict(zip([p.uid for p in pending], build_prompt_ids(
-        tokenizer, [{"question": p.question} for p in pending], settings.instruction))) if pending else {}
+        tokenizer, [{"question": p.question} for p in pending], settings.instruction,
+        settings.prompt_template))) if pending else {}
     # generated (and written) shortest prompt first: calls and prefill chunks of similar lengths pad
     # less; the samples do not depend on it, and a resumed run writes the same lines in the same order
     by_length = sorted(pending, key=lambda p: len(prompts[p.uid]))

@@ -44,6 +44,7 @@ from rlspec.trainers.hooks import HookContext, RolloutChunk, build_hooks
 from rlspec.trainers.metrics import rollout_metrics, write_completions
 from rlspec.trainers.schedules import checkpoint_tag, length_at, lr_factor
 from rlspec.trainers.strategy import LocalStrategy
+from rlspec.trainers.think_tags import ThinkTags
 
 
 class GRPOTrainer:
@@ -113,6 +114,9 @@ class GRPOTrainer:
                 hook.check()
             except (ValueError, TypeError) as err:
                 raise ConfigError(f"{hook.config_key}: {err}") from None
+        first_prompt = tokenizer.decode(self.train_prompt_ids[0]) if self.train_prompt_ids else None
+        self.think_tags = ThinkTags(cfg, tokenizer, first_prompt, [hook.name for hook in self.hooks])
+        self.think_tags.check_start()  # reward.think_tags: HBPO / AnytimeReasoner need a model that thinks in tags
 
     def max_length_at(self, step: int) -> int:
         """The rollout cap of 0-based ``step``: ``rollout.length_schedule`` if set (SIRI,
@@ -274,6 +278,7 @@ class GRPOTrainer:
         timing["rollout"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         chunk.texts = decode_responses(self.tokenizer, chunk.result.response_ids, self.eos_ids)
+        self.think_tags.require_close(chunk.texts, f"step {self.global_step + 1}")  # no </think> at all: stop / switch
         columns = {key: [row.get(key) for row in chunk.rows] for key in chunk.rows[0] if key not in ("question", "answer")}
         chunk.batch = RewardBatch(
             prompts=[row["question"] for row in chunk.rows], completions=chunk.texts,
@@ -374,6 +379,7 @@ class GRPOTrainer:
             self.engine, self.tokenizer, rows, self.eval_prompt_ids[: len(rows)], ec, self.eos_ids,
             require_think_close=self.cfg.reward.require_think_close, grader_timeout_s=self.cfg.reward.grader_timeout_s,
             out_path=self.run_dir / "evals" / f"step_{step:06d}.jsonl" if self.is_main else None,
+            decide_think_close=lambda texts: self.think_tags.require_close(texts, f"the eval at step {step}"),
         )
         self.eval_history[step] = metrics
         return metrics
