@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from rlspec.config import STANDARD_INSTRUCTION
 from rlspec.errors import ConfigError
+from rlspec.prompts import NAMED_TEMPLATES, fill, template_text, user_content
 
 DEFAULT_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 0}  # the standard reasoning-model sampling
 
@@ -261,21 +262,30 @@ def model_card(info: RunInfo, *, run_dir: Path, checkpoint: Path, step: int | No
 
     instruction = get_key(c, "data.instruction", STANDARD_INSTRUCTION)
     question = "What is 17 * 23?"
-    content = f"{question}\n{instruction}" if instruction else question
     sampling = ", ".join(f"{k}={v}" for k, v in generation.items())
-    parts += ["## Usage", "",
-              f"`generation_config.json` holds the sampling the run was evaluated with ({sampling}); "
-              "`generate` uses it by default. Prompts are the question followed by the instruction the model "
-              "was trained with, as a single user turn of the chat template.", "",
-              "```python",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "",
-              f"model = AutoModelForCausalLM.from_pretrained({str(out)!r})",
-              f"tokenizer = AutoTokenizer.from_pretrained({str(out)!r})",
-              f"messages = [{{\"role\": \"user\", \"content\": {content!r}}}]",
-              "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",",
-              "                                       return_dict=True)",
-              "output = model.generate(**inputs)",
+    template = get_key(c, "data.prompt_template", "chat")
+    plain = template_text(template)
+    intro = (f"`generation_config.json` holds the sampling the run was evaluated with ({sampling}); "
+             "`generate` uses it by default. Prompts are the question followed by the instruction the model "
+             "was trained with, ")
+    load = ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+            f"model = AutoModelForCausalLM.from_pretrained({str(out)!r})",
+            f"tokenizer = AutoTokenizer.from_pretrained({str(out)!r})"]
+    if plain is None:
+        content = user_content(question, instruction)
+        parts += ["## Usage", "", intro + "as a single user turn of the chat template "
+                  "(`data.prompt_template=chat`).", "", "```python", *load,
+                  f"messages = [{{\"role\": \"user\", \"content\": {content!r}}}]",
+                  "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",",
+                  "                                       return_dict=True)"]
+    else:
+        named = f"`{template}`, " if template in NAMED_TEMPLATES else ""
+        parts += ["## Usage", "", intro + f"in the plain prompt template the run was trained with "
+                  f"(`data.prompt_template`: {named}no chat template; `{{question}}` is the question and the "
+                  f"instruction):", "", "```text", plain, "```", "", "```python", *load,
+                  f"prompt = {fill(plain, question, instruction)!r}",
+                  "inputs = tokenizer(prompt, return_tensors=\"pt\")"]
+    parts += ["output = model.generate(**inputs)",
               "print(tokenizer.decode(output[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=False))",
               "```", ""]
     if c is not None:

@@ -1,0 +1,90 @@
+"""``reward.think_tags`` (issue 19.2): a model that never closes ``</think>`` under
+``reward.require_think_close=true`` stops the run (or switches the requirement off), and the
+tag-based methods stop at start on a model whose prompt never opens ``<think>``."""
+
+import pytest
+
+from conftest import compose_config
+from rlspec.errors import ConfigError, TrainingError
+from rlspec.trainers.think_tags import ThinkTags, closes_think, prompt_has_think
+
+CLOSED = "<think>\n2+2 is 4, check: 4.\n</think>\nThe answer is \\boxed{4}."
+UNTAGGED = ["The answer is \\boxed{4}.", "Let me think. 2 + 2 = 4, so 4.", "I think it's five"]
+
+
+class Tok:
+    def __init__(self, chat_template):
+        self.chat_template = chat_template
+
+
+PLAIN_CHAT = "{% for m in messages %}{{ m['content'] }}{% endfor %}{{ 'Assistant:' }}"
+THINK_CHAT = PLAIN_CHAT + "{{ '<think>\\n' }}"
+
+
+def tags(*overrides, template=PLAIN_CHAT, prompt="Q?", hooks=()):
+    return ThinkTags(compose_config(["reward=correctness", *overrides]), Tok(template), prompt, hooks)
+
+
+def test_detection_of_hand_made_responses_and_prompts():
+    assert closes_think([CLOSED, *UNTAGGED]) == 1 and closes_think(UNTAGGED) == 0
+    assert closes_think(["<think> never closed"]) == 0
+    assert prompt_has_think(Tok(THINK_CHAT), "Q?") and not prompt_has_think(Tok(PLAIN_CHAT), "Q?")
+    assert prompt_has_think(Tok(None), "User: Q?\nAssistant: <think>")  # r1_zero: the prompt opens it
+    assert not prompt_has_think(Tok(None), None)
+
+
+def test_require_stops_on_the_first_responses_naming_the_key():
+    t = tags("reward.require_think_close=true")
+    with pytest.raises(TrainingError) as err:
+        t.require_close(UNTAGGED, "step 1")
+    msg = str(err.value)
+    assert "none of the 3 responses of step 1" in msg and "set reward.require_think_close=false" in msg
+    assert "reward.think_tags=auto" in msg and "\n" not in msg
+
+
+def test_one_closed_response_decides_for_the_run():
+    t = tags("reward.require_think_close=true")
+    assert t.require_close([CLOSED, *UNTAGGED], "the eval at step 0") is True
+    assert t.require_close(UNTAGGED, "step 1") is True  # decided once, on the first responses
+
+
+def test_auto_warns_once_and_switches_the_requirement_off():
+    t = tags("reward.require_think_close=true", "reward.think_tags=auto")
+    with pytest.warns(UserWarning, match="switched off for this run"):
+        assert t.require_close(UNTAGGED, "step 1") is False
+    assert t.cfg.reward.require_think_close is False  # rewards, hooks and evals read it there
+    assert t.require_close([CLOSED], "step 2") is False
+
+
+def test_off_and_not_required_check_nothing():
+    assert tags("reward.require_think_close=true", "reward.think_tags=off").require_close(UNTAGGED, "step 1") is True
+    assert tags().require_close(UNTAGGED, "step 1") is False
+
+
+def test_tag_methods_stop_at_start_without_think_in_the_prompt():
+    with pytest.raises(ConfigError, match=r"HBPO's budget prefill after <think> need.*reward.think_tags=auto"):
+        tags(hooks=["hbpo"]).check_start()
+    with pytest.raises(ConfigError, match="AnytimeReasoner's cut at </think>"):
+        tags(hooks=["anytime", "palu"]).check_start()
+    tags(hooks=["hbpo"], template=THINK_CHAT).check_start()  # the chat template opens the thinking
+    tags(hooks=["hbpo"], template=None, prompt="User: Q\nAssistant: <think>").check_start()  # r1_zero
+    tags(hooks=["palu"]).check_start()  # no tag-based method
+    tags("reward.think_tags=off", hooks=["hbpo"]).check_start()
+    with pytest.warns(UserWarning, match="training anyway"):
+        tags("reward.think_tags=auto", hooks=["hbpo"]).check_start()
+
+
+def test_trainer_stops_at_step_one_when_no_rollout_closes_the_thinking(make_trainer):
+    # two-token responses on the tiny model cannot think and close </think>
+    trainer = make_trainer("reward.require_think_close=true", "rollout.max_response_length=2", "eval.at_start=false")
+    with pytest.raises(TrainingError, match="responses of step 1 has one"):
+        trainer.fit()
+    assert trainer.global_step == 0
+
+
+def test_trainer_with_auto_switches_and_trains(make_trainer):
+    trainer = make_trainer("reward.require_think_close=true", "reward.think_tags=auto", "rollout.max_response_length=2",
+                           "eval.at_start=false", "eval.at_end=false", "trainer.steps=1")
+    with pytest.warns(UserWarning, match="reward.require_think_close is switched off"):
+        trainer.fit()
+    assert trainer.global_step == 1 and trainer.cfg.reward.require_think_close is False
