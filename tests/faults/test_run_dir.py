@@ -1,0 +1,92 @@
+"""Issue 20, row "two starts on the same run_dir": one process per run directory, config.yaml
+written only under the lock, and only dead writers' temporary checkpoints removed at start-up."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from faults_cli import ENV, rlspec_lines, start, train_steps
+from rlspec.errors import RunDirBusyError
+from rlspec.run_lock import RunLock, remove_stale_temps
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_second_lock_names_the_holder_and_a_killed_holder_frees_it(tmp_path):
+    with RunLock(tmp_path):
+        with pytest.raises(RunDirBusyError) as err:
+            RunLock(tmp_path).acquire()
+    message = str(err.value)
+    assert f"run_dir={tmp_path} is in use" in message
+    assert f"pid {os.getpid()} on {socket.gethostname()}" in message and "\n" not in message
+    # a holder killed with -9 leaves no stale lock: the kernel drops it with the process
+    holder = subprocess.Popen([sys.executable, "-c", f"from rlspec.run_lock import RunLock; import time; "
+                               f"lock = RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, env=ENV)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(RunDirBusyError, match=f"pid {holder.pid} "):
+        RunLock(tmp_path).acquire()
+    holder.kill()
+    holder.wait()
+    with RunLock(tmp_path):
+        pass
+
+
+def test_only_dead_writers_temporary_checkpoints_are_removed(tmp_path):
+    root = tmp_path / "checkpoints"
+    live = root / f"step_000003.tmp-{os.getppid()}"  # a live process (pytest's parent) writing
+    dead = root / f"step_000002.tmp-{_dead_pid()}"
+    dead_shards = root / f"step_000002.tmp-{_dead_pid()}-deepspeed"
+    old_style = root / "step_000001.tmp-deepspeed"  # rlspec before pids in the name
+    dead_latest = root / f".latest.tmp-{_dead_pid()}"
+    for folder in (live, dead, dead_shards, old_style):
+        (folder / "model").mkdir(parents=True)
+    dead_latest.write_text("step_000002")
+    removed = remove_stale_temps(root)
+    assert sorted(removed) == sorted([dead, dead_shards, old_style, dead_latest])
+    assert live.is_dir() and not dead.exists() and not dead_shards.exists() and not dead_latest.exists()
+
+
+def test_a_start_on_a_held_run_dir_exits_2_and_leaves_config_yaml(tiny_model_path, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("trainer:\n  seed: 1\n")  # the holder's config
+    with RunLock(run_dir):
+        proc = start(run_dir, "trainer.seed=7")
+        out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 2, err[-2000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("rlspec: error: "), lines
+    assert f"is in use by another rlspec run (pid {os.getpid()} on {socket.gethostname()}" in lines[0]
+    assert (run_dir / "config.yaml").read_text() == "trainer:\n  seed: 1\n"
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_three_starts_at_once_exactly_one_trains(tiny_model_path, tmp_path):
+    run_dir = tmp_path / "run"
+    root = run_dir / "checkpoints"
+    live = root / f"step_000009.tmp-{os.getpid()}"  # this test process "writes" a checkpoint
+    dead = root / f"step_000008.tmp-{_dead_pid()}"
+    for folder in (live, dead):
+        (folder / "model").mkdir(parents=True)
+    procs = [start(run_dir, "trainer.steps=4") for _ in range(3)]
+    results = [(p.pid, p.returncode, out, err) for p in procs for out, err in [p.communicate(timeout=300)]]
+    winners = [r for r in results if r[1] == 0]
+    losers = [r for r in results if r[1] != 0]
+    assert len(winners) == 1, [(r[1], r[3][-800:]) for r in results]
+    winner_pid = winners[0][0]
+    for pid, rc, out, err in losers:
+        assert rc == 2, err[-2000:]
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1, lines
+        assert f"is in use by another rlspec run (pid {winner_pid} on {socket.gethostname()}" in lines[0]
+    assert train_steps(run_dir) == [1, 2, 3, 4]  # every step once
+    assert not rlspec_lines(winners[0][3])
+    assert live.is_dir() and not dead.exists()
