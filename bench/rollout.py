@@ -71,7 +71,11 @@ def load(args) -> Setup:
         model = random_tiny_qwen2(args.seed)
         return Setup(model, "random tiny Qwen2 (cpu-platform.md §3)", [2], 0, None, None)
     path = args.model
-    if path is None:
+    if path is not None:  # embedded | smollm2 | a .gguf file (dequantized once) | an HF dir
+        from _models import resolve_bench_model_dir
+
+        path = str(resolve_bench_model_dir(path))
+    else:
         try:
             from rlspec.embedded import get_embedded_model_path
         except ImportError as err:
@@ -134,7 +138,8 @@ def native_generate(engine, prompts, params):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group()
-    src.add_argument("--model", help="a save_pretrained causal LM directory (default: the embedded model)")
+    src.add_argument("--model", help="embedded | smollm2 | a .gguf file | a save_pretrained causal LM directory "
+                                     "(default: the embedded model)")
     src.add_argument("--random-tiny", action="store_true", help="random ~4.2 M-param Qwen2, random prompts")
     ap.add_argument("--batch", type=int, nargs="+", default=[8, 32, 128])
     ap.add_argument("--max-new-tokens", type=int, default=256)

@@ -116,11 +116,10 @@ def time_rlspec_steps(
 def resolve_model(args: argparse.Namespace) -> Path:
     if args.tiny_random:
         return build_random_tiny_qwen2(Path(tempfile.mkdtemp(prefix="rlspec-bench-tiny-")))
-    if args.model:
-        path = Path(args.model).expanduser()
-        if not (path / "config.json").is_file():
-            sys.exit(f"--model {args.model}: no config.json there; pass a save_pretrained directory")
-        return path
+    if args.model:  # embedded | smollm2 | a .gguf file (dequantized once) | an HF dir
+        from _models import resolve_bench_model_dir
+
+        return resolve_bench_model_dir(args.model)
     try:
         from rlspec.embedded import resolve_model_path
     except ImportError:
@@ -177,7 +176,8 @@ def _warn_if_busy(threads: int, when: str) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="save_pretrained dir (tokenizer + chat template); default: embedded")
+    src.add_argument("--model", help="embedded | smollm2 | a .gguf file | a save_pretrained dir (tokenizer + chat "
+                                     "template); default: embedded")
     src.add_argument("--tiny-random", action="store_true", help="a random 4 M Qwen2 (smoke runs only)")
     p.add_argument("--embedded-preset", choices=("default", "tiny"), default="default")
     p.add_argument("--num-generations", type=int, default=8, help="group size (rollout.n)")
