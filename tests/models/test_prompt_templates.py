@@ -104,3 +104,16 @@ def test_model_card_records_the_prompt_template():
     assert "apply_chat_template" not in card
     chat = _card({"run_name": "x", "data": {"prompt_template": "chat"}})
     assert "apply_chat_template" in chat and "(`data.prompt_template=chat`)" in chat
+
+
+def test_l1_targets_go_into_the_plain_templates_question(tok):
+    import random
+
+    from rlspec.rewards.l1 import L1_TEMPLATE
+    from rlspec.trainers.hooks.l1 import l1_budgeted_prompts
+
+    out = l1_budgeted_prompts(["What is 2+3?"], 1, tok, INSTR, 7, 7, L1_TEMPLATE, random.Random(0), "r1_zero")
+    target = L1_TEMPLATE.format(budget=7)
+    assert tok.decode(out.prompt_ids[0]).endswith(f"User: What is 2+3?\n{INSTR} {target}\nAssistant: <think>")
+    bare = l1_budgeted_prompts(["What is 2+3?"], 1, tok, "", 7, 7, L1_TEMPLATE, random.Random(0), "plain")
+    assert tok.decode(bare.prompt_ids[0]) == f"What is 2+3? {target}\n"

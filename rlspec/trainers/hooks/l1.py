@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from typing import Any, Sequence
 
-from rlspec.data import build_messages
+from rlspec.data import build_prompt_ids
 from rlspec.errors import ConfigError
 from rlspec.registry import ROLLOUT_HOOKS
 from rlspec.rewards.l1 import L1_TEMPLATE
@@ -20,18 +20,18 @@ from rlspec.trainers.hooks.hbpo import KEY, BudgetedPrompts
 
 
 def l1_budgeted_prompts(questions: Sequence[str], n: int, tokenizer: Any, instruction: str, low: int, high: int,
-                        template: str, rng: random.Random) -> BudgetedPrompts:
-    """One target per prompt, ``U{low..high}``, appended to the user message; ``n`` copies each."""
+                        template: str, rng: random.Random, prompt_template: str = "chat") -> BudgetedPrompts:
+    """One target per prompt, ``U{low..high}``, appended to the user message (the ``{question}`` of a
+    plain ``data.prompt_template``); ``n`` copies each."""
     if not 0 < int(low) <= int(high):
         raise ConfigError(f"{KEY}.low and {KEY}.high must satisfy 0 < low <= high, got {low} and {high}")
     ids: list[list[int]] = []
     out_budgets: list[int] = []
     for q in questions:
         budget = rng.randint(int(low), int(high))
-        messages = build_messages(f"{q}", instruction)
-        messages[-1]["content"] += " " + template.format(budget=budget)
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        p = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        target = template.format(budget=budget)
+        row = {"question": f"{q}" if instruction else f"{q} {target}"}
+        p = build_prompt_ids(tokenizer, [row], f"{instruction} {target}" if instruction else "", prompt_template)[0]
         ids += [p] * n
         out_budgets += [budget] * n
     return BudgetedPrompts(ids, out_budgets)
@@ -52,7 +52,7 @@ class L1Targets(RolloutHook):
         return l1_budgeted_prompts(
             [self.ctx.train_rows[i]["question"] for i in row_indices], cfg.rollout.n, self.ctx.tokenizer,
             cfg.data.instruction, kw.get("low", 100), kw.get("high", 4000), kw.get("template") or L1_TEMPLATE,
-            random.Random(seed),
+            random.Random(seed), cfg.data.prompt_template,
         )
 
     def before_rollout(self, chunk: RolloutChunk) -> None:
