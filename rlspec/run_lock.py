@@ -34,16 +34,22 @@ _TMP_PID = re.compile(r"\.tmp-(\d+)")
 
 def read_holder(run_dir: str | Path, wait_s: float = 2.0) -> dict[str, Any] | None:
     """The lock holder's record, or None. The holder writes it right after taking the lock, so a
-    start that lost the race waits up to ``wait_s`` for it to appear."""
+    start that lost the race waits up to ``wait_s`` for it to appear (or to replace the record of a
+    holder killed with -9, whose pid is dead)."""
     path = Path(run_dir) / HOLDER_FILE
     deadline = time.monotonic() + wait_s
+    record = None
     while True:
         try:
-            return dict(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(0.05)
+            record = dict(json.loads(path.read_text()))
+            here = record.get("host") == socket.gethostname()
+            if not here or pid_alive(int(record.get("pid", -1))):
+                return record
+        except (OSError, ValueError, TypeError):
+            pass
+        if time.monotonic() >= deadline:
+            return record
+        time.sleep(0.05)
 
 
 class RunLock:
@@ -102,6 +108,8 @@ def writer_pid(path: Path) -> int | None:
 
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists on this host (one we may not signal counts as alive)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -90,3 +90,25 @@ def test_three_starts_at_once_exactly_one_trains(tiny_model_path, tmp_path):
     assert train_steps(run_dir) == [1, 2, 3, 4]  # every step once
     assert not rlspec_lines(winners[0][3])
     assert live.is_dir() and not dead.exists()
+
+
+def test_a_killed_holders_record_is_not_named_for_the_new_holder(tmp_path):
+    """A holder killed with -9 leaves its record behind; the next holder writes its own just after
+    taking the lock, and a start in between must name the new holder, not the dead one."""
+    import json
+
+    from rlspec.run_lock import HOLDER_FILE, LOCK_FILE
+
+    (tmp_path / HOLDER_FILE).write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname()}))
+    code = (f"import json, os, socket, time\nfrom filelock import FileLock\n"
+            f"lock = FileLock({str(tmp_path / LOCK_FILE)!r}); lock.acquire(); print('held', flush=True)\n"
+            f"time.sleep(0.7)\nopen({str(tmp_path / HOLDER_FILE)!r}, 'w').write(json.dumps("
+            f"{{'pid': os.getpid(), 'host': socket.gethostname()}}))\ntime.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirBusyError, match=f"pid {holder.pid} on "):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
