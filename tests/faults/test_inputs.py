@@ -24,9 +24,10 @@ from rlspec.errors import DataError, ModelLoadError, TrainingError
 FAST = ["eval.at_start=false", "eval.at_end=false", "logger.plot=false"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
-HANGING_TRL = "import time\ndef hang(completions, **kwargs):\n    time.sleep(3600)\n"
+# sleeps 20 s: long past reward.custom.timeout_s=1, short enough that the old code fails instead of hanging
+HANGING_TRL = "import time\ndef hang(completions, **kwargs):\n    time.sleep(20)\n"
 HANGING_VERL = ("import time\ndef hang(data_source, solution_str, ground_truth, extra_info=None):\n"
-                "    if extra_info['index'] == 2:\n        time.sleep(3600)\n    return 0.0\n")
+                "    if extra_info['index'] == 2:\n        time.sleep(20)\n    return 0.0\n")
 RAISING_VERL = ("def boom(data_source, solution_str, ground_truth, extra_info=None):\n"
                 "    if extra_info['index'] == 3:\n        raise ValueError('cannot parse the answer')\n    return 0.0\n")
 
