@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence
 
 from rlspec.cli import parse_options, run_main
 from rlspec.config import ModelConfig
+from rlspec.data import build_prompt_texts
 from rlspec.embedded import resolve_model_path
 from rlspec.errors import ConfigError
 from rlspec.input_guards import check_tokenizer
@@ -180,6 +181,7 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
         Path(mo.gguf_file or mo.path).stem if mo.path else f"embedded-{mo.embedded_preset}")
     problems = {name: load_benchmark(name, ev.paths.get(name), ev.limit) for name in ev.benchmarks}
     tokenizer = load_tokenizer(model_path, mo.trust_remote_code)
+    build_prompt_texts(tokenizer, [{"question": ""}], ev.instruction, ev.prompt_template)  # no chat template: fail now
     model = load_causal_lm(model_path, mo.dtype, mo.trust_remote_code).to(resolve_device(mo.device))
     check_tokenizer(tokenizer, model, model_path)  # no tokenizer.json: one line, not 0% on empty prompts
     progress = opts.progress == "on" or (opts.progress == "auto" and sys.stderr.isatty())

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from rlspec.checkpoint import checkpoint_root, find_latest_checkpoint, step_dir_name
 from rlspec.config import RLSpecConfig, defaults, validate_config
-from rlspec.data import build_prompt_ids, load_split
+from rlspec.data import build_prompt_ids, build_prompt_texts, load_split
 from rlspec.embedded import get_embedded_drafter_path, resolve_model_path
 from rlspec.errors import ConfigError, ModelLoadError
 from rlspec.input_guards import check_tokenizer, fit_prompts, model_positions, source_description
@@ -242,6 +242,7 @@ def build_trainer(cfg: RLSpecConfig, run_dir: Path, logger: MetricsLogger | None
     if cfg.data.max_train_samples:
         train_rows = train_rows[: cfg.data.max_train_samples]
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    build_prompt_texts(tokenizer, train_rows[:1], cfg.data.instruction, cfg.data.prompt_template)  # before the model
     model = load_causal_lm(model_path, cfg.model.dtype, cfg.model.trust_remote_code).eval()
     model.to(resolve_device(cfg.model.device))
     eos_ids = eos_token_ids(model, tokenizer)

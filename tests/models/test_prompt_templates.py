@@ -117,3 +117,23 @@ def test_l1_targets_go_into_the_plain_templates_question(tok):
     assert tok.decode(out.prompt_ids[0]).endswith(f"User: What is 2+3?\n{INSTR} {target}\nAssistant: <think>")
     bare = l1_budgeted_prompts(["What is 2+3?"], 1, tok, "", 7, 7, L1_TEMPLATE, random.Random(0), "plain")
     assert tok.decode(bare.prompt_ids[0]) == f"What is 2+3? {target}\n"
+
+
+def test_rlspec_eval_on_a_model_without_chat_template(tiny_model_path, tmp_path, capsys):
+    import shutil
+
+    from rlspec.eval import main
+
+    base = tmp_path / "base-model"  # the tiny model as a base model: no chat template
+    shutil.copytree(tiny_model_path, base)
+    (base / "chat_template.jinja").unlink()
+    args = [f"model.path={base}", "eval.benchmarks=[heldout]", "eval.limit=2", "eval.samples=1",
+            "eval.max_new_tokens=4", "progress=off"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, f"out={tmp_path / 'chat'}"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.startswith("rlspec: error: the tokenizer")  # before loading the model
+    assert "eval.prompt_template=r1_zero" in err and "\n" not in err
+    main([*args, "eval.prompt_template=r1_zero", f"out={tmp_path / 'r1'}"])
+    lines = (tmp_path / "r1" / "heldout.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and '"prompt_template": "r1_zero"' in (tmp_path / "r1" / "summary.json").read_text()
