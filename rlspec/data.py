@@ -115,11 +115,25 @@ def normalize_rows(
         question = str(row[question_key]).strip()
         answer = row[answer_key]
         answer = str(int(answer)) if isinstance(answer, float) and answer.is_integer() else str(answer).strip()
+        answer = gsm8k_final(answer)
         if not question or not answer:
             raise DataError(f"{source}: row {index} has an empty {question_key!r} or {answer_key!r}")
         extra = {k: v for k, v in row.items() if k not in (question_key, answer_key)}
         out.append({**extra, "question": question, "answer": answer})
     return out
+
+
+def gsm8k_final(answer: str) -> str:
+    """GSM8K's answer column is the worked solution and a last line ``#### final``: the gold answer is
+    the final part (thousands separators dropped), as :func:`rlspec.evals.benchmarks.gsm8k_answer`
+    reads it for ``rlspec.eval``; graded against the whole solution every answer would be wrong.
+    Any other answer is returned as it is.
+
+    >>> gsm8k_final("16 - 3 - 4 = <<16-3-4=9>>9\\n9 * 2 = <<9*2=18>>18\\n#### 1,018"), gsm8k_final("#### x")
+    ('1018', '#### x')
+    """
+    solution, mark, final = answer.rpartition("\n#### ")
+    return final.strip().replace(",", "") if mark and solution.strip() and final.strip() else answer
 
 
 def load_split(source: str, split: str, question_key: str = "question", answer_key: str = "answer") -> list[dict[str, Any]]:
