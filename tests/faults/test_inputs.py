@@ -60,7 +60,8 @@ def write_rows(path: Path, questions: list[str]) -> Path:
 
 
 # ------------------------------------------------------------------ user rewards
-@pytest.mark.parametrize("text, which", [(HANGING_TRL, "completions 0-15"), (HANGING_VERL, "completion 2 of 16")])
+@pytest.mark.parametrize("text, which", [(HANGING_TRL, "completions 0-15"), (HANGING_VERL, "completion 2 of 16")],
+                         ids=["trl", "verl"])
 def test_a_hanging_reward_times_out_naming_step_completion_and_key(make_trainer, tmp_path, text, which):
     """Today: blocks forever (called up to 4x per step with dynamic sampling)."""
     trainer = make_trainer(*FAST, "reward.custom.timeout_s=1", *custom(tmp_path, text, "hang"))
