@@ -34,7 +34,7 @@ from rlspec.input_guards import check_tokenizer
 from rlspec.evals.benchmarks import benchmark_names, load_benchmark
 from rlspec.evals.metrics import aes_against
 from rlspec.evals.runner import RunnerSettings, engine_and_eos, evaluate_benchmark
-from rlspec.models import gguf_model_dir, gguf_source, load_causal_lm, load_tokenizer
+from rlspec.models import gguf_model_dir, gguf_source, is_gguf, load_causal_lm, load_tokenizer
 from rlspec.schema import setting
 from rlspec.session import resolve_device
 
@@ -171,14 +171,22 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def default_out_name(mo: Any) -> str:
+    """``runs/eval/<name>``: the model dir's or hub id's last part whole (``Qwen2.5-1.5B-Instruct``:
+    dots are part of model names), a GGUF file's name without ``.gguf``."""
+    if not mo.path:
+        return f"embedded-{mo.embedded_preset}"
+    name = Path(mo.gguf_file or mo.path.rstrip("/")).name
+    return name[: -len(".gguf")] if is_gguf(name) else name
+
+
 def run_eval(opts: EvalOptions) -> dict[str, Any]:
     """Load the model, evaluate every benchmark, write ``summary.json`` / ``summary.md``; return the summary."""
     ev, mo = opts.eval, opts.model
     base = _load_base(ev.base) if ev.base else None
     model_path = resolve_model_path(gguf_source(mo.path, mo.gguf_file), mo.embedded_preset)
     model_path = gguf_model_dir(model_path, mo.dtype, mo.trust_remote_code)  # a GGUF file: its dequantized HF dir
-    out = Path(opts.out).expanduser() if opts.out else Path("runs/eval") / (
-        Path(mo.gguf_file or mo.path).stem if mo.path else f"embedded-{mo.embedded_preset}")
+    out = Path(opts.out).expanduser() if opts.out else Path("runs/eval") / default_out_name(mo)
     problems = {name: load_benchmark(name, ev.paths.get(name), ev.limit) for name in ev.benchmarks}
     tokenizer = load_tokenizer(model_path, mo.trust_remote_code)
     build_prompt_texts(tokenizer, [{"question": ""}], ev.instruction, ev.prompt_template)  # no chat template: fail now

@@ -396,3 +396,21 @@ def test_gsm8k_grades_the_last_number_when_there_is_no_box(tiny, tmp_path):
     other = evaluate_benchmark(Scripted(tokenizer, [list(script[0])]), tokenizer, problems, settings, tmp_path / "m",
                                progress=False, benchmark="math500")
     assert [s["correct"] for s in other["records"][0]["samples"]] == [False, False, True]
+
+
+def test_default_out_dir_keeps_the_dots_of_model_names():
+    """runs/eval/<name>: a hub id's or dir's last part whole (two models that differ after a dot
+    must not share a results dir and resume each other's samples); a GGUF file without .gguf."""
+    from types import SimpleNamespace
+
+    from rlspec.eval import default_out_name
+
+    def name(path, gguf_file=None):
+        return default_out_name(SimpleNamespace(path=path, gguf_file=gguf_file, embedded_preset="default"))
+
+    assert name("Qwen/Qwen2.5-Math-1.5B") == "Qwen2.5-Math-1.5B"
+    assert name("Qwen/Qwen2.5-Math-1.5B-Instruct") == "Qwen2.5-Math-1.5B-Instruct"
+    assert name("/models/DeepSeek-R1-Distill-Qwen-1.5B/") == "DeepSeek-R1-Distill-Qwen-1.5B"
+    assert name("/models/smollm2-135m-instruct.Q8_0.gguf") == "smollm2-135m-instruct.Q8_0"
+    assert name("/models/dir", "gemma-3-270m.gguf") == "gemma-3-270m"
+    assert name(None) == "embedded-default"
