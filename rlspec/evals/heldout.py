@@ -69,7 +69,7 @@ def evaluate(
     require_think_close: bool = False,
     grader_timeout_s: float = 5.0,
     out_path: str | Path | None = None,
-    decide_think_close: Callable[[list[str]], bool] | None = None,
+    decide_think_close: Callable[[list[str], list[str]], bool] | None = None,
 ) -> dict[str, float]:
     """Sample ``k`` responses per problem (``eval.*``: samples, sampling, seed), grade them
     (``reward.require_think_close``, ``reward.grader_timeout_s``), return summary metrics.
@@ -93,7 +93,7 @@ def evaluate(
     result = engine.generate(repeated, params)
     texts = decode_responses(tokenizer, result.response_ids, eos_ids)
     if decide_think_close is not None:  # the trainer's reward.think_tags check, before grading
-        require_think_close = decide_think_close(texts)
+        require_think_close = decide_think_close(texts, result.finish_reasons)
     golds = [rows[i // k]["answer"] for i in range(len(repeated))]
     verdicts = grade_batch(texts, golds, require_think_close=require_think_close, timeout_s=grader_timeout_s)
     records = []

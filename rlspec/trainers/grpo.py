@@ -278,7 +278,8 @@ class GRPOTrainer:
         timing["rollout"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         chunk.texts = decode_responses(self.tokenizer, chunk.result.response_ids, self.eos_ids)
-        self.think_tags.require_close(chunk.texts, f"step {self.global_step + 1}")  # no </think> at all: stop / switch
+        self.think_tags.require_close(chunk.texts, f"step {self.global_step + 1}",  # no </think>: stop / switch
+                                      chunk.result.finish_reasons)
         columns = {key: [row.get(key) for row in chunk.rows] for key in chunk.rows[0] if key not in ("question", "answer")}
         chunk.batch = RewardBatch(
             prompts=[row["question"] for row in chunk.rows], completions=chunk.texts,
@@ -379,7 +380,7 @@ class GRPOTrainer:
             self.engine, self.tokenizer, rows, self.eval_prompt_ids[: len(rows)], ec, self.eos_ids,
             require_think_close=self.cfg.reward.require_think_close, grader_timeout_s=self.cfg.reward.grader_timeout_s,
             out_path=self.run_dir / "evals" / f"step_{step:06d}.jsonl" if self.is_main else None,
-            decide_think_close=lambda texts: self.think_tags.require_close(texts, f"the eval at step {step}"),
+            decide_think_close=lambda texts, reasons: self.think_tags.require_close(texts, f"the eval at step {step}", reasons),
         )
         self.eval_history[step] = metrics
         return metrics
@@ -407,6 +408,7 @@ class GRPOTrainer:
             "reward_state": copy.deepcopy(self.reward_state),
             "hooks": {hook.name: copy.deepcopy(hook.state_dict()) for hook in self.hooks},
             "seed": self.tc.seed,
+            "think_tags": self.think_tags.state_dict(),  # reward.think_tags=auto may have switched
         }
 
     def load_state_dict(self, state: dict[str, Any], checkpoint: Path | None = None) -> None:
@@ -425,6 +427,7 @@ class GRPOTrainer:
         self.reward_state.update(reward_state)
         for hook in self.hooks:
             hook.load_state_dict(hook_states.get(hook.name, {}))
+        self.think_tags.load_state_dict(state.get("think_tags", {}))
 
     def save(self, tag: str | None = None) -> Path:
         """Checkpoint the current step (a ``tag`` such as SIRI's ``siri-low`` protects it from rotation)."""

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 from rlspec.config import RLSpecConfig
 from rlspec.errors import ConfigError, TrainingError
+from rlspec.rollout.base import FINISH_LENGTH
 
 OPEN, CLOSE = "<think>", "</think>"
 TAG_METHODS = {"hbpo": "HBPO's budget prefill after <think>", "anytime": "AnytimeReasoner's cut at </think>"}
@@ -64,18 +65,24 @@ class ThinkTags:
                               f"reward.think_tags=auto to train anyway")
         warnings.warn(f"{msg}; training anyway (reward.think_tags=auto)", stacklevel=3)
 
-    def require_close(self, texts: Sequence[str], where: str) -> bool:
+    def require_close(self, texts: Sequence[str], where: str, finish_reasons: Sequence[str] | None = None) -> bool:
         """The ``require_think_close`` to grade ``texts`` with. The first call with tags required
-        decides: no ``</think>`` in any of them stops the run (``require``) or switches the
-        requirement off for the rest of it (``auto``, said once)."""
+        and a response that ended on its own decides (responses cut at the length limit say
+        nothing: a model that thinks in tags may not reach ``</think>`` within a short eval
+        budget): no ``</think>`` in any finished response stops the run (``require``) or switches
+        the requirement off for the rest of it (``auto``, said once)."""
         if self.decided or not texts:
             return self.cfg.reward.require_think_close
+        if finish_reasons is not None:
+            texts = [t for t, reason in zip(texts, finish_reasons) if reason != FINISH_LENGTH]
+            if not texts:  # every response was truncated: decide on later ones
+                return self.cfg.reward.require_think_close
         self.decided = True
         if closes_think(texts):
             return True
         msg = (f"reward.require_think_close=true grades only the text after </think>, and none of the "
-               f"{len(texts)} responses of {where} has one (this model does not think in tags), so every "
-               f"reward would be 0")
+               f"{len(texts)} responses of {where} that ended before the length limit has one (this model "
+               f"does not think in tags), so every reward would be 0")
         if self.mode == "require":
             raise TrainingError(f"{msg}; set reward.require_think_close=false (grade the whole response), or "
                                 f"reward.think_tags=auto to switch it off when this happens")
@@ -83,3 +90,12 @@ class ThinkTags:
                       stacklevel=3)
         self.cfg.reward.require_think_close = False  # rewards, hooks and evals read it from here
         return False
+
+    def state_dict(self) -> dict[str, bool]:
+        """The decision, so a resumed run grades as the run before it (``auto`` may have switched)."""
+        return {"decided": self.decided, "require_think_close": bool(self.cfg.reward.require_think_close)}
+
+    def load_state_dict(self, state: dict[str, bool]) -> None:
+        if state:  # checkpoints from before reward.think_tags decide again
+            self.decided = bool(state["decided"])
+            self.cfg.reward.require_think_close = bool(state["require_think_close"])

@@ -38,7 +38,7 @@ def test_require_stops_on_the_first_responses_naming_the_key():
     with pytest.raises(TrainingError) as err:
         t.require_close(UNTAGGED, "step 1")
     msg = str(err.value)
-    assert "none of the 3 responses of step 1" in msg and "set reward.require_think_close=false" in msg
+    assert "none of the 3 responses of step 1 that ended before the length limit" in msg and "set reward.require_think_close=false" in msg
     assert "reward.think_tags=auto" in msg and "\n" not in msg
 
 
@@ -74,17 +74,57 @@ def test_tag_methods_stop_at_start_without_think_in_the_prompt():
         tags("reward.think_tags=auto", hooks=["hbpo"]).check_start()
 
 
+def test_truncated_responses_leave_the_decision_to_later_ones():
+    """A model that thinks in tags may not reach </think> within a short budget: responses cut at
+    the length limit decide nothing; the first finished ones do."""
+    t = tags("reward.require_think_close=true")
+    assert t.require_close(UNTAGGED, "the eval at step 0", ["length"] * 3) is True and not t.decided
+    assert t.require_close([CLOSED, *UNTAGGED], "step 1", ["stop", "length", "length", "length"]) is True
+    assert t.decided
+    t = tags("reward.require_think_close=true")
+    with pytest.raises(TrainingError, match="none of the 1 responses of step 1 that ended"):
+        t.require_close([CLOSED, "no tags here"], "step 1", ["length", "stop"])
+
+
+def test_the_auto_switch_is_kept_in_the_trainer_state():
+    t = tags("reward.require_think_close=true", "reward.think_tags=auto")
+    with pytest.warns(UserWarning):
+        t.require_close(UNTAGGED, "step 1", ["stop"] * 3)
+    resumed = tags("reward.require_think_close=true", "reward.think_tags=auto")
+    resumed.load_state_dict(t.state_dict())
+    assert resumed.decided and resumed.cfg.reward.require_think_close is False
+    assert resumed.require_close([CLOSED], "step 2", ["stop"]) is False  # not re-decided after a resume
+    old = tags("reward.require_think_close=true")
+    old.load_state_dict({})  # a checkpoint from before reward.think_tags: decide again
+    assert not old.decided and old.cfg.reward.require_think_close is True
+
+
+def _finished(trainer):
+    """Two-token responses on the tiny model cannot think and close </think>; count them as
+    finished (not cut at the length limit) so they decide."""
+    rollout = trainer._rollout
+
+    def finished(prompt_ids, params):
+        result = rollout(prompt_ids, params)
+        result.finish_reasons = ["stop"] * len(result.finish_reasons)
+        return result
+
+    trainer._rollout = finished
+    return trainer
+
+
 def test_trainer_stops_at_step_one_when_no_rollout_closes_the_thinking(make_trainer):
-    # two-token responses on the tiny model cannot think and close </think>
-    trainer = make_trainer("reward.require_think_close=true", "rollout.max_response_length=2", "eval.at_start=false")
-    with pytest.raises(TrainingError, match="responses of step 1 has one"):
+    trainer = _finished(make_trainer("reward.require_think_close=true", "rollout.max_response_length=2",
+                                     "eval.at_start=false"))
+    with pytest.raises(TrainingError, match="responses of step 1 that ended before the length limit has one"):
         trainer.fit()
     assert trainer.global_step == 0
 
 
 def test_trainer_with_auto_switches_and_trains(make_trainer):
-    trainer = make_trainer("reward.require_think_close=true", "reward.think_tags=auto", "rollout.max_response_length=2",
-                           "eval.at_start=false", "eval.at_end=false", "trainer.steps=1")
+    trainer = _finished(make_trainer("reward.require_think_close=true", "reward.think_tags=auto",
+                                     "rollout.max_response_length=2", "eval.at_start=false", "eval.at_end=false",
+                                     "trainer.steps=1"))
     with pytest.warns(UserWarning, match="reward.require_think_close is switched off"):
         trainer.fit()
     assert trainer.global_step == 1 and trainer.cfg.reward.require_think_close is False
