@@ -30,6 +30,7 @@ import importlib
 import importlib.util
 import inspect
 import logging
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -37,12 +38,70 @@ from types import ModuleType
 from typing import Any, Callable, Mapping
 
 from rlspec.errors import ConfigError, RLSpecError, TrainingError
+from rlspec.rewards.grader import _in_finalizer
 from rlspec.rewards.terms import REWARD_TERMS, RewardBatch, _term_spec, check_term_kwargs
 
 logger = logging.getLogger(__name__)
 
 STYLES = ("auto", "trl", "verl")
 CUSTOM_PREFIX = "custom:"
+RESEND_S = 0.2  # the watchdog's SIGUSR1 repeats this often until disarmed
+
+
+class _RewardTimeout(BaseException):
+    """Raised in the main thread by the watchdog's SIGUSR1. A BaseException so that the user's
+    ``except Exception`` cannot swallow it."""
+
+
+def _run_with_watchdog(run: Callable[[], None], timeout_s: float, name: str) -> bool:
+    """Call ``run`` in this (the main) thread; ``False`` when ``timeout_s`` passed first.
+
+    The user's function stays in the main thread because math-verify's ``parse``/``verify``
+    (TRL's ``accuracy_reward``, most math rewards) refuse any other thread. A watchdog thread
+    sends SIGUSR1 to the main thread at the deadline, and again every ``RESEND_S`` until
+    disarmed, so a bare ``except:`` in the user's code cannot swallow it for good; the handler
+    raises only while armed. Not SIGALRM: math-verify's own ``signal.alarm`` would clobber it.
+    A call stuck inside one long C function is stopped only when that function returns.
+    """
+    armed = True
+    fired = threading.Event()
+    disarmed = threading.Event()
+    main_ident = threading.main_thread().ident
+
+    def on_signal(signum: int, frame: Any) -> None:
+        # never raise inside a finalizer: Python would only print "Exception ignored"; it re-fires
+        if armed and not _in_finalizer(frame):
+            raise _RewardTimeout
+
+    def watchdog() -> None:
+        if disarmed.wait(timeout_s):
+            return
+        fired.set()
+        while True:
+            signal.pthread_kill(main_ident, signal.SIGUSR1)
+            if disarmed.wait(RESEND_S):
+                return
+
+    dog = threading.Thread(target=watchdog, name=f"rlspec-reward-watchdog-{name}", daemon=True)
+    previous = signal.signal(signal.SIGUSR1, on_signal)
+    try:
+        try:
+            dog.start()
+            run()
+        finally:
+            armed = False
+            disarmed.set()
+    except _RewardTimeout:
+        pass
+    finally:
+        armed = False
+        disarmed.set()
+        # join before restoring: a SIGUSR1 sent after the restore would hit the default action
+        # (the process dies); ours, disarmed, ignores it
+        dog.join()
+        if previous is not None:  # None: set outside Python; ours stays, disarmed
+            signal.signal(signal.SIGUSR1, previous)
+    return not fired.is_set()  # the deadline passed, even if a bare except swallowed the signal
 
 
 def _is_file_path(path_or_module: str) -> bool:
@@ -145,7 +204,9 @@ class CustomRewardTerm:
     def _invoke(self, batch: RewardBatch, index: int | None, call: Callable[[], Any]) -> Any:
         """One call of the user's function (``index``: the completion of a verl-style call), bounded
         by ``reward.custom.timeout_s``; what it raises becomes one line naming the step and the
-        completion. A call that times out is abandoned in its daemon thread (Python cannot stop it)."""
+        completion. In the main thread the call runs there, under a SIGUSR1 watchdog
+        (:func:`_run_with_watchdog`); elsewhere (signal handlers cannot be set) it runs in a daemon
+        thread that is abandoned if it times out (Python cannot stop a thread)."""
         which = (f"completion {index} of {len(batch)}" if index is not None else
                  f"completions 0-{len(batch) - 1} (a TRL-style reward scores the batch at once)")
         at = f"training step {batch.step + 1}, {which}"
@@ -160,10 +221,14 @@ class CustomRewardTerm:
         if self.timeout_s is None:
             run()
         else:
-            thread = threading.Thread(target=run, name=f"rlspec-reward-{self.name}", daemon=True)
-            thread.start()
-            thread.join(self.timeout_s)
-            if thread.is_alive():
+            if threading.current_thread() is threading.main_thread():
+                on_time = _run_with_watchdog(run, self.timeout_s, self.name)
+            else:
+                thread = threading.Thread(target=run, name=f"rlspec-reward-{self.name}", daemon=True)
+                thread.start()
+                thread.join(self.timeout_s)
+                on_time = not thread.is_alive()
+            if not on_time:
                 raise TrainingError(f"reward.custom: {self.where} did not return within reward.custom.timeout_s="
                                     f"{self.timeout_s:g} s ({at}); fix the function or raise reward.custom.timeout_s")
         err = box.get("error")

@@ -1,11 +1,16 @@
 """User reward functions (TRL- and verl-style) loaded from files and modules."""
 
 import logging
+import signal
+import subprocess
+import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
-from rlspec.errors import ConfigError
+from rlspec.errors import ConfigError, TrainingError
 from rlspec.rewards import REWARD_TERMS, RewardBatch, build_reward_terms, compute_rewards, load_custom_reward
 from rlspec.rewards.custom import register_custom_reward
 
@@ -229,3 +234,90 @@ def test_build_terms_from_config_objects(tmp_path):
     totals, raw, _ = compute_rewards(batch, terms)
     assert raw == {"correctness": [1.0, 0.0], "custom:plain": [1.0, 0.0]}
     assert totals == pytest.approx([1.25, 0.0])
+
+
+# ------------------------------------------------------------------ reward.custom.timeout_s
+MATH_VERIFY_TRL = """
+    from math_verify import parse, verify
+
+    def accuracy(completions, answer, **kwargs):  # TRL's accuracy_reward, in short
+        return [float(verify(parse(gold), parse(c))) for c, gold in zip(completions, answer)]
+"""
+
+
+def test_a_trl_reward_calling_math_verify_runs_under_the_default_timeout(tmp_path):
+    """math-verify's parse/verify refuse any thread but the main one: the call must stay there."""
+    before = signal.getsignal(signal.SIGUSR1)
+    term = load_custom_reward(write(tmp_path, MATH_VERIFY_TRL), "accuracy", timeout_s=300)
+    assert term(make_batch()) == [1.0, 0.0, 0.0]
+    assert signal.getsignal(signal.SIGUSR1) is before  # the watchdog's handler is gone again
+
+
+HANGING = {
+    "busy_loop": "def hang(completions, **kw):\n    while True:\n        pass\n",
+    "sleep": "import time\ndef hang(completions, **kw):\n    time.sleep(20)\n",
+    # swallows the first SIGUSR1, then hangs again: the watchdog re-sends it
+    "bare_except": ("import time\ndef hang(completions, **kw):\n    try:\n        while True:\n            pass\n"
+                    "    except:\n        pass\n    time.sleep(20)\n    return [1.0] * len(completions)\n"),
+    # swallows it and returns late: still a timeout
+    "bare_except_returns": ("import time\ndef hang(completions, **kw):\n    try:\n        time.sleep(20)\n"
+                            "    except:\n        pass\n    return [1.0] * len(completions)\n"),
+}
+
+
+@pytest.mark.parametrize("name", list(HANGING))
+def test_a_hanging_reward_is_stopped_in_the_main_thread(tmp_path, name):
+    before = signal.getsignal(signal.SIGUSR1)
+    term = load_custom_reward(write(tmp_path, HANGING[name]), "hang", timeout_s=0.5)
+    start = time.monotonic()
+    with pytest.raises(TrainingError, match=r"did not return within reward\.custom\.timeout_s=0\.5 s \(training step 8"):
+        term(make_batch())
+    assert time.monotonic() - start < 10
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_outside_the_main_thread_a_hanging_reward_is_abandoned_in_a_thread(tmp_path):
+    term = load_custom_reward(write(tmp_path, HANGING["sleep"]), "hang", timeout_s=0.3)
+    caught = []
+
+    def call():
+        try:
+            term(make_batch())
+        except TrainingError as err:
+            caught.append(str(err))
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    worker.join(30)
+    assert len(caught) == 1 and "did not return within reward.custom.timeout_s=0.3 s" in caught[0]
+
+
+AROUND_THE_DEADLINE = """
+import random, signal, sys, textwrap, time
+from pathlib import Path
+from rlspec.errors import TrainingError
+from rlspec.rewards import RewardBatch, load_custom_reward
+path = Path(sys.argv[1]) / "late.py"
+path.write_text("import time\\ndef late(completions, **kw):\\n    end = time.monotonic() + kw['step'] / 1000\\n"
+                "    while time.monotonic() < end:\\n        pass\\n    return [0.0] * len(completions)\\n")
+term = load_custom_reward(str(path), "late", timeout_s=0.05)
+outcomes = set()
+for i in range(93):  # returns 15 ms early to 15 ms late, and at the deadline itself
+    step = 35 + i % 31
+    batch = RewardBatch(prompts=["p"], completions=["c"], completion_ids=[[1]], finish_reasons=["stop"],
+                        answers=["1"], correct=[False], group_ids=[0], step=step, columns={})
+    try:
+        term(batch)
+        outcomes.add("returned")
+    except TrainingError:
+        outcomes.add("timed out")
+time.sleep(1.0)  # a late SIGUSR1 would kill the process here (its default action)
+print(sorted(outcomes), signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL)
+"""
+
+
+def test_a_reward_returning_around_the_deadline_never_kills_the_process(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", AROUND_THE_DEADLINE, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout.strip() == "['returned', 'timed out'] True", proc.stdout
