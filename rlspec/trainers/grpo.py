@@ -194,7 +194,8 @@ class GRPOTrainer:
             if self.critic is not None and step <= self.critic.warmup_steps:  # critic warm-up: the policy waits
                 metrics["actor/num_updates"] = 0.0
             else:
-                with self.divergence.watch(self.model, metrics, step):  # a diverged update stops the run here
+                informative = not self.no_learning.advantages_zero(batch)
+                with self.divergence.watch(self.model, metrics, step, informative):  # a diverged update stops here
                     metrics.update(self.update_policy(batch, step))  # 4-5. loss + optimizer step
                     self.strategy.sync_policy()  # ZeRO-3: gather the new weights into the policy copy
                 self.engine.update_weights()

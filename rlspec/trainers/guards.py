@@ -34,18 +34,23 @@ from rlspec.errors import TrainingError
 THINK_CLOSE = "</think>"
 
 
+NORM_CHUNK = 1 << 22  # elements per float64 slice: at most 32 MiB extra on the accelerator
+
+
 def weight_norm(module: torch.nn.Module) -> float:
-    """The L2 norm of all of ``module``'s parameters, in float64 (weights of 1e20 do not overflow it)."""
+    """The L2 norm of all of ``module``'s parameters in float64 (weights of 1e20 square to 1e40, past
+    float32), a slice at a time: a 7B model's 4 GB embedding gets no float64 copy on the GPU."""
     with torch.no_grad():
-        norms = [torch.linalg.vector_norm(p.detach(), dtype=torch.float64) for p in module.parameters()]
+        norms = [torch.linalg.vector_norm(chunk, dtype=torch.float64)
+                 for p in module.parameters() for chunk in p.detach().reshape(-1).split(NORM_CHUNK)]
         if not norms:
             return 0.0
-        device = norms[0].device
-        return float(torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms])))
+        return float(torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms])))  # one sync
 
 
 def _fix(tc: TrainerConfig) -> str:
-    return f"lower trainer.lr (now {tc.lr:g}) or trainer.grad_clip (now {tc.grad_clip:g})"
+    return (f"lower trainer.lr (now {tc.lr:g}) or trainer.grad_clip (now {tc.grad_clip:g}) and start a new run "
+            f"(run_name=...), or resume with trainer.divergence.enable=false if this update was sound")
 
 
 class DivergenceGuard:
@@ -56,10 +61,13 @@ class DivergenceGuard:
         self._grad_norms: deque[float] = deque(maxlen=100)  # recent non-zero pre-clip norms
 
     @contextmanager
-    def watch(self, model: torch.nn.Module, metrics: dict[str, float], step: int) -> Iterator[None]:
+    def watch(self, model: torch.nn.Module, metrics: dict[str, float], step: int,
+              informative: bool = True) -> Iterator[None]:
         """Around one policy update (which fills ``metrics``, ``actor/grad_norm`` among them): an
         overflow inside the optimizer (``trainer.lr=1e38``: AdamW's step size is not a float32)
-        or a diverged result stops the run before the engine samples from it."""
+        or a diverged result stops the run before the engine samples from it. ``informative``:
+        some advantage is non-zero (updates without are checked, but their tiny KL-only gradient
+        norms do not enter the running median, which would make the next real update a "spike")."""
         before = weight_norm(model) if self.dc.enable else 0.0
         try:
             yield
@@ -69,9 +77,10 @@ class DivergenceGuard:
             raise TrainingError(f"divergence at step {step}: the optimizer step overflowed ({str(err).strip()}); "
                                 f"{_fix(self.tc)}") from None
         if self.dc.enable:
-            self.after_update(model, before, metrics, step)
+            self.after_update(model, before, metrics, step, informative)
 
-    def after_update(self, model: torch.nn.Module, before: float, metrics: dict[str, float], step: int) -> None:
+    def after_update(self, model: torch.nn.Module, before: float, metrics: dict[str, float], step: int,
+                     informative: bool = True) -> None:
         """``before``: the weight norm before the update; ``metrics``: the update's."""
         after = weight_norm(model)
         where = f"divergence at step {step}"
@@ -94,7 +103,7 @@ class DivergenceGuard:
                 raise TrainingError(
                     f"{where}: the gradient norm before clipping is {grad:.4g}, {grad / median:.3g}x its running "
                     f"median {median:.4g} (trainer.divergence.grad_norm_spike={self.dc.grad_norm_spike:g}); {tail}")
-        if grad > 0 and math.isfinite(grad):
+        if informative and grad > 0 and math.isfinite(grad):
             self._grad_norms.append(grad)
 
 
@@ -112,7 +121,7 @@ def _tensors(obj: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
 
 def check_finite_state(step: int, tc: TrainerConfig, parts: Sequence[tuple[str, torch.nn.Module, Any]]) -> None:
     """Refuse to checkpoint non-finite state: ``parts`` are ``(name, module, optimizer state)``
-    (``None``: a sharded state, checked by its owner). Raises :class:`TrainingError` naming the tensor."""
+    (``None``: DeepSpeed's sharded optimizer state, which every rank writes itself and is not checked here). Raises :class:`TrainingError` naming the tensor."""
     for name, module, opt_state in parts:
         with torch.no_grad():
             bad = next((n for n, p in module.named_parameters() if not bool(torch.isfinite(p).all())), None)

@@ -97,6 +97,29 @@ def test_gradient_norm_spike_and_ceiling_stop_the_run():
             pass
 
 
+def test_updates_without_advantages_do_not_lower_the_spike_median():
+    """A hard task's early steps (every advantage zero, a KL-only gradient of ~1e-4) must not make
+    the first real update (~1) look like a 1000x spike."""
+    model = torch.nn.Linear(4, 4)
+    cfg = compose_config([*TINY_OVERRIDES, "trainer.divergence.spike_warmup=3", "trainer.divergence.grad_norm_spike=100"])
+    guard = DivergenceGuard(cfg.trainer)
+    for step, grad in enumerate([0.8, 1.1, 0.9], start=1):
+        with guard.watch(model, {"actor/grad_norm": grad}, step):
+            pass
+    for step in range(4, 20):  # KL-only updates
+        with guard.watch(model, {"actor/grad_norm": 1e-4}, step, informative=False):
+            pass
+    with guard.watch(model, {"actor/grad_norm": 1.5}, 20):  # a real update: no stop
+        pass
+
+
+def test_weight_norm_of_huge_weights_without_a_float64_copy():
+    model = torch.nn.Linear(100, 100).to(torch.bfloat16)
+    with torch.no_grad():
+        model.weight.fill_(1e20)
+    assert math.isfinite(weight_norm(model)) and weight_norm(model) == pytest.approx(1e22, rel=1e-2)
+
+
 def test_non_finite_weights_after_an_update_stop_the_run():
     model = torch.nn.Linear(4, 4)
     guard = DivergenceGuard(compose_config(TINY_OVERRIDES).trainer)
