@@ -22,13 +22,30 @@ FAST = [*TINY_OVERRIDES, "eval.at_start=false", "eval.at_end=false", "logger.plo
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 # python -c PATCHED <hook> <marker> <cli args...>: hook "slow_manifest:N" sleeps in the manifest
-# write of step N after touching <marker>; "enospc" makes every trainer_state.pt write fail with ENOSPC
+# write of step N after touching <marker>; "enospc" makes every trainer_state.pt write fail with ENOSPC;
+# "hold_step:N" holds the start of step N after touching <marker> until <marker>.go exists or a
+# signal asked the run to stop (then step N runs); "hold_stop:N" holds it likewise, and once a signal
+# asked to stop touches <marker>.stopping and sleeps inside step N (a second signal must end it)
 PATCHED = r"""
 import errno, sys, time
 from pathlib import Path
 import rlspec.checkpoint as ck
 hook, marker, args = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
-if hook.startswith("slow_manifest:"):
+if hook.startswith(("hold_step:", "hold_stop:")):
+    from rlspec.trainers.grpo import GRPOTrainer
+    step, real_step = int(hook.split(":")[1]), GRPOTrainer.train_step
+    def held(self):
+        if self.global_step + 1 == step:
+            marker.write_text("held")
+            go, deadline = marker.with_name(marker.name + ".go"), time.monotonic() + 240
+            while self.stop_requested is None and not go.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if hook.startswith("hold_stop:") and self.stop_requested is not None:
+                marker.with_name(marker.name + ".stopping").write_text(self.stop_requested)
+                time.sleep(240)
+        return real_step(self)
+    GRPOTrainer.train_step = held
+elif hook.startswith("slow_manifest:"):
     step, real = int(hook.split(":")[1]), ck.write_manifest
     def slow(directory):
         if directory.name.startswith(ck.step_dir_name(step) + ".tmp-"):

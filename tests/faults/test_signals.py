@@ -24,8 +24,10 @@ def _checkpoints(run_dir):
 def test_a_signal_mid_run_saves_the_step_reached_and_the_same_command_resumes(tiny_model_path, tmp_path, sig, code):
     run_dir = tmp_path / "run"
     args = ("trainer.steps=6", "trainer.save_every=5")  # the schedule alone would save nothing before step 5
-    proc = start(run_dir, *args)
-    wait_for(lambda: train_steps(run_dir) == [1, 2, 3], proc)  # step 4 is under way
+    marker = tmp_path / "step4"
+    proc = start(run_dir, *args, patched=("hold_step:4", marker))  # step 4 waits for the signal
+    wait_for(marker.exists, proc)
+    assert train_steps(run_dir) == [1, 2, 3]
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == code, err[-3000:]
@@ -44,10 +46,12 @@ def test_a_signal_mid_run_saves_the_step_reached_and_the_same_command_resumes(ti
 
 def test_a_second_signal_exits_at_once_without_saving(tiny_model_path, tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(run_dir, "trainer.steps=6", "trainer.save_every=0")
-    wait_for(lambda: train_steps(run_dir) == [1], proc)  # step 2 is under way
+    marker = tmp_path / "step2"
+    # step 2 waits for the first signal, then never finishes: only the second one can end the run
+    proc = start(run_dir, "trainer.steps=6", "trainer.save_every=0", patched=("hold_stop:2", marker))
+    wait_for(marker.exists, proc)
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.3)  # two signals sent back to back can arrive as one
+    wait_for(marker.with_name("step2.stopping").exists, proc)  # the first one was handled
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
