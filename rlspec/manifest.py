@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 VERSION = 1
 # a tokenizer's vocabulary: without one it loads as a tokenizer of a few special tokens
-TOKENIZER_VOCAB = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+TOKENIZER_VOCAB = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "*.tiktoken",
+                   "tiktoken.model")  # one of them holds a saved tokenizer's vocabulary (checked without a manifest)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -80,8 +81,10 @@ class Verdict:
     manifest: bool = True
 
 
-def required_missing(checkpoint: Path, for_export: bool = False) -> str | None:
-    """The first file a checkpoint cannot do without that is missing, as a reason, or None."""
+def required_missing(checkpoint: Path, for_export: bool = False, vocab: bool = True) -> str | None:
+    """The first file a checkpoint cannot do without that is missing, as a reason, or None.
+    ``vocab``: also a tokenizer vocabulary file (checkpoints without a manifest; with one, a
+    deleted tokenizer file is a listed file that is missing, whatever its name)."""
     model = checkpoint / "model"
     if not for_export and not (checkpoint / "trainer_state.pt").is_file():
         return "trainer_state.pt is missing"
@@ -89,7 +92,7 @@ def required_missing(checkpoint: Path, for_export: bool = False) -> str | None:
         return "model/config.json is missing"
     if not any(model.glob("*.safetensors")) and not any(model.glob("*.bin")):
         return "model/model.safetensors is missing (no weights)"
-    if not any((model / name).is_file() for name in TOKENIZER_VOCAB):
+    if vocab and not any(f.is_file() for name in TOKENIZER_VOCAB for f in model.glob(name)):
         return "model/tokenizer.json is missing (the tokenizer has no vocabulary)"
     return None
 
@@ -132,10 +135,10 @@ def verify_checkpoint(checkpoint: Path, for_export: bool = False) -> Verdict:
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         return Verdict(False, "is not a directory")
-    missing = required_missing(checkpoint, for_export)
+    path = checkpoint / MANIFEST
+    missing = required_missing(checkpoint, for_export, vocab=not path.is_file())
     if missing:
         return Verdict(False, missing)
-    path = checkpoint / MANIFEST
     if not path.is_file():
         return _verify_legacy(checkpoint, for_export)
     try:

@@ -213,3 +213,27 @@ def test_kill_9_during_a_checkpoint_write_then_resume(reference, tmp_path):
     for step in (1, 2, 3):
         for key in ("reward/mean", "acc/mean", "response_length/mean"):
             assert got[step][key] == pytest.approx(want[step][key], abs=1e-6), (step, key)
+
+
+def test_a_tokenizer_without_tokenizer_json_verifies(tmp_path):
+    """Remote-code tokenizers keep their vocabulary in e.g. qwen.tiktoken: a checkpoint of such a
+    model must verify (with a manifest, every listed file is checked; without one, any known
+    vocabulary file will do) or the run could never resume."""
+    from safetensors.torch import save_file
+
+    from rlspec.manifest import verify_checkpoint, write_manifest
+
+    ckpt = tmp_path / "step_000001"
+    (ckpt / "model").mkdir(parents=True)
+    torch.save({"global_step": 1}, ckpt / "trainer_state.pt")
+    (ckpt / "model" / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(2)}, str(ckpt / "model" / "model.safetensors"))
+    (ckpt / "model" / "qwen.tiktoken").write_text("IQ== 0\n")
+    assert verify_checkpoint(ckpt).ok  # no manifest: a known vocabulary file is there
+    write_manifest(ckpt)
+    assert verify_checkpoint(ckpt).ok
+    (ckpt / "model" / "qwen.tiktoken").unlink()
+    verdict = verify_checkpoint(ckpt)
+    assert not verdict.ok and verdict.reason == "model/qwen.tiktoken is missing"
+    (ckpt / "manifest.json").unlink()
+    assert "has no vocabulary" in verify_checkpoint(ckpt).reason
