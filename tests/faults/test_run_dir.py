@@ -5,10 +5,12 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from faults_cli import ENV, rlspec_lines, start, train_steps
+from rlspec import run_lock
 from rlspec.errors import RunDirBusyError
 from rlspec.run_lock import RunLock, remove_stale_temps
 
@@ -76,7 +78,14 @@ def test_three_starts_at_once_exactly_one_trains(tiny_model_path, tmp_path):
     dead = root / f"step_000008.tmp-{_dead_pid()}"
     for folder in (live, dead):
         (folder / "model").mkdir(parents=True)
-    procs = [start(run_dir, "trainer.steps=4") for _ in range(3)]
+    # the winner holds step 1 until the other two have exited: a slow start cannot come after it
+    # has finished (it would resume, train nothing and exit 0)
+    marker = tmp_path / "step1"
+    procs = [start(run_dir, "trainer.steps=4", patched=("hold_step:1", marker)) for _ in range(3)]
+    deadline = time.monotonic() + 300
+    while sum(p.poll() is not None for p in procs) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    marker.with_name("step1.go").write_text("")
     results = [(p.pid, p.returncode, out, err) for p in procs for out, err in [p.communicate(timeout=300)]]
     winners = [r for r in results if r[1] == 0]
     losers = [r for r in results if r[1] != 0]
@@ -92,23 +101,41 @@ def test_three_starts_at_once_exactly_one_trains(tiny_model_path, tmp_path):
     assert live.is_dir() and not dead.exists()
 
 
-def test_a_killed_holders_record_is_not_named_for_the_new_holder(tmp_path):
+def test_a_killed_holders_record_is_not_named_for_the_new_holder(tmp_path, monkeypatch):
     """A holder killed with -9 leaves its record behind; the next holder writes its own just after
     taking the lock, and a start in between must name the new holder, not the dead one."""
     import json
 
     from rlspec.run_lock import HOLDER_FILE, LOCK_FILE
 
-    (tmp_path / HOLDER_FILE).write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname()}))
-    code = (f"import json, os, socket, time\nfrom filelock import FileLock\n"
+    dead = _dead_pid()
+    (tmp_path / HOLDER_FILE).write_text(json.dumps({"pid": dead, "host": socket.gethostname()}))
+    # the holder takes the lock, then writes its record only when told: once the start below has
+    # read the dead holder's record (no sleep racing the wait)
+    code = (f"import json, os, socket, sys\nfrom filelock import FileLock\n"
             f"lock = FileLock({str(tmp_path / LOCK_FILE)!r}); lock.acquire(); print('held', flush=True)\n"
-            f"time.sleep(0.7)\nopen({str(tmp_path / HOLDER_FILE)!r}, 'w').write(json.dumps("
-            f"{{'pid': os.getpid(), 'host': socket.gethostname()}}))\ntime.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=ENV)
+            f"sys.stdin.readline()\nopen({str(tmp_path / HOLDER_FILE)!r}, 'w').write(json.dumps("
+            f"{{'pid': os.getpid(), 'host': socket.gethostname()}}))\nsys.stdin.readline()")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env=ENV)
+    seen_dead = []
+
+    def pid_alive(pid):
+        if pid == dead and not seen_dead:  # the start is waiting now: let the holder write its record
+            seen_dead.append(pid)
+            holder.stdin.write("write\n")
+            holder.stdin.flush()
+        return real_pid_alive(pid)
+
+    real_pid_alive, real_read_holder = run_lock.pid_alive, run_lock.read_holder
+    monkeypatch.setattr(run_lock, "pid_alive", pid_alive)
+    # however slow the holder is to write, the start keeps waiting for a live record
+    monkeypatch.setattr(run_lock, "read_holder", lambda run_dir, wait_s=2.0: real_read_holder(run_dir, wait_s=120))
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunDirBusyError, match=f"pid {holder.pid} on "):
             RunLock(tmp_path).acquire()
+        assert seen_dead == [dead]  # it did see the dead holder's record first
     finally:
         holder.kill()
         holder.wait()
