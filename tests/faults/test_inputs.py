@@ -28,6 +28,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 HANGING_TRL = "import time\ndef hang(completions, **kwargs):\n    time.sleep(20)\n"
 HANGING_VERL = ("import time\ndef hang(data_source, solution_str, ground_truth, extra_info=None):\n"
                 "    if extra_info['index'] == 2:\n        time.sleep(20)\n    return 0.0\n")
+# a busy loop, and one whose bare except swallows the first timeout signal: the watchdog re-sends it
+BUSY_TRL = "def hang(completions, **kwargs):\n    while True:\n        pass\n"
+SWALLOWING_TRL = ("import time\ndef hang(completions, **kwargs):\n    try:\n        while True:\n            pass\n"
+                  "    except:\n        pass\n    time.sleep(20)\n")
 RAISING_VERL = ("def boom(data_source, solution_str, ground_truth, extra_info=None):\n"
                 "    if extra_info['index'] == 3:\n        raise ValueError('cannot parse the answer')\n    return 0.0\n")
 
@@ -60,8 +64,9 @@ def write_rows(path: Path, questions: list[str]) -> Path:
 
 
 # ------------------------------------------------------------------ user rewards
-@pytest.mark.parametrize("text, which", [(HANGING_TRL, "completions 0-15"), (HANGING_VERL, "completion 2 of 16")],
-                         ids=["trl", "verl"])
+@pytest.mark.parametrize("text, which", [(HANGING_TRL, "completions 0-15"), (HANGING_VERL, "completion 2 of 16"),
+                                         (BUSY_TRL, "completions 0-15"), (SWALLOWING_TRL, "completions 0-15")],
+                         ids=["trl", "verl", "busy_loop", "bare_except"])
 def test_a_hanging_reward_times_out_naming_step_completion_and_key(make_trainer, tmp_path, text, which):
     """Today: blocks forever (called up to 4x per step with dynamic sampling)."""
     trainer = make_trainer(*FAST, "reward.custom.timeout_s=1", *custom(tmp_path, text, "hang"))
@@ -101,6 +106,23 @@ def test_a_3k_character_prompt_past_512_positions_is_an_error_or_dropped(make_tr
     assert [r["question"] for r in trainer.train_rows] == short
     assert max(len(p) for p in trainer.train_prompt_ids) <= 416
     assert f"dropped 1 of 6 rows of {data}" in capsys.readouterr().out
+    trainer = make_trainer(f"data.path={data}", f"data.test_path={data}", "data.overlong_prompts=off")
+    assert len(trainer.train_rows) == 6  # off: a model that extrapolates past its positions keeps them
+
+
+def test_rope_scaling_extends_the_positions_the_prompts_must_fit():
+    from types import SimpleNamespace
+
+    from rlspec.input_guards import model_positions
+
+    def positions(**config):
+        return model_positions(SimpleNamespace(config=SimpleNamespace(**config)))
+
+    assert positions(max_position_embeddings=32768) == 32768
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert positions(max_position_embeddings=32768, rope_scaling=yarn) == 131072  # Qwen2.5's long-context setup
+    assert positions(max_position_embeddings=131072, rope_scaling=yarn) == 131072  # already the extended length
+    assert positions(max_position_embeddings=None) is None
 
 
 def test_the_length_schedule_s_longest_response_counts(make_trainer, tmp_path):
