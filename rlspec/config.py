@@ -65,7 +65,7 @@ class DataConfig:
     shuffle: bool = setting(True, "shuffle the prompts every epoch (seeded)")
     prompt_template: str = setting("chat", "chat (the tokenizer's) | r1_zero | plain (base models) | a string with {question}")
     overlong_prompts: OverlongPrompts = setting("error", "a prompt longer than the model's positions minus the "
-                                                         "response length: error (naming file and row) | drop")
+                                                         "response length: error (naming file and row) | drop | off")
 
     def __post_init__(self) -> None:
         require(self.max_train_samples is None or self.max_train_samples > 0, "data.max_train_samples", "must be > 0")

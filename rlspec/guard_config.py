@@ -83,4 +83,4 @@ def check_group_size(cfg: Any) -> None:
                           f"or trainer.adv_estimator=reinforce_plus_plus_baseline (a batch baseline) or gae (a critic)")
 
 
-OverlongPrompts = Literal["error", "drop"]
+OverlongPrompts = Literal["error", "drop", "off"]

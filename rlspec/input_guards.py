@@ -43,9 +43,19 @@ def check_tokenizer(tokenizer: Any, model: Any, where: str | Path) -> None:
 
 
 def model_positions(model: Any) -> int | None:
-    """The model's positions (``max_position_embeddings``), or None when its config has none."""
-    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return int(positions) if positions else None
+    """The model's positions (``max_position_embeddings``, times a RoPE scaling factor such as
+    YaRN's when the config keeps the original length there, as Qwen2.5's long-context setup does),
+    or None when its config has none."""
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    if not positions:
+        return None
+    scaling = getattr(config, "rope_scaling", None) or {}
+    factor = float(scaling.get("factor") or 1.0) if isinstance(scaling, dict) else 1.0
+    original = scaling.get("original_max_position_embeddings") if isinstance(scaling, dict) else None
+    if factor > 1 and (original is None or int(original) == int(positions)):
+        return int(positions * factor)
+    return int(positions)
 
 
 def fit_prompts(rows: Sequence[dict[str, Any]], prompt_ids: Sequence[Sequence[int]], positions: int | None,
@@ -55,10 +65,11 @@ def fit_prompts(rows: Sequence[dict[str, Any]], prompt_ids: Sequence[Sequence[in
 
     ``mode`` is ``data.overlong_prompts``: ``error`` raises :class:`DataError` naming ``source``,
     the first overlong row and the count; ``drop`` drops them and prints the count (all of them
-    overlong is still an error). ``positions=None`` (unknown) keeps everything.
+    overlong is still an error); ``off`` keeps everything (a model that extrapolates past its
+    positions). ``positions=None`` (unknown) keeps everything.
     """
     rows, prompt_ids = list(rows), [list(p) for p in prompt_ids]
-    if positions is None:
+    if positions is None or mode == "off":
         return rows, prompt_ids
     limit = positions - response_length
     over = [i for i, p in enumerate(prompt_ids) if len(p) > limit]
@@ -67,7 +78,8 @@ def fit_prompts(rows: Sequence[dict[str, Any]], prompt_ids: Sequence[Sequence[in
     room = f"the model's {positions} positions minus {response_key}={response_length}"
     if limit <= 0:
         raise DataError(f"{response_key}={response_length} leaves no room for a prompt in the model's {positions} "
-                        f"positions; lower {response_key}")
+                        f"positions; lower {response_key} (or data.overlong_prompts=off for a model that "
+                        f"extrapolates past its positions)")
     if mode == "error" or len(over) == len(rows):
         first = over[0]
         more = f" ({len(over) - 1} more rows too)" if len(over) > 1 else ""
