@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,17 +124,25 @@ def normalize_rows(
     return out
 
 
+THOUSANDS = re.compile(r"-?\$?\d{1,3}(,\d{3})+(\.\d+)?")  # 1,018 / -12,345.5: GSM8K's separators
+
+
 def gsm8k_final(answer: str) -> str:
     """GSM8K's answer column is the worked solution and a last line ``#### final``: the gold answer is
-    the final part (thousands separators dropped), as :func:`rlspec.evals.benchmarks.gsm8k_answer`
-    reads it for ``rlspec.eval``; graded against the whole solution every answer would be wrong.
-    Any other answer is returned as it is.
+    the final part (a number's thousands separators dropped, nothing else: ``(1, 2)`` stays a pair),
+    as :func:`rlspec.evals.benchmarks.gsm8k_answer` reads it for ``rlspec.eval``; graded against
+    the whole solution every answer would be wrong. Any other answer is returned as it is.
 
     >>> gsm8k_final("16 - 3 - 4 = <<16-3-4=9>>9\\n9 * 2 = <<9*2=18>>18\\n#### 1,018"), gsm8k_final("#### x")
     ('1018', '#### x')
+    >>> gsm8k_final("so the pair is\\n#### (1, 2)")
+    '(1, 2)'
     """
     solution, mark, final = answer.rpartition("\n#### ")
-    return final.strip().replace(",", "") if mark and solution.strip() and final.strip() else answer
+    final = final.strip()
+    if not (mark and solution.strip() and final):
+        return answer
+    return final.replace(",", "") if THOUSANDS.fullmatch(final) else final
 
 
 def load_split(source: str, split: str, question_key: str = "question", answer_key: str = "answer") -> list[dict[str, Any]]:
