@@ -21,27 +21,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
-from filelock import FileLock
 
 from rlspec.embedded_build import BUILD_VERSION, EmbeddedModelConfig, build_embedded_model, build_threads
 from rlspec.errors import ModelLoadError
-from rlspec.models import check_model_path
+from rlspec.models import build_dir_once, check_model_path, default_cache_dir
 from rlspec.rollout.speculative.warmup import warmup_drafter
 
 __all__ = ["BUILD_VERSION", "EmbeddedModelConfig", "default_cache_dir", "get_embedded_drafter_path",
            "get_embedded_model_path", "resolve_model_path"]
-
-
-def default_cache_dir() -> Path:
-    """``$RLSPEC_HOME`` if set, else ``~/.cache/rlspec``."""
-    home = os.environ.get("RLSPEC_HOME")
-    return Path(home).expanduser() if home else Path.home() / ".cache" / "rlspec"
 
 
 def get_embedded_model_path(
@@ -64,25 +55,6 @@ def get_embedded_model_path(
         raise ModelLoadError(f"cannot create the model cache {models_dir}: {err}. "
                              f"Set RLSPEC_HOME to a writable directory.") from err
     return build_dir_once(final, lambda tmp: build_embedded_model(cfg, tmp, progress=progress), _is_complete)
-
-
-def build_dir_once(final: Path, build: Callable[[Path], None], is_complete: Callable[[Path], bool]) -> Path:
-    """``final``, made by ``build(tmp)`` unless ``is_complete(final)``: under a file lock, in a
-    temporary sibling directory moved into place with ``os.replace``, so a reader never sees half
-    of it and a crashed build's leftover is replaced."""
-    with FileLock(str(final) + ".lock"):
-        if is_complete(final):  # another process built it while we waited
-            return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-        try:
-            build(tmp)
-            if final.exists():  # an incomplete leftover from a crashed build
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def _is_complete(path: Path) -> bool:

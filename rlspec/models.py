@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -216,30 +217,49 @@ def gguf_model_dir(path: str, dtype: str = "float32", trust_remote_code: bool = 
     models: ``$RLSPEC_HOME`` or ``~/.cache/rlspec``); keyed by the file's path, size and mtime and
     the dtype. Any other ``path`` is returned as it is. Built under a file lock in a temporary
     directory moved into place, so a reader never sees half of it."""
-    from filelock import FileLock
-
     if not is_gguf(path):
         return Path(path)
     file = Path(check_model_path(path)).resolve()
     stat = file.stat()
     key = hashlib.sha256(json.dumps([str(file), stat.st_size, stat.st_mtime_ns, dtype]).encode()).hexdigest()[:12]
-    home = os.environ.get("RLSPEC_HOME")
-    root = Path(cache_root or home or Path.home() / ".cache" / "rlspec").expanduser() / "models"
-    final = root / f"gguf-{file.stem.lower()}-{dtype}-{key}"
-    if (final / _GGUF_MARKER).is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final) + ".lock"):
-        if (final / _GGUF_MARKER).is_file():  # converted by another process while we waited
-            return final
+    root = Path(cache_root).expanduser() if cache_root is not None else default_cache_dir()
+    final = root / "models" / f"gguf-{file.stem.lower()}-{dtype}-{key}"
+
+    def complete(directory: Path) -> bool:
+        return (directory / _GGUF_MARKER).is_file()
+
+    def convert(tmp: Path) -> None:
         if progress:
             print(f"dequantizing {file.name} to {dtype} into {final} (once)", flush=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+        load_gguf_model(str(file), dtype, trust_remote_code).save_pretrained(tmp)
+        load_tokenizer(str(file), trust_remote_code).save_pretrained(tmp)
+        (tmp / _GGUF_MARKER).write_text(json.dumps({"gguf": str(file), "size": stat.st_size, "dtype": dtype}) + "\n")
+
+    if complete(final):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return build_dir_once(final, convert, complete)
+
+
+def default_cache_dir() -> Path:
+    """``$RLSPEC_HOME`` if set, else ``~/.cache/rlspec`` (the embedded models and converted GGUF files)."""
+    home = os.environ.get("RLSPEC_HOME")
+    return Path(home).expanduser() if home else Path.home() / ".cache" / "rlspec"
+
+
+def build_dir_once(final: Path, build: Callable[[Path], None], is_complete: Callable[[Path], bool]) -> Path:
+    """``final``, made by ``build(tmp)`` unless ``is_complete(final)``: under a file lock, in a
+    temporary sibling directory moved into place with ``os.replace``, so a reader never sees half
+    of it and a crashed build's leftover is replaced."""
+    from filelock import FileLock
+
+    with FileLock(str(final) + ".lock"):
+        if is_complete(final):  # another process built it while we waited
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         try:
-            load_gguf_model(str(file), dtype, trust_remote_code).save_pretrained(tmp)
-            load_tokenizer(str(file), trust_remote_code).save_pretrained(tmp)
-            (tmp / _GGUF_MARKER).write_text(json.dumps({"gguf": str(file), "size": stat.st_size, "dtype": dtype}) + "\n")
-            if final.exists():  # a crashed conversion's leftover
+            build(tmp)
+            if final.exists():  # an incomplete leftover from a crashed build
                 shutil.rmtree(final)
             os.replace(tmp, final)
         finally:

@@ -60,10 +60,8 @@ class ThinkTags:
         msg = (f"{' and '.join(self.tag_methods)} need a model that thinks in <think>...</think> tags, and neither "
                f"the tokenizer's chat template nor the prompt (data.prompt_template={self.cfg.data.prompt_template}) "
                f"has <think>")
-        if self.mode == "require":
-            raise ConfigError(f"{msg}; use a reasoning model, data.prompt_template=r1_zero for a base model, or "
-                              f"reward.think_tags=auto to train anyway")
-        warnings.warn(f"{msg}; training anyway (reward.think_tags=auto)", stacklevel=3)
+        self._stop_or_warn(ConfigError, msg, "use a reasoning model, data.prompt_template=r1_zero for a base model, "
+                           "or reward.think_tags=auto to train anyway", "training anyway (reward.think_tags=auto)")
 
     def require_close(self, texts: Sequence[str], where: str, finish_reasons: Sequence[str] | None = None) -> bool:
         """The ``require_think_close`` to grade ``texts`` with. The first call with tags required
@@ -83,13 +81,17 @@ class ThinkTags:
         msg = (f"reward.require_think_close=true grades only the text after </think>, and none of the "
                f"{len(texts)} responses of {where} that ended before the length limit has one (this model "
                f"does not think in tags), so every reward would be 0")
-        if self.mode == "require":
-            raise TrainingError(f"{msg}; set reward.require_think_close=false (grade the whole response), or "
-                                f"reward.think_tags=auto to switch it off when this happens")
-        warnings.warn(f"{msg}; reward.require_think_close is switched off for this run (reward.think_tags=auto)",
-                      stacklevel=3)
+        self._stop_or_warn(TrainingError, msg, "set reward.require_think_close=false (grade the whole response), or "
+                           "reward.think_tags=auto to switch it off when this happens",
+                           "reward.require_think_close is switched off for this run (reward.think_tags=auto)")
         self.cfg.reward.require_think_close = False  # rewards, hooks and evals read it from here
         return False
+
+    def _stop_or_warn(self, error: type[Exception], msg: str, fix: str, going_on: str) -> None:
+        """``require``: raise ``error`` naming the fix; ``auto``: warn once, saying what happens instead."""
+        if self.mode == "require":
+            raise error(f"{msg}; {fix}")
+        warnings.warn(f"{msg}; {going_on}", stacklevel=4)
 
     def state_dict(self) -> dict[str, bool]:
         """The decision, so a resumed run grades as the run before it (``auto`` may have switched)."""
