@@ -142,7 +142,7 @@ def _disk_full(err: BaseException, free: int) -> bool:
 
 
 def _rotate(root: Path, keep: int, protected: tuple[str, ...]) -> None:
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir() and ".tmp-" not in p.name)
+    steps = _step_dirs(root)
     for old in steps[:-keep] if keep > 0 else []:
         if old.name not in protected:
             shutil.rmtree(old, ignore_errors=True)
