@@ -430,6 +430,8 @@ class RewardConfig:
     think_tags: Literal["require", "auto", "off"] = setting("require", "a model without think tags: require: stop "
                                                             "at start / step 1 | auto: warn, grade without | off: no check")
     grader_timeout_s: float = setting(5.0, "math-verify timeout per answer")
+    last_number_fallback: bool = setting(False, "no \\boxed{}: grade the last number (GSM8K's flexible extract; "
+                                                "models that do not box, e.g. small instruct models)")
 
 
 @dataclass

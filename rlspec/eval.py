@@ -4,6 +4,7 @@
         [out=runs/eval/NAME] [eval.prompt_template=chat|r1_zero|plain|'...{question}...']
         [eval.samples=4] [eval.max_new_tokens=32768] [eval.limit=N] [eval.temperature=0.6] [eval.top_p=0.95]
         [eval.top_k=0] [eval.seed=1234] [eval.seeding=per_problem|shared] [eval.require_think_close=false]
+        [eval.last_number_fallback=null|true|false]
         [eval.grader_timeout_s=5] [eval.max_batch_size=256] [eval.call_rows=0] [eval.benchmarks.NAME.path=FILE_OR_DIR]
         [eval.base=DIR_OR_SUMMARY_JSON] [model.dtype=float32] [model.embedded_preset=default|tiny] [progress=auto|on|off]
 

@@ -68,11 +68,13 @@ def evaluate(
     *,
     require_think_close: bool = False,
     grader_timeout_s: float = 5.0,
+    last_number_fallback: bool = False,
     out_path: str | Path | None = None,
     decide_think_close: Callable[[list[str], list[str]], bool] | None = None,
 ) -> dict[str, float]:
     """Sample ``k`` responses per problem (``eval.*``: samples, sampling, seed), grade them
-    (``reward.require_think_close``, ``reward.grader_timeout_s``), return summary metrics.
+    (``reward.require_think_close``, ``reward.grader_timeout_s``, ``reward.last_number_fallback``),
+    return summary metrics.
 
     ``prompt_ids[i]`` is the tokenised chat prompt of ``rows[i]``. Sample ``s`` of problem ``i``
     draws from random stream ``i * k + s`` (:func:`heldout_streams`) under ``eval.seed``, so its
@@ -95,7 +97,8 @@ def evaluate(
     if decide_think_close is not None:  # the trainer's reward.think_tags check, before grading
         require_think_close = decide_think_close(texts, result.finish_reasons)
     golds = [rows[i // k]["answer"] for i in range(len(repeated))]
-    verdicts = grade_batch(texts, golds, require_think_close=require_think_close, timeout_s=grader_timeout_s)
+    verdicts = grade_batch(texts, golds, require_think_close=require_think_close, timeout_s=grader_timeout_s,
+                           last_number_fallback=last_number_fallback)
     records = []
     for i, (text, ok) in enumerate(zip(texts, verdicts)):
         row = rows[i // k]

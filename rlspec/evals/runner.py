@@ -40,7 +40,7 @@ import json
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
 
@@ -83,6 +83,8 @@ class RunnerSettings(EvalSampling):
     prompt_template: str = setting("chat", "chat (the tokenizer's) | r1_zero | plain (base models) | a string with "
                                            "{question} (rlspec.prompts; the training run's data.prompt_template)")
     require_think_close: bool = setting(False, "grade only the text after </think>")
+    last_number_fallback: Optional[bool] = setting(None, "no \\boxed{}: grade the last number; null = the "
+                                                         "benchmark's convention (GSM8K: yes), true/false: every benchmark")
     grader_timeout_s: float = setting(5.0, "math-verify timeout per answer")
     max_batch_size: int = setting(256, "sequences decoded at once")
     call_rows: int = setting(0, "rows (problems x samples) per generate call, a problem's samples in one call; "
@@ -112,8 +114,9 @@ class RunnerSettings(EvalSampling):
     def fingerprint(self) -> str:
         """A short hash of the settings that change the samples or their grading (and the sampler version)."""
         keep = {k: v for k, v in self.record().items() if k not in ("max_batch_size", "call_rows")}
-        if keep["prompt_template"] == "chat":  # the default: results written before the key existed still resume
-            del keep["prompt_template"]
+        for key, default in (("prompt_template", "chat"), ("last_number_fallback", None)):
+            if keep[key] == default:  # results written before the key existed still resume
+                del keep[key]
         keep["sampler"] = SAMPLER_VERSION
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -305,7 +308,9 @@ def evaluate_benchmark(
     by_length = sorted(pending, key=lambda p: len(prompts[p.uid]))
     chunks = call_chunks(by_length, k, settings.call_rows or settings.max_batch_size)
     # GSM8K's convention: a response without \boxed{} is graded on its last number
-    fallback = bool(name in BENCHMARKS.names() and BENCHMARKS.get(name).last_number_fallback)
+    fallback = settings.last_number_fallback
+    if fallback is None:
+        fallback = bool(name in BENCHMARKS.names() and BENCHMARKS.get(name).last_number_fallback)
     try:
         with open(path, "a", encoding="utf-8") as f:
             for chunk in chunks:

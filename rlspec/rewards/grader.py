@@ -557,7 +557,8 @@ def grade(response: str, gold: str, *, require_think_close: bool = False, timeou
         gold: the reference answer, e.g. ``"25"``, ``"\frac{1}{2}"`` or ``"\boxed{(1, 2)}"``.
         require_think_close: a response without ``</think>`` is incorrect (DeepScaleR/DLER).
         timeout_s: time limit for one math-verify check; a timeout counts as incorrect.
-        last_number_fallback: with no ``\boxed{}``, grade the last number instead (GSM8K only;
+        last_number_fallback: with no ``\boxed{}``, grade the last number instead (GSM8K's
+            convention; ``reward.last_number_fallback`` for models that do not box their answers;
             see :func:`extract_final_answer`).
 
     Returns ``False`` for anything ungradable (no box, empty or unbalanced box, no gold, ...).
@@ -589,12 +590,14 @@ def grade(response: str, gold: str, *, require_think_close: bool = False, timeou
 
 
 def grade_batch(
-    responses: Sequence[str], golds: Sequence[str], *, require_think_close: bool = False, timeout_s: float = 5.0
+    responses: Sequence[str], golds: Sequence[str], *, require_think_close: bool = False, timeout_s: float = 5.0,
+    last_number_fallback: bool = False,
 ) -> list[bool]:
     """:func:`grade` for each ``(response, gold)`` pair, in order."""
     if len(responses) != len(golds):
         raise ValueError(f"grade_batch got {len(responses)} responses but {len(golds)} gold answers")
     return [
-        grade(r, g, require_think_close=require_think_close, timeout_s=timeout_s)
+        grade(r, g, require_think_close=require_think_close, timeout_s=timeout_s,
+              last_number_fallback=last_number_fallback)
         for r, g in zip(responses, golds)
     ]

@@ -222,6 +222,7 @@ def compute_rewards(
     *,
     require_think_close: bool = False,
     timeout_s: float = 5.0,
+    last_number_fallback: bool = False,
 ) -> tuple[list[float], dict[str, list[float]], list[bool]]:
     """Grade ``batch`` once, then return the weighted sum of the reward ``terms``.
 
@@ -230,8 +231,8 @@ def compute_rewards(
             :func:`grade_batch`; fill it to reuse a verdict computed elsewhere.
         terms: ``{name: {"weight": w, "kwargs": {...}}}`` (see :func:`build_reward_terms`);
             names are looked up in :data:`REWARD_TERMS`.
-        require_think_close, timeout_s: passed to the grader (``reward.require_think_close``,
-            ``reward.grader_timeout_s``).
+        require_think_close, timeout_s, last_number_fallback: passed to the grader
+            (``reward.require_think_close``, ``reward.grader_timeout_s``, ``reward.last_number_fallback``).
 
     Returns:
         ``(totals, raw, correct)``: the total reward per completion, each term's unweighted
@@ -244,7 +245,8 @@ def compute_rewards(
     """
     if len(batch.correct) != len(batch):
         correct = grade_batch(
-            batch.completions, batch.answers, require_think_close=require_think_close, timeout_s=timeout_s
+            batch.completions, batch.answers, require_think_close=require_think_close, timeout_s=timeout_s,
+            last_number_fallback=last_number_fallback,
         )
         batch = dataclasses.replace(batch, correct=correct)
     totals, raw = score_batch(batch, terms)

@@ -295,7 +295,7 @@ class GRPOTrainer:
             chunk.batch.correct = []  # graded here: the completions may have been clipped
             chunk.rewards, chunk.per_term, chunk.correct = compute_rewards(
                 chunk.batch, self.reward_terms, require_think_close=self.cfg.reward.require_think_close,
-                timeout_s=self.cfg.reward.grader_timeout_s)
+                timeout_s=self.cfg.reward.grader_timeout_s, last_number_fallback=self.cfg.reward.last_number_fallback)
         for hook in self.hooks:
             hook.after_scoring(chunk)
         timing["reward"] += time.perf_counter() - t0
@@ -380,6 +380,7 @@ class GRPOTrainer:
         metrics = evaluate(
             self.engine, self.tokenizer, rows, self.eval_prompt_ids[: len(rows)], ec, self.eos_ids,
             require_think_close=self.cfg.reward.require_think_close, grader_timeout_s=self.cfg.reward.grader_timeout_s,
+            last_number_fallback=self.cfg.reward.last_number_fallback,
             out_path=self.run_dir / "evals" / f"step_{step:06d}.jsonl" if self.is_main else None,
             decide_think_close=lambda texts, reasons: self.think_tags.require_close(texts, f"the eval at step {step}", reasons),
         )

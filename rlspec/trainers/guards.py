@@ -204,7 +204,8 @@ class NoLearningGuard:
         if s.correct == 0:
             return ("every response was graded incorrect (0% accuracy): the task is too "
                     "hard for the model, or the grader cannot match its answers to the gold ones (a grader "
-                    "mismatch: check data.answer_key and that the model ends with \\boxed{answer}; see "
+                    "mismatch: check data.answer_key and that the model ends with \\boxed{answer}, or set "
+                    "reward.last_number_fallback=true for a model that does not box its answers; see "
                     "completions.jsonl, trainer.log_completions_every)")
         if s.varied_groups == 0:
             return (f"the responses to each prompt all got the same reward or correctness (accuracy {100 * acc:.0f}%, terms "

@@ -398,6 +398,27 @@ def test_gsm8k_grades_the_last_number_when_there_is_no_box(tiny, tmp_path):
     assert [s["correct"] for s in other["records"][0]["samples"]] == [False, False, True]
 
 
+
+def test_last_number_fallback_setting_overrides_the_benchmark_convention(tiny, tmp_path):
+    from rlspec.evals.benchmarks import BenchmarkProblem
+
+    _, tokenizer, _ = tiny
+    problems = [BenchmarkProblem(uid="p/0", question="2+5?", answer="7")]
+    script = ["<think>x</think> so 7 in total", "<think>x</think> so 8", "<think>x</think> \\boxed{7}"]
+
+    def verdicts(benchmark, fallback, out):
+        settings = RunnerSettings(samples=3, max_new_tokens=64, last_number_fallback=fallback)
+        result = evaluate_benchmark(Scripted(tokenizer, [list(script)]), tokenizer, problems, settings,
+                                    tmp_path / out, progress=False, benchmark=benchmark)
+        return [s["correct"] for s in result["records"][0]["samples"]]
+
+    assert verdicts("math500", True, "m") == [True, False, True]  # a model that does not box, on any benchmark
+    assert verdicts("gsm8k", False, "g") == [False, False, True]  # strict: only the box
+    # the default (null) keeps the fingerprint of results written before the key existed
+    assert RunnerSettings().fingerprint() == RunnerSettings(last_number_fallback=None).fingerprint()
+    assert RunnerSettings().fingerprint() != RunnerSettings(last_number_fallback=True).fingerprint()
+
+
 def test_default_out_dir_keeps_the_dots_of_model_names():
     """runs/eval/<name>: a hub id's or dir's last part whole (two models that differ after a dot
     must not share a results dir and resume each other's samples); a GGUF file without .gguf."""

@@ -128,3 +128,23 @@ def test_trainer_with_auto_switches_and_trains(make_trainer):
     with pytest.warns(UserWarning, match="reward.require_think_close is switched off"):
         trainer.fit()
     assert trainer.global_step == 1 and trainer.cfg.reward.require_think_close is False
+
+
+def test_reward_last_number_fallback_grades_rollouts_and_the_heldout_eval(make_trainer, monkeypatch):
+    """reward.last_number_fallback reaches every grading of a run: the rewards and the held-out eval."""
+    import rlspec.evals.heldout as heldout
+    import rlspec.rewards.terms as terms
+
+    seen = []
+    for module in (terms, heldout):
+        real = module.grade_batch
+
+        def spy(*args, _real=real, _where=module.__name__, **kwargs):
+            seen.append((_where, kwargs.get("last_number_fallback")))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "grade_batch", spy)
+    trainer = make_trainer("reward.last_number_fallback=true", "trainer.steps=1", "eval.at_end=false")
+    trainer.fit()
+    assert {where for where, _ in seen} == {terms.__name__, heldout.__name__}
+    assert all(flag is True for _, flag in seen)

@@ -110,6 +110,15 @@ def test_require_think_close_is_passed_to_the_grader():
     assert compute_rewards(batch, {"correctness": {}}, require_think_close=True)[2] == [False, True, False, False]
 
 
+
+def test_last_number_fallback_is_passed_to_the_grader():
+    # A model that does not box: "so 4" is its answer only under reward.last_number_fallback.
+    batch = make_batch(correct=[], completions=["2+2 is 4, so 4", "2+2, so 5", "\\boxed{4}", "no number"],
+                       finish_reasons=["stop"] * 4)
+    assert compute_rewards(batch, {"correctness": {}})[2] == [False, False, True, False]
+    assert compute_rewards(batch, {"correctness": {}}, last_number_fallback=True)[2] == [True, False, True, False]
+
+
 def test_term_config_forms():
     batch = make_batch()
     as_dataclass = {"correctness": RewardTermConfig(weight=3.0)}

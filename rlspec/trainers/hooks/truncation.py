@@ -77,5 +77,5 @@ class DifficultyAwareTruncation(TruncationHook):
         reward = self.ctx.cfg.reward
         # graded here without the reward terms, so stateful terms score each batch once
         full_correct = grade_batch(chunk.texts, chunk.batch.answers, require_think_close=reward.require_think_close,
-                                   timeout_s=reward.grader_timeout_s)
+                                   timeout_s=reward.grader_timeout_s, last_number_fallback=reward.last_number_fallback)
         return difficulty_aware_truncation_lengths(full_correct, chunk.batch.group_ids, **self._kwargs(chunk.max_length))
