@@ -45,6 +45,7 @@ class StepTiming:
     accuracy: list[float] = field(default_factory=list)  # mean correctness reward of each timed step
     warmup_seconds: float = 0.0  # total wall time of the untimed warm-up steps
     setup_seconds: float = 0.0  # building the trainer (model load etc.), not in the step times
+    phase_seconds: dict[str, list[float]] = field(default_factory=dict)  # rlspec: rollout / reward / train per step
 
     @property
     def s_per_step(self) -> float:
@@ -57,10 +58,11 @@ class StepTiming:
     def summary(self) -> str:
         spread = f" (min {min(self.step_seconds):.3f}, max {max(self.step_seconds):.3f})"
         acc = f", accuracy {statistics.fmean(self.accuracy):.3f}" if self.accuracy else ""
+        phases = "".join(f"; {name} {statistics.fmean(values):.2f} s" for name, values in self.phase_seconds.items())
         return (
             f"{self.framework}: {self.s_per_step:.3f} s/step over {len(self.step_seconds)} steps{spread}, "
             f"mean completion length {self.mean_completion_length:.1f} tokens{acc}; "
-            f"setup {self.setup_seconds:.1f} s, warm-up {self.warmup_seconds:.2f} s"
+            f"setup {self.setup_seconds:.1f} s, warm-up {self.warmup_seconds:.2f} s{phases}"
         )
 
 

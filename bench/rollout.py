@@ -8,11 +8,18 @@ padding) / wall seconds, summed over the batch; the median over repeats is repor
 
     ratio = native tok/s / generate tok/s        (> 1: the native engine is faster)
 
+With ``--floor`` each batch size also gets the *matmul floor* of a decode step: the model's linear
+layers (LM head included) applied once to ``batch`` rows, nothing else (no attention, sampling or
+bookkeeping), timed alone. ``batch / floor`` is the tok/s no engine can beat on this machine without
+changing the weights' precision or the arithmetic; ``floor tok/s / generate tok/s`` is the best
+ratio any engine could reach against ``model.generate`` (issue 19.6).
+
 Usage::
 
     python bench/rollout.py                                   # embedded default model (built on first use)
     python bench/rollout.py --random-tiny --batch 8 32 128    # random ~4.2 M Qwen2 (cpu-platform.md §3)
     python bench/rollout.py --model PATH --ignore-eos         # any save_pretrained causal LM dir
+    python bench/rollout.py --model smollm2 --batch 8 32 --floor   # + the matmul floor per batch size
 """
 
 from __future__ import annotations
@@ -130,6 +137,23 @@ def hf_generate(setup: Setup, prompts, max_new: int, temperature: float, top_p: 
     return tokens, seconds
 
 
+def matmul_floor_seconds(model: torch.nn.Module, batch: int, repeats: int = 20) -> float:
+    """Median seconds of one decode step's matmuls: every ``nn.Linear`` of ``model`` (the LM head
+    too) applied once to ``batch`` rows of its input width. A lower bound on a decode step at this
+    precision: attention, norms, sampling and the engine's own work all come on top."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {m.in_features: torch.randn(batch, m.in_features, dtype=m.weight.dtype) for m in linears}
+    times = []
+    with torch.inference_mode():
+        for r in range(repeats + 2):
+            start = time.perf_counter()
+            for m in linears:
+                torch.nn.functional.linear(inputs[m.in_features], m.weight, m.bias)
+            if r >= 2:  # two warm-up rounds
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def native_generate(engine, prompts, params):
     res = engine.generate(prompts, params)
     return int(res.stats["tokens"]), res.stats["seconds"]
@@ -151,6 +175,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--generic", action="store_true", help="force the native engine's generic HF-forward path")
+    ap.add_argument("--floor", action="store_true", help="also time each batch's matmul floor (see above)")
     args = ap.parse_args(argv)
 
     from rlspec.rollout.base import SamplingParams
@@ -190,17 +215,27 @@ def main(argv=None) -> None:
         # median over repeats: robust to a repeat slowed down by other load on the machine
         nat_tps = statistics.median(t / s for t, s in nat)
         hf_tps = statistics.median(t / s for t, s in hf)
+        floor_tps = batch / matmul_floor_seconds(model, batch) if args.floor else float("nan")
         rows.append((batch, nat_tps, hf_tps, nat_tps / hf_tps, statistics.mean(t for t, _ in nat),
-                     statistics.mean(t for t, _ in hf)))
+                     statistics.mean(t for t, _ in hf), floor_tps))
         print(f"  batch {batch}: native {nat_tps:.0f} tok/s ({engine.last_backend} path), generate {hf_tps:.0f} tok/s",
               flush=True)
     print()
     print(header)
     print("-" * len(header))
-    for batch, a, b, ratio, na, nb in rows:
+    for batch, a, b, ratio, na, nb, _ in rows:
         print(f"{batch:>5} | {a:>12.0f} | {b:>14.0f} | {ratio:>5.2f}x | {na:>11.0f} | {nb:>13.0f}")
     print(f"(tok/s = generated tokens / wall seconds, median of {args.repeats} alternating repeats; "
           "toks = mean generated tokens per call)")
+    if args.floor:
+        print()
+        print(f"{'batch':>5} | {'matmul floor tok/s':>18} | {'native % of floor':>17} | {'generate % of floor':>19} | "
+              f"{'best possible ratio':>19}")
+        for batch, a, b, _, _, _, floor in rows:
+            print(f"{batch:>5} | {floor:>18.0f} | {100 * a / floor:>16.0f}% | {100 * b / floor:>18.0f}% | "
+                  f"{floor / b:>18.2f}x")
+        print("(matmul floor = the model's linear layers once on `batch` rows, median of 20; best possible ratio = "
+              "floor tok/s / generate tok/s: the most any engine could gain on generate at this precision)")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -107,6 +108,8 @@ def time_rlspec_steps(
         timing.step_seconds.append(elapsed)
         timing.completion_lengths.append(metrics["response_length/mean"])
         timing.accuracy.append(metrics["acc/mean"])
+        for phase in ("rollout", "reward", "train"):
+            timing.phase_seconds.setdefault(phase, []).append(metrics[f"timing_s/{phase}"])
     return timing
 
 
@@ -236,6 +239,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ratio = trl.s_per_step / ours.s_per_step
         per_token = (trl.s_per_step / trl.mean_completion_length) / (ours.s_per_step / ours.mean_completion_length)
         print(f"ratio = trl_s_per_step / rlspec_s_per_step = {trl.s_per_step:.3f} / {ours.s_per_step:.3f} = {ratio:.2f}x")
+        if ours.phase_seconds.get("train"):
+            update = statistics.fmean(ours.phase_seconds["train"])
+            print(f"rlspec's update phase (forward + backward + optimizer, the same fp32 matmuls as TRL's) is "
+                  f"{update:.2f} s of its step: even a free rollout and reward would give at most "
+                  f"{trl.s_per_step / update:.2f}x")
         print(f"per generated token: {per_token:.2f}x (mean lengths trl {trl.mean_completion_length:.1f}, "
               f"rlspec {ours.mean_completion_length:.1f})")
     return 0
