@@ -93,7 +93,11 @@ def gsm8k_eval(model: str, args: argparse.Namespace, out: Path) -> tuple[dict, f
            f"eval.benchmarks.gsm8k.path={args.gsm8k}", f"eval.limit={args.gsm8k_limit}", "eval.samples=1",
            f"eval.max_new_tokens={args.gsm8k_tokens}", f"out={out}", "progress=off"]
     seconds = run(cmd, out.with_suffix(".log"))
-    return json.loads((out / "summary.json").read_text())["benchmarks"]["gsm8k"]["metrics"], seconds
+    result = json.loads((out / "summary.json").read_text())["benchmarks"]["gsm8k"]
+    reused = int(result["metrics"]["num_problems"]) - int(result["generated"])
+    if reused:  # rlspec.eval resumed from this out dir: the time is not an evaluation's
+        print(f"{out.name}: {reused} problems reused from an earlier run's {out / 'gsm8k.jsonl'}")
+    return result["metrics"], seconds
 
 
 def main(argv: list[str] | None = None) -> None:
