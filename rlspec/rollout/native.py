@@ -421,9 +421,11 @@ class _GenerateCall:
         kv = max(self.backend.lens) + 1  # the columns a plain step attends over
         t0 = time.perf_counter()
         before = self.total_tokens
+        critical = None
         if arm == PLAIN:
             self.plain_step()
         else:
+            rows, made = list(self.rows), [len(self.responses[r]) for r in self.rows]
             k = int(arm.split("/")[1])
             lens = torch.tensor(self.backend.lens, dtype=torch.long, device=self.engine.device)
             draft = self.lookup.propose(ArmShape(k, 1, k), lens, self.params, self.generator)
@@ -433,7 +435,10 @@ class _GenerateCall:
             else:
                 self.speculative_step(self.lookup_decoder, record=False, arm=ArmShape(k, 1, k), draft=draft,
                                       row_sources=self.lookup.last_sources)
-        selector.record(n_rows, arm, self.total_tokens - before, time.perf_counter() - t0, kv)
+            if not self.waiting:  # no prompt waits for a slot: the call lasts as long as its least-advanced row
+                low = min(made)
+                critical = min(len(self.responses[r]) - n for r, n in zip(rows, made) if n == low)
+        selector.record(n_rows, arm, self.total_tokens - before, time.perf_counter() - t0, kv, critical)
 
     def plain_step(self) -> None:
         t_plain = time.perf_counter()

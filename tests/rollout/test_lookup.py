@@ -263,6 +263,33 @@ def test_a_step_is_scored_against_a_plain_step_at_the_same_batch_size_and_contex
     assert s.best(100) == "lookup/4"  # over twice the tokens per row: a real win
 
 
+
+def test_without_waiting_prompts_a_draft_is_scored_by_its_least_advanced_row_where_steps_cost_the_same():
+    """SmolLM2-135M on 2 CPU cores: a plain step costs ~95 ms at 1-4 rows, a 2-token verify ~170 ms.
+    A draft step giving 2 tokens per row on average but 1 to the least-advanced row saves no step
+    of the call (it lasts as long as that row): worse than plain. Where the plain cost is all per
+    row (compute-bound), the least-advanced row does not matter."""
+    flat = StepSelector([PLAIN, "lookup/2"], min_samples=1)
+    for _ in range(8):
+        for rows in (1, 2, 3, 4):
+            flat.record(rows, PLAIN, rows, 0.095, kv=150)
+    assert flat.plain_cost.fixed(4, 150) == pytest.approx(0.095, rel=0.02)
+    flat.record(4, "lookup/2", 8, 0.17, kv=150)  # no critical_tokens: a prompt waits (old reward)
+    assert flat._bucket(4).rewards["lookup/2"][-1] == pytest.approx(8 * 0.095 / (4 * 0.17), rel=0.02)  # 1.12
+    flat.record(4, "lookup/2", 8, 0.17, kv=150, critical_tokens=1)
+    assert flat._bucket(4).rewards["lookup/2"][-1] == pytest.approx(0.095 / 0.17, rel=0.02)  # 0.56: plain wins
+    flat.record(4, "lookup/2", 11, 0.17, kv=150, critical_tokens=3)  # every row ran ahead
+    assert flat._bucket(4).rewards["lookup/2"][-1] == pytest.approx(3 * 0.095 / 0.17, rel=0.02)
+
+    per_row = StepSelector([PLAIN, "lookup/2"], min_samples=1)
+    for _ in range(8):
+        for rows in (16, 32, 64, 128):
+            per_row.record(rows, PLAIN, rows, 1e-4 * rows, kv=150)
+    assert per_row.plain_cost.fixed(64, 150) == pytest.approx(0.0, abs=1e-5)
+    per_row.record(64, "lookup/2", 128, 0.009, kv=150, critical_tokens=1)
+    assert per_row._bucket(64).rewards["lookup/2"][-1] == pytest.approx(128 * 0.0064 / (64 * 0.009), rel=0.02)
+
+
 def test_plain_step_cost_is_exponentially_weighted_least_squares():
     """The recursive fit equals the closed form: theta = argmin sum_t forget^(T-t) (y_t - x_t theta)^2
     (plus the vanishing prior of the initial P = 1e3 I)."""

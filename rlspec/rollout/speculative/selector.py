@@ -14,6 +14,16 @@ tokens/s would compare steps taken at different batch sizes and context lengths 
 (a plain step late in a call, over long contexts, against a draft step early in the next one),
 which was measured to favour drafts wrongly on the embedded default.
 
+When no prompt waits for a slot, tokens per row-step overstate a draft: a row that finishes early
+frees nothing, and the call lasts as long as its least-advanced row. Then only the per-row part of
+a step's cost (``T_plain - a``, ``a`` the fitted fixed part) is saved by rows that ran ahead; the
+fixed part is paid per step until the slowest row is done. So the reward becomes
+``(a * t_crit + (T_plain - a) * tokens / rows) / seconds``, ``t_crit`` the tokens the least-advanced
+row gained (:meth:`StepSelector.record`'s ``critical_tokens``). Where a step costs the same at 1-4
+rows (SmolLM2-135M on 2 CPU cores) and only some rows draft, the old reward chose drafts that made
+the call 11% slower than plain; on a GPU, where a verify costs about a plain step, it changes
+nothing that mattered.
+
 * every arm is tried ``min_samples`` times in a bucket first (a one-off cost per bucket and run:
   the selector lives as long as the engine), except that an arm listed in ``follows`` (a longer
   draft) waits until the cheaper arm it follows reached ``dominance`` of the best arm's speed;
@@ -98,6 +108,15 @@ class PlainStepCost:
                   [(p10 - k1 * px0) / lam, (p11 - k1 * px1) / lam, (p12 - k1 * px2) / lam],
                   [(p20 - k2 * px0) / lam, (p21 - k2 * px1) / lam, (p22 - k2 * px2) / lam]]
         self.count += 1
+
+    def fixed(self, rows: int, kv: int) -> float | None:
+        """The fitted fixed part ``a`` of a plain step at ``rows`` / ``kv``, within ``[0, predict]``
+        (None before any plain step). With one batch size only, the split between ``a`` and the
+        per-row part is decided by the prior, which puts it on ``a``: the cautious side."""
+        total = self.predict(rows, kv)
+        if total is None:
+            return None
+        return min(max(self.theta[0] * self.SCALE[0], 0.0), total)
 
     def predict(self, rows: int, kv: int) -> float | None:
         """Plain step seconds at ``rows`` rows and ``kv`` columns (None before any plain step)."""
@@ -222,10 +241,13 @@ class StepSelector:
             return arm
         return b.best
 
-    def record(self, rows: int, arm: str, tokens: int, seconds: float, kv: int = 0) -> None:
+    def record(self, rows: int, arm: str, tokens: int, seconds: float, kv: int = 0,
+               critical_tokens: int | None = None) -> None:
         """A step of ``arm`` at ``rows`` rows (attending over ``kv`` cache columns) emitted
         ``tokens`` in ``seconds``: its reward is its speed-up over a plain step at the same rows
-        and columns (1 for a plain step); without a plain arm (nothing to compare with) its tokens/s."""
+        and columns (1 for a plain step); without a plain arm (nothing to compare with) its tokens/s.
+        ``critical_tokens``: when no prompt waits for a slot, the tokens the least-advanced row
+        gained (the fixed part of the step cost counts those only; see the module doc)."""
         seconds = max(seconds, 1e-9)
         b = self._bucket(rows)
         b.seconds.setdefault(arm, deque(maxlen=self.window)).append(seconds)
@@ -238,7 +260,12 @@ class StepSelector:
             plain = self.plain_cost.predict(rows, kv)
             # no plain step yet (plain comes first in every bucket, so only with rewards given
             # directly): score it as a plain step would be, so the arm is not retried forever
-            self.update(rows, arm, 1.0 if plain is None else tokens * plain / (rows * seconds))
+            if plain is None:
+                self.update(rows, arm, 1.0)
+                return
+            fixed = 0.0 if critical_tokens is None else self.plain_cost.fixed(rows, kv)
+            worth = fixed * (critical_tokens or 0) + (plain - fixed) * tokens / rows  # plain-step seconds
+            self.update(rows, arm, worth / seconds)
 
     def update(self, rows: int, arm: str, reward: float) -> None:
         """Record one step of ``arm`` at ``rows`` rows with this reward (higher is better)."""
