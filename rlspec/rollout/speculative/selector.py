@@ -19,10 +19,7 @@ frees nothing, and the call lasts as long as its least-advanced row. Then only t
 a step's cost (``T_plain - a``, ``a`` the fitted fixed part) is saved by rows that ran ahead; the
 fixed part is paid per step until the slowest row is done. So the reward becomes
 ``(a * t_crit + (T_plain - a) * tokens / rows) / seconds``, ``t_crit`` the tokens the least-advanced
-row gained (:meth:`StepSelector.record`'s ``critical_tokens``). Where a step costs the same at 1-4
-rows (SmolLM2-135M on 2 CPU cores) and only some rows draft, the old reward chose drafts that made
-the call 11% slower than plain; on a GPU, where a verify costs about a plain step, it changes
-nothing that mattered.
+row gained (:meth:`StepSelector.record`'s ``critical_tokens``); measured in docs/speculation.md.
 
 * every arm is tried ``min_samples`` times in a bucket first (a one-off cost per bucket and run:
   the selector lives as long as the engine), except that an arm listed in ``follows`` (a longer
