@@ -558,8 +558,7 @@ def grade(response: str, gold: str, *, require_think_close: bool = False, timeou
         require_think_close: a response without ``</think>`` is incorrect (DeepScaleR/DLER).
         timeout_s: time limit for one math-verify check; a timeout counts as incorrect.
         last_number_fallback: with no ``\boxed{}``, grade the last number instead (GSM8K's
-            convention; ``reward.last_number_fallback`` for models that do not box their answers;
-            see :func:`extract_final_answer`).
+            convention, ``reward.last_number_fallback``; see :func:`extract_final_answer`).
 
     Returns ``False`` for anything ungradable (no box, empty or unbalanced box, no gold, ...).
 
@@ -596,8 +595,5 @@ def grade_batch(
     """:func:`grade` for each ``(response, gold)`` pair, in order."""
     if len(responses) != len(golds):
         raise ValueError(f"grade_batch got {len(responses)} responses but {len(golds)} gold answers")
-    return [
-        grade(r, g, require_think_close=require_think_close, timeout_s=timeout_s,
-              last_number_fallback=last_number_fallback)
-        for r, g in zip(responses, golds)
-    ]
+    return [grade(r, g, require_think_close=require_think_close, timeout_s=timeout_s,
+                  last_number_fallback=last_number_fallback) for r, g in zip(responses, golds)]

@@ -82,7 +82,9 @@ def test_the_key_is_checked_at_config_time():
 def test_eval_fingerprint_unchanged_for_chat_and_distinct_for_plain():
     chat = RunnerSettings()
     assert chat.record()["prompt_template"] == "chat"
-    keep = {k: v for k, v in chat.record().items() if k not in ("max_batch_size", "call_rows", "prompt_template")}
+    # the settings as written before prompt_template and last_number_fallback existed: old files resume
+    keep = {k: v for k, v in chat.record().items()
+            if k not in ("max_batch_size", "call_rows", "prompt_template", "last_number_fallback")}
     import hashlib
     import json
 
