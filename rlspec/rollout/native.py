@@ -425,7 +425,8 @@ class _GenerateCall:
         if arm == PLAIN:
             self.plain_step()
         else:
-            rows, made = list(self.rows), [len(self.responses[r]) for r in self.rows]
+            rows = [] if self.waiting else list(self.rows)  # no prompt waits: the least-advanced row's gain counts
+            made = [len(self.responses[r]) for r in rows]
             k = int(arm.split("/")[1])
             lens = torch.tensor(self.backend.lens, dtype=torch.long, device=self.engine.device)
             draft = self.lookup.propose(ArmShape(k, 1, k), lens, self.params, self.generator)
@@ -435,7 +436,7 @@ class _GenerateCall:
             else:
                 self.speculative_step(self.lookup_decoder, record=False, arm=ArmShape(k, 1, k), draft=draft,
                                       row_sources=self.lookup.last_sources)
-            if not self.waiting:  # no prompt waits for a slot: the call lasts as long as its least-advanced row
+            if rows:
                 low = min(made)
                 critical = min(len(self.responses[r]) - n for r, n in zip(rows, made) if n == low)
         selector.record(n_rows, arm, self.total_tokens - before, time.perf_counter() - t0, kv, critical)

@@ -273,7 +273,7 @@ def test_without_waiting_prompts_a_draft_is_scored_by_its_least_advanced_row_whe
     for _ in range(8):
         for rows in (1, 2, 3, 4):
             flat.record(rows, PLAIN, rows, 0.095, kv=150)
-    assert flat.plain_cost.fixed(4, 150) == pytest.approx(0.095, rel=0.02)
+    assert flat.plain_cost.fixed() == pytest.approx(0.095, rel=0.02)
     flat.record(4, "lookup/2", 8, 0.17, kv=150)  # no critical_tokens: a prompt waits (old reward)
     assert flat._bucket(4).rewards["lookup/2"][-1] == pytest.approx(8 * 0.095 / (4 * 0.17), rel=0.02)  # 1.12
     flat.record(4, "lookup/2", 8, 0.17, kv=150, critical_tokens=1)
@@ -285,7 +285,7 @@ def test_without_waiting_prompts_a_draft_is_scored_by_its_least_advanced_row_whe
     for _ in range(8):
         for rows in (16, 32, 64, 128):
             per_row.record(rows, PLAIN, rows, 1e-4 * rows, kv=150)
-    assert per_row.plain_cost.fixed(64, 150) == pytest.approx(0.0, abs=1e-5)
+    assert per_row.plain_cost.fixed() == pytest.approx(0.0, abs=1e-5)
     per_row.record(64, "lookup/2", 128, 0.009, kv=150, critical_tokens=1)
     assert per_row._bucket(64).rewards["lookup/2"][-1] == pytest.approx(128 * 0.0064 / (64 * 0.009), rel=0.02)
 

@@ -106,14 +106,11 @@ class PlainStepCost:
                   [(p20 - k2 * px0) / lam, (p21 - k2 * px1) / lam, (p22 - k2 * px2) / lam]]
         self.count += 1
 
-    def fixed(self, rows: int, kv: int) -> float | None:
-        """The fitted fixed part ``a`` of a plain step at ``rows`` / ``kv``, within ``[0, predict]``
-        (None before any plain step). With one batch size only, the split between ``a`` and the
-        per-row part is decided by the prior, which puts it on ``a``: the cautious side."""
-        total = self.predict(rows, kv)
-        if total is None:
-            return None
-        return min(max(self.theta[0] * self.SCALE[0], 0.0), total)
+    def fixed(self) -> float:
+        """The fitted fixed part ``a`` of a plain step (>= 0; callers cap it at :meth:`predict`).
+        With one batch size only, the split between ``a`` and the per-row part is decided by the
+        prior, which puts it on ``a``: the cautious side."""
+        return max(self.theta[0] * self.SCALE[0], 0.0)
 
     def predict(self, rows: int, kv: int) -> float | None:
         """Plain step seconds at ``rows`` rows and ``kv`` columns (None before any plain step)."""
@@ -260,7 +257,7 @@ class StepSelector:
             if plain is None:
                 self.update(rows, arm, 1.0)
                 return
-            fixed = 0.0 if critical_tokens is None else self.plain_cost.fixed(rows, kv)
+            fixed = 0.0 if critical_tokens is None else min(self.plain_cost.fixed(), plain)
             worth = fixed * (critical_tokens or 0) + (plain - fixed) * tokens / rows  # plain-step seconds
             self.update(rows, arm, worth / seconds)
 
