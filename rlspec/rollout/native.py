@@ -151,13 +151,8 @@ class NativeEngine:
             self.tail = LongTailController(speculative, self.bandit.bucket_of)
             look = speculative.lookup
             self.lookup_sources = tuple(s for s in speculative.sources if s in LOOKUP_SOURCES)
-            if self.lookup_sources:
-                plain = [PLAIN] if speculative.mode == "adaptive" else []  # always: draft at every step
-                drafts = [f"lookup/{k}" for k in sorted(set(look.lengths))]
-                self.selector = StepSelector(plain + drafts, follows=dict(zip(drafts[1:], drafts[:-1])),
-                                             explore_every=look.explore_every, explore_cost=look.explore_cost,
-                                             min_samples=look.min_samples,
-                                             window=look.window)
+            if self.lookup_sources:  # always: a draft at every step
+                self.selector = StepSelector.for_lookups(look, speculative.mode)
             if "history" in self.lookup_sources and look.history_mb > 0:
                 self.history = DraftHistory(int(look.history_mb * 2**20), look.history_per_prompt,
                                             context=look.max_ngram)

@@ -12,7 +12,9 @@ from rlspec.errors import ConfigError
 from rlspec.rollout.base import SamplingParams
 from rlspec.rollout.native import NativeEngine
 from rlspec.rollout.speculative.history import DraftHistory
+from rlspec.rollout.speculative.draft_tree import ArmShape
 from rlspec.rollout.speculative.lookup import NgramIndex, vote_draft
+from rlspec.rollout.speculative.lookup_source import LookupDraftSource
 from rlspec.rollout.speculative.selector import PLAIN, PlainStepCost, StepSelector
 
 from tests.rollout.test_spec_engine import PROMPTS, V, _chi_square_p, _exact_three_token_probs, _model
@@ -93,6 +95,29 @@ def test_history_state_roundtrip_and_checkpoint_budget():
     assert small.prompts_newest_first() == [(100, 4), (100, 3)]  # the most recently used kept
     with pytest.raises(ValueError):
         DraftHistory(100).load_state_dict({"prompts": []})
+
+
+def test_a_row_whose_drafts_are_rejected_whole_backs_off_and_comes_back():
+    """After m >= 2 whole rejections in a row a row skips 2**(m-1) - 1 lookups; an accepted
+    token resets it. The other row keeps drafting throughout."""
+    prompts = [[1, 2, 3], [1, 2, 3]]
+    responses = [[4, 5, 6, 4, 5], [4, 5, 6, 4, 5]]  # "4 5" occurred before: both rows draft "6 ..."
+    src = LookupDraftSource(prompts, responses, lambda: [0, 1], ["self"], LookupConfig(), None, torch.device("cpu"))
+    params = SamplingParams(max_new_tokens=8)
+
+    def step(gained_row0: int) -> list[bool]:
+        d = src.propose(ArmShape(2, 1, 2), torch.tensor([8, 8]), params, None)
+        drafted = d.valid.any(dim=1).tolist() if d is not None else [False, False]
+        src.accept([[7] * gained_row0, [6, 4]], [], [8, 8])  # row 1 always keeps one drafted token
+        return drafted
+
+    assert step(1) == [True, True]  # first whole rejection of row 0: no backoff yet
+    assert step(1) == [True, True]  # second: skip 2**1 - 1 = 1 lookup
+    assert step(1) == [False, True]
+    assert step(1) == [True, True]  # third in a row: skip 3
+    assert [step(1) for _ in range(3)] == [[False, True]] * 3
+    assert step(2) == [True, True]  # drafted again and one token kept: the count resets
+    assert step(1) == [True, True] and step(1) == [True, True] and step(1) == [False, True]
 
 
 # ----------------------------------------------------------------------------- the selector
@@ -288,6 +313,25 @@ def test_without_waiting_prompts_a_draft_is_scored_by_its_least_advanced_row_whe
     assert per_row.plain_cost.fixed() == pytest.approx(0.0, abs=1e-5)
     per_row.record(64, "lookup/2", 128, 0.009, kv=150, critical_tokens=1)
     assert per_row._bucket(64).rewards["lookup/2"][-1] == pytest.approx(128 * 0.0064 / (64 * 0.009), rel=0.02)
+
+
+def test_an_arm_that_pays_on_a_third_of_its_steps_is_valued_by_its_total_time_not_its_median():
+    """SmolLM2-135M at 4 rows (traced): a lookup/4 step costs ~180 ms against a ~95 ms plain step;
+    where the least-advanced row found a match it gains 5 tokens, else 1. Two steps in three gain 1
+    (reward 0.53, the median), one gains 5 (2.6): over its steps the arm yields
+    (1 + 1 + 5) * 95 ms of plain work in 540 ms, 1.23x plain, so it is chosen."""
+    s = StepSelector([PLAIN, "lookup/4"], min_samples=3, window=12)
+    for _ in range(8):
+        for rows in (1, 2, 3, 4):
+            s.record(rows, PLAIN, rows, 0.095, kv=150)
+    for crit in (1, 1, 5) * 4:
+        s.record(4, "lookup/4", 4 * crit, 0.18, kv=150, critical_tokens=crit)
+    rewards = sorted(s._bucket(4).rewards["lookup/4"])
+    assert rewards[len(rewards) // 2] == pytest.approx(0.095 / 0.18, rel=0.02)  # the median: plain would win
+    assert s.table()[3]["lookup/4"] == pytest.approx(7 * 0.095 / (3 * 0.18), rel=0.02)
+    assert s.best(4) == "lookup/4"
+    s.record(4, "lookup/4", 4, 30.0, kv=150, critical_tokens=1)  # one 30 s stall of the OS ...
+    assert s.table()[3]["lookup/4"] > 0.9  # ... weighs as 4 median steps, not 166
 
 
 def test_plain_step_cost_is_exponentially_weighted_least_squares():

@@ -266,10 +266,10 @@ class SpeculativeDecoder:
                         src_cols.append(lens[i] + 1 + j)
                         dst_cols.append(lens[i] + 1 + k)
             new_lens.append(lens[i] + 1 + a)
+            # x_{L_i+1} .. x_{L_i+a} (accepted drafts), then x_{L_i+a+1} (the new root token), with
+            # the target states h_{L_i} .. h_{L_i+a} that predicted them (only for sources that train)
+            new_tokens.append(tok_rows[i][:a] + [tok_rows[i][num_l[i]]])
             if keep_pairs:
-                # x_{L_i+1} .. x_{L_i+a} (accepted drafts), then x_{L_i+a+1} (the new root token), with
-                # the target states h_{L_i} .. h_{L_i+a} that predicted them
-                new_tokens.append(tok_rows[i][:a] + [tok_rows[i][num_l[i]]])
                 new_hidden.append(hid_all[i, : a + 1])  # [a+1, H]
         self.source.accept(new_tokens, new_hidden, lens)
         if src_rows:

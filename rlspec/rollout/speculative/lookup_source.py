@@ -13,6 +13,12 @@ A row drafts the voted continuation of its longest matching suffix over the docu
 enabled sources; rows without a match send no draft (``Draft.valid``). The source reads the
 call's prompts and responses live (``responses[r]`` grows as the engine appends), and indexes the
 new tokens only when a lookup step runs, so plain steps pay nothing for it.
+
+A row whose drafts keep being rejected whole (its text left the documents it matches: a sibling's
+or an earlier epoch's answer that the vote prefers) backs off: after ``m >= 2`` such drafts in a
+row it sends none for the next ``min(2**(m-1), MAX_BACKOFF) - 1`` lookups (SuffixDecoding's and
+SmartSpec's point: draft where the match has been paying), so its verify width is not paid for
+nothing. Which rows draft never changes the tokens (each draft is verified losslessly).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from rlspec.rollout.speculative.lookup import NgramIndex, draft_cap, vote_draft
 from rlspec.rollout.speculative.sources import Draft
 
 LOOKUP_SOURCES = ("self", "group", "history")
+MAX_BACKOFF = 32  # at most 31 lookups without a draft after whole rejections in a row
 
 
 class LookupDraftSource:
@@ -63,6 +70,9 @@ class LookupDraftSource:
         self._by_prompt: dict[tuple[int, ...], list[int]] | None = None  # prompt -> its requests (built once)
         self.last_sources: list[str | None] = []  # per row of the last proposal: the source its draft came from
         self.lookup_seconds = 0.0
+        self._proposed: list[tuple[int, int]] = []  # (request, draft length) per row of the last proposal
+        self._misses: dict[int, int] = {}  # request -> drafts rejected whole in a row
+        self._skip: dict[int, int] = {}  # request -> lookups left without a draft (backoff)
 
     # -- DraftSource lifecycle: the state is read live from the call, so these are no-ops --------
     def holding(self) -> ContextManager[None]:
@@ -71,8 +81,18 @@ class LookupDraftSource:
     def start(self, sequences, states, num_slots, max_len) -> None:  # noqa: D102
         pass
 
-    def accept(self, tokens, hidden, cached) -> None:  # noqa: D102
-        pass
+    def accept(self, tokens, hidden, cached) -> None:
+        """Row ``i`` of the last proposal kept ``len(tokens[i]) - 1`` drafted tokens: count whole
+        rejections (the backoff in the module doc)."""
+        for (request, drafted), gained in zip(self._proposed, tokens):
+            if not drafted:
+                continue
+            if len(gained) > 1:
+                self._misses.pop(request, None)
+                continue
+            m = self._misses[request] = self._misses.get(request, 0) + 1
+            if m >= 2:
+                self._skip[request] = min(2 ** (m - 1), MAX_BACKOFF) - 1
 
     def observe_plain(self, tokens, hidden) -> None:  # noqa: D102
         pass
@@ -138,9 +158,14 @@ class LookupDraftSource:
         drafts: list[list[int]] = []
         self.last_sources = []
         for r, g in zip(rows, groups):
-            draft, source = self._draft_row(r, g, arm.depth)
+            if self._skip.get(r):
+                self._skip[r] -= 1
+                draft, source = [], None
+            else:
+                draft, source = self._draft_row(r, g, arm.depth)
             drafts.append(draft)
             self.last_sources.append(source)
+        self._proposed = [(r, len(d)) for r, d in zip(rows, drafts)]
         self.lookup_seconds += time.perf_counter() - t0
         return chain_draft(drafts, self.device)
 

@@ -5,7 +5,13 @@ A lookup draft costs no model forward, but verifying ``k`` drafts makes the targ
 is nearly free, where it is compute-bound (many rows of a tiny model) it costs up to ``k + 1``
 times a plain step. So the choice is measured, not assumed: :class:`StepSelector` keeps, per
 batch-size bucket (powers of two: 1, 2, 3-4, 5-8, ...), the rewards of the last ``window`` steps
-of every arm -- ``"plain"`` and one arm per draft length -- and runs the arm with the best median.
+of every arm -- ``"plain"`` and one arm per draft length -- and runs the arm with the best value:
+the arm's plain-step seconds saved per second spent over those steps (a time-weighted mean of the
+rewards, each step's seconds capped at ``OUTLIER`` times the arm's median step so one stall from
+the OS does not condemn an arm). A median of per-step speed-ups was measured to mislead: where a
+draft pays on a third of the steps (the least-advanced row found a match) and costs 1.8x a plain
+step on the rest, its median is below plain although the arm as a whole is 1.3x faster
+(SmolLM2-135M, 4 rows; docs/speculation.md).
 
 The reward of a step (:meth:`StepSelector.record`) is its **speed-up over a plain step at the same
 number of rows and context length**: ``tokens * T_plain(rows, kv) / (rows * seconds)``, with
@@ -29,7 +35,7 @@ row gained (:meth:`StepSelector.record`'s ``critical_tokens``); measured in docs
   (its step time times its shortfall in reward), so the choice follows drift (the policy changes
   every RL step, and with it how redundant its text is) while trying arms that measured slower
   costs about ``explore_cost`` of the bucket's time at most;
-* a draft arm must beat plain's median by ``margin`` to be chosen over it (noise never makes the
+* a draft arm must beat plain's value by ``margin`` to be chosen over it (noise never makes the
   engine slower than plain decoding for long). Without a ``"plain"`` arm (``mode=always``) the
   selector only picks the draft length.
 
@@ -135,9 +141,10 @@ class _Bucket:
     rewards: dict[str, deque] = field(default_factory=dict)
     steps: int = 0
     last: dict[str, int] = field(default_factory=dict)  # arm -> the bucket step it was last run at
-    medians: dict[str, float] = field(default_factory=dict)  # arm -> median of its rewards
+    weights: dict[str, deque] = field(default_factory=dict)  # arm -> each reward's step seconds (1 if given directly)
+    values: dict[str, float] = field(default_factory=dict)  # arm -> its value (time-weighted mean reward)
     seconds: dict[str, deque] = field(default_factory=dict)  # arm -> its recent step times
-    stale: set = field(default_factory=set)  # arms whose median needs recomputing
+    stale: set = field(default_factory=set)  # arms whose value needs recomputing
     # the plan, recomputed every REPLAN steps (a decision per decode step must cost ~nothing)
     best: str | None = None
     pending: list = field(default_factory=list)  # arms still lacking min_samples, in order
@@ -146,6 +153,22 @@ class _Bucket:
 
 
 REPLAN = 8
+OUTLIER = 4.0  # a step's weight is capped at this many times the arm's median step seconds
+
+
+def arm_value(rewards, seconds) -> float:
+    """Plain-step seconds saved per second spent: ``sum(r_i * s_i) / sum(s_i)`` over the arm's recent
+    steps (reward ``r_i`` = plain-step seconds worth / seconds, so this is total worth over total
+    time), with each ``s_i`` capped at ``OUTLIER`` times their median.
+
+    >>> round(arm_value([0.55, 0.55, 3.0], [0.17, 0.17, 0.17]), 3)  # pays on one step in three
+    1.367
+    >>> round(arm_value([1.0, 1.0, 0.1], [0.1, 0.1, 10.0]), 3)  # a 10 s stall weighs as 0.4 s
+    0.4
+    """
+    cap = OUTLIER * sorted(seconds)[len(seconds) // 2]
+    w = [min(s, cap) for s in seconds]
+    return sum(r * x for r, x in zip(rewards, w)) / sum(w)
 
 
 class StepSelector:
@@ -166,10 +189,21 @@ class StepSelector:
         self._buckets: dict[int, _Bucket] = {}
         self.plain_cost = PlainStepCost()
 
+    @classmethod
+    def for_lookups(cls, look, mode: str = "adaptive") -> "StepSelector":
+        """The selector of ``rollout.speculative.lookup`` settings: one arm per draft length (a longer
+        one follows the next shorter), beside ``"plain"`` in ``adaptive`` mode (``always``: a draft
+        at every step, the selector picks only its length)."""
+        drafts = [f"lookup/{k}" for k in sorted(set(look.lengths))]
+        return cls(([PLAIN] if mode == "adaptive" else []) + drafts, follows=dict(zip(drafts[1:], drafts[:-1])),
+                   explore_every=look.explore_every, explore_cost=look.explore_cost,
+                   min_samples=look.min_samples, window=look.window)
+
     def _bucket(self, rows: int) -> _Bucket:
         b = self._buckets.get(size_bucket(rows))
         if b is None:
-            b = self._buckets[size_bucket(rows)] = _Bucket({a: deque(maxlen=self.window) for a in self.arms})
+            b = self._buckets[size_bucket(rows)] = _Bucket({a: deque(maxlen=self.window) for a in self.arms},
+                                                           weights={a: deque(maxlen=self.window) for a in self.arms})
         return b
 
     def _measured(self, b: _Bucket) -> list[str]:
@@ -182,18 +216,17 @@ class StepSelector:
             return False
         if len(b.rewards[prev]) < self.min_samples:
             return True
-        return b.medians[prev] < self.dominance * top
+        return b.values[prev] < self.dominance * top
 
     def _plan(self, b: _Bucket) -> None:
         for arm in b.stale:
-            r = sorted(b.rewards[arm])
-            b.medians[arm] = r[len(r) // 2]
+            b.values[arm] = arm_value(b.rewards[arm], b.weights[arm])
         b.stale.clear()
         measured = self._measured(b)
         b.best = None
         if measured:  # a draft arm must beat plain decoding by the margin
-            b.best = max(measured, key=lambda a: b.medians[a] * (1.0 + self.margin if a == PLAIN else 1.0))
-        top = b.medians[b.best] if b.best is not None else 0.0
+            b.best = max(measured, key=lambda a: b.values[a] * (1.0 + self.margin if a == PLAIN else 1.0))
+        top = b.values[b.best] if b.best is not None else 0.0
         b.pending = [a for a in self.arms if len(b.rewards[a]) < self.min_samples
                      and not (b.best is not None and self._dominated(b, a, top))]
         b.explore = None
@@ -207,10 +240,10 @@ class StepSelector:
     def _lost_steps(self, b: _Bucket, arm: str, top: float) -> float:
         """What one step of ``arm`` costs against the best arm, in steps of the best arm: its time
         times its shortfall, ``t_arm * (1 - r_arm / r_best)``, over the best arm's step time."""
-        shortfall = max(0.0, 1.0 - b.medians[arm] / max(top, 1e-12))
+        shortfall = max(0.0, 1.0 - b.values[arm] / max(top, 1e-12))
         mine, best = b.seconds.get(arm), b.seconds.get(b.best)
         if not mine or not best:  # step times unknown (rewards given directly): in reward units
-            return top / max(b.medians[arm], 1e-9) - 1.0
+            return top / max(b.values[arm], 1e-9) - 1.0
         return sorted(mine)[len(mine) // 2] * shortfall / max(sorted(best)[len(best) // 2], 1e-9)
 
     def best(self, rows: int) -> str | None:
@@ -246,31 +279,33 @@ class StepSelector:
         b = self._bucket(rows)
         b.seconds.setdefault(arm, deque(maxlen=self.window)).append(seconds)
         if PLAIN not in self.arms:
-            self.update(rows, arm, tokens / seconds)
+            self.update(rows, arm, tokens / seconds, seconds)
         elif arm == PLAIN:
             self.plain_cost.observe(rows, kv, seconds)
-            self.update(rows, arm, 1.0)
+            self.update(rows, arm, 1.0, seconds)
         else:
             plain = self.plain_cost.predict(rows, kv)
             # no plain step yet (plain comes first in every bucket, so only with rewards given
             # directly): score it as a plain step would be, so the arm is not retried forever
             if plain is None:
-                self.update(rows, arm, 1.0)
+                self.update(rows, arm, 1.0, seconds)
                 return
             fixed = 0.0 if critical_tokens is None else min(self.plain_cost.fixed(), plain)
             worth = fixed * (critical_tokens or 0) + (plain - fixed) * tokens / rows  # plain-step seconds
-            self.update(rows, arm, worth / seconds)
+            self.update(rows, arm, worth / seconds, seconds)
 
-    def update(self, rows: int, arm: str, reward: float) -> None:
-        """Record one step of ``arm`` at ``rows`` rows with this reward (higher is better)."""
+    def update(self, rows: int, arm: str, reward: float, seconds: float = 1.0) -> None:
+        """Record one step of ``arm`` at ``rows`` rows with this reward (higher is better), weighted
+        by the step's ``seconds`` in the arm's value (equal weights when rewards are given directly)."""
         b = self._bucket(rows)
         b.rewards[arm].append(float(reward))
+        b.weights[arm].append(max(float(seconds), 1e-9))
         b.stale.add(arm)
 
     def table(self) -> dict[int, dict[str, float]]:
-        """Per bucket (its smallest batch size), the median tokens/s of each arm measured so far."""
+        """Per bucket (its smallest batch size), the value of each arm measured so far (see :func:`arm_value`)."""
         out = {}
         for key, b in sorted(self._buckets.items()):
             self._plan(b)
-            out[1 if key == 0 else 2 ** (key - 1) + 1] = dict(b.medians)
+            out[1 if key == 0 else 2 ** (key - 1) + 1] = dict(b.values)
         return out

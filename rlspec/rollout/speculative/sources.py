@@ -64,8 +64,8 @@ class DraftSource(Protocol):
 
     def accept(self, tokens: list[list[int]], hidden: list[torch.Tensor], cached: list[int]) -> None:
         """After verification: row ``i`` gained ``tokens[i]`` (accepted drafts, then the new last
-        token) produced by the target states ``hidden[i]``; ``cached[i]`` tokens were in the cache
-        before the step."""
+        token) produced by the target states ``hidden[i]`` (an empty list for a source without
+        ``needs_hidden_states``); ``cached[i]`` tokens were in the cache before the step."""
         ...
 
     def observe_plain(self, tokens: torch.Tensor, hidden: torch.Tensor | None) -> None:
