@@ -1,22 +1,28 @@
 """Speculative rollouts against plain decoding, and against the roofline bound, on one model.
 
 An RL-style rollout batch (``--prompts`` prompts x ``--n`` samples, T=1, EOS on, cap
-``--max-new-tokens``) goes through three engines on the same model, prompts and seed:
+``--max-new-tokens``) goes through ONE engine on the model, prompts and seed, with its step
+selector swapped call by call (two engines on the same weights differ by up to ~7% in speed on the
+2-core machines, where each one's caches and fused weights land in memory: more than the effect to
+measure):
 
-* ``plain``    -- NativeEngine without drafts (it marks where the long tail starts);
-* ``adaptive`` -- the default: per batch-size bucket the selector picks plain steps or lookup drafts
-                  (``--sources``: self / group / history) by measured tokens/s; with ``--drafter``
-                  the EAGLE drafter also runs on the long tail (TLT's switch, probe and revert);
-* ``always``   -- a draft at every decode step (no plain arm).
+* ``plain``       -- no drafts (the engine marks where the long tail starts);
+* ``plain_again`` -- the same a second time: the noise floor of the comparison;
+* ``adaptive``    -- the default: per batch-size bucket the selector picks plain steps or lookup
+                     drafts (``--sources``: self / group / history) by their measured speed-up over a
+                     plain step; with ``--drafter`` the EAGLE drafter also runs on the long tail
+                     (TLT's switch, probe and revert);
+* ``always``      -- a draft at every decode step (no plain arm; the selector picks the length).
 
-Each engine first decodes a warm-up batch (the selector learns; the history source remembers it):
-with ``--history warm`` the warm-up is the same prompts (a later epoch of a small training set),
-with ``cold`` (default) other prompts, so only the rollout's own text and its group can draft.
-Then each engine is timed ``--repeats`` times (median). Printed: wall time and ``plain / engine``,
-the long tail's share and tokens/s ratio, acceptance length per source, and the **bound** from
-``bench/roofline.py``: the best whole-rollout speed-up any draft source could give at the measured
-acceptance length, for this rollout's rows-per-step profile, with plain steps where speculation
-loses (``T(rows, q)`` measured in the same run). ``engine / bound`` is how much of it is reached.
+The engine first decodes a warm-up batch once per arm (the selectors learn; the history source
+remembers it): with ``--history warm`` the warm-up is the same prompts (a later epoch of a small
+training set), with ``cold`` (default) other prompts, so only the rollout's own text and its group
+can draft. Every timed call starts from the history the warm-up left. Then each arm is timed ``--repeats`` times in a rotating order (median). Printed: wall
+time and ``plain / arm``, the long tail's share, acceptance length per source, and the **bound**
+from ``bench/roofline.py``: the best whole-rollout speed-up any draft source could give at the
+measured acceptance length, for this rollout's rows-per-step profile, with plain steps where
+speculation loses (``T(rows, q)`` measured in the same run). ``arm / bound`` is how much of it is
+reached.
 
 ``--rows 1 2 4 ... 128`` instead runs fixed batches of that many rows (``--n`` samples per prompt,
 one prompt below ``--n`` rows) and prints the same per batch size: the "never below 0.97x at any
@@ -61,41 +67,51 @@ def build_prompts(tokenizer, questions: list[dict], rows: int, n: int, offset: i
     return [p for p in prompts for _ in range(group)][:rows]
 
 
-def make_engines(model, tokenizer, args) -> dict:
+ARMS = ("plain", "plain_again", "adaptive", "always")
+
+
+def make_engine(model, tokenizer, args):
+    """The one engine, and per arm the step selector (None: plain) and drafter it runs with."""
     from rlspec.config import LookupConfig, SpeculativeConfig
     from rlspec.models import eos_token_ids
     from rlspec.rollout.native import NativeEngine
     from rlspec.rollout.speculative.eagle import EagleDrafter
+    from rlspec.rollout.speculative.selector import StepSelector
 
-    eos = eos_token_ids(model, tokenizer)
     sources = list(args.sources) + (["eagle"] if args.drafter else [])
+    spec = SpeculativeConfig(enable=True, mode="adaptive", sources=sources or ["eagle"], threshold=args.threshold,
+                             lookup=LookupConfig(lengths=list(args.lengths)))
+    engine = NativeEngine(model, eos_token_ids(model, tokenizer), tokenizer=tokenizer, speculative=spec)
     drafter = EagleDrafter.load(Path(args.drafter), model) if args.drafter else None
-
-    def engine(mode: str, srcs: list[str]) -> NativeEngine:
-        spec = SpeculativeConfig(enable=True, mode=mode, sources=srcs or ["eagle"], threshold=args.threshold,
-                                 lookup=LookupConfig(lengths=list(args.lengths)))
-        e = NativeEngine(model, eos, tokenizer=tokenizer, speculative=spec)
-        if drafter is not None and srcs:
-            e.set_drafter(drafter)
-        return e
-
-    # "plain" keeps speculative settings with no source that can draft: it marks the tail switch only
-    return {"plain": engine("adaptive", []), "adaptive": engine("adaptive", sources),
-            "always": engine("always", sources)}
+    adaptive = engine.selector
+    always = StepSelector.for_lookups(spec.lookup, "always") if adaptive is not None else None
+    return engine, {"plain": (None, None), "plain_again": (None, None), "adaptive": (adaptive, drafter),
+                    "always": (always, drafter)}
 
 
-def time_engines(engines: dict, prompts: list[list[int]], warm: list[list[int]], args) -> dict:
+def time_engines(engine, arms: dict, prompts: list[list[int]], warm: list[list[int]], args) -> dict:
     from rlspec.rollout.base import SamplingParams
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0, seed=args.seed)
-    for e in engines.values():  # warm-up: the selector learns, the history remembers
-        e.generate(warm, params)
-    runs: dict[str, list[tuple[float, dict, list[int]]]] = {k: [] for k in engines}
-    for _ in range(args.repeats):
-        for name, e in engines.items():
-            t0 = time.perf_counter()
-            out = e.generate(prompts, params)
-            runs[name].append((time.perf_counter() - t0, dict(out.stats), [len(r) for r in out.response_ids]))
+
+    def run(name: str, batch: list[list[int]]):
+        engine.selector, drafter = arms[name]
+        engine.set_drafter(drafter)
+        t0 = time.perf_counter()
+        out = engine.generate(batch, params)
+        return time.perf_counter() - t0, out
+
+    for name in ARMS:  # warm-up: the selectors learn, the history remembers
+        run(name, warm)
+    # every timed call starts from the history the warm-up left (not from the earlier calls' answers)
+    warmed = engine.history.state_dict() if engine.history is not None else None
+    runs: dict[str, list[tuple[float, dict, list[int]]]] = {k: [] for k in ARMS}
+    for i in range(args.repeats):
+        for name in ARMS[i % len(ARMS):] + ARMS[: i % len(ARMS)]:  # rotate the order: drift hits all alike
+            if warmed is not None:
+                engine.history.load_state_dict(warmed)
+            seconds, out = run(name, prompts)
+            runs[name].append((seconds, dict(out.stats), [len(r) for r in out.response_ids]))
     return runs
 
 
@@ -112,7 +128,7 @@ def report(runs: dict, grid: dict, label: str) -> dict:
     out = {"label": label, "plain_s": base, "tail_share": base_tail / base if base else 0.0}
     print(f"\n== {label}: {len(lengths)} rows, plain {base:.2f} s, lengths median "
           f"{sorted(lengths)[len(lengths) // 2]} max {max(lengths)}, long tail {100 * out['tail_share']:.0f}% of it")
-    print(f"{'engine':<10}{'wall s':>8}{'plain/eng':>10}{'accept':>8}{'SD frac':>8}{'bound':>7}{'of bound':>9}"
+    print(f"{'arm':<12}{'wall s':>8}{'plain/arm':>10}{'accept':>8}{'SD frac':>8}{'bound':>7}{'of bound':>9}"
           f"   per source: accept length (drafted tokens)")
     for name in runs:
         t = statistics.median(t for t, _, _ in runs[name])
@@ -121,7 +137,7 @@ def report(runs: dict, grid: dict, label: str) -> dict:
         per = "  ".join(f"{src} {med(name, f'spec/{src}/accept_length'):.2f} ({med(name, f'spec/{src}/drafted'):.0f})"
                         for src in ("self", "group", "history", "eagle") if med(name, f"spec/{src}/drafted"))
         ratio = base / t
-        print(f"{name:<10}{t:>8.2f}{ratio:>10.2f}{a:>8.2f}{med(name, 'spec/frac_steps_sd'):>8.2f}{bound:>7.2f}"
+        print(f"{name:<12}{t:>8.2f}{ratio:>10.2f}{a:>8.2f}{med(name, 'spec/frac_steps_sd'):>8.2f}{bound:>7.2f}"
               f"{ratio / bound:>9.2f}   {per}")
         out[name] = {"wall_s": t, "ratio": ratio, "accept_length": a, "bound": bound, "of_bound": ratio / bound}
     return out
@@ -159,14 +175,14 @@ def main() -> None:
         prompts = build_prompts(tokenizer, questions, rows, args.n, offset=0)
         warm = prompts if args.history == "warm" else build_prompts(tokenizer, questions, rows, args.n,
                                                                      offset=-(-rows // max(1, min(args.n, rows))))
-        engines = make_engines(model, tokenizer, args)
-        runs = time_engines(engines, prompts, warm, args)
+        engine, arms = make_engine(model, tokenizer, args)
+        runs = time_engines(engine, arms, prompts, warm, args)
         results.append(report(runs, grid, f"{rows} rows" if args.rows else "rollout"))
     if args.rows:
-        print("\nrows  " + "  ".join(f"{r['label'].split()[0]:>6}" for r in results))
-        for name in ("adaptive", "always"):
-            print(f"{name:<6}" + "  ".join(f"{r[name]['ratio']:>6.2f}" for r in results))
-    print("ratios: plain wall time / engine wall time (> 1: faster); bound: bench/roofline.py at the measured "
+        print("\nrows        " + "  ".join(f"{r['label'].split()[0]:>6}" for r in results))
+        for name in ARMS[1:]:
+            print(f"{name:<12}" + "  ".join(f"{r[name]['ratio']:>6.2f}" for r in results))
+    print("ratios: plain wall time / arm wall time (> 1: faster; plain_again: the noise floor); bound: bench/roofline.py at the measured "
           "acceptance length")
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu_name(), "args": vars(args) | {"json": str(args.json)},
