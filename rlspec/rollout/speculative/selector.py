@@ -30,13 +30,11 @@ row gained (:meth:`StepSelector.record`'s ``critical_tokens``); measured in docs
 * every arm is tried ``min_samples`` times in a bucket first (a one-off cost per bucket and run:
   the selector lives as long as the engine), except that an arm listed in ``follows`` (a longer
   draft) waits until the cheaper arm it follows reached ``dominance`` of the best arm's speed;
-* afterwards a non-best arm is measured again, from scratch (its old rewards dropped: they are
-  from an earlier phase of the call or an earlier policy), for ``min_samples`` steps after
-  ``max(explore_every, min_samples * lost / explore_cost)`` steps of the bucket, ``lost`` being
-  what one of its steps costs against the best arm in best-arm steps (its step time times its
-  shortfall in reward), so the choice follows drift (the policy changes every RL step, and with
-  it how redundant its text is; a row's text leaves or rejoins the documents it matches) while
-  trying arms that measured slower costs about ``explore_cost`` of the bucket's time at most;
+* afterwards a non-best arm is tried again after ``max(explore_every, lost / explore_cost)`` steps
+  of the bucket, ``lost`` being what one of its steps costs against the best arm in best-arm steps
+  (its step time times its shortfall in reward), so the choice follows drift (the policy changes
+  every RL step, and with it how redundant its text is) while trying arms that measured slower
+  costs about ``explore_cost`` of the bucket's time at most;
 * a draft arm must beat plain's value by ``margin`` to be chosen over it (noise never makes the
   engine slower than plain decoding for long). Without a ``"plain"`` arm (``mode=always``) the
   selector only picks the draft length.
@@ -234,7 +232,7 @@ class StepSelector:
         b.explore = None
         for arm in measured:
             if arm != b.best and not self._dominated(b, arm, top):
-                wait = max(self.explore_every, self.min_samples * self._lost_steps(b, arm, top) / self.explore_cost)
+                wait = max(self.explore_every, self._lost_steps(b, arm, top) / self.explore_cost)
                 at = (b.last.get(arm, 0) + wait, arm)
                 b.explore = at if b.explore is None else min(b.explore, at)
         b.replan_at = b.steps + REPLAN
@@ -265,8 +263,6 @@ class StepSelector:
         if b.explore is not None and b.steps >= b.explore[0]:
             arm = b.explore[1]
             b.last[arm] = b.steps
-            b.rewards[arm].clear()  # measured again from scratch: pending until min_samples
-            b.weights[arm].clear()
             b.replan_at = b.steps  # re-plan once its reward is in
             b.explore = None
             return arm
