@@ -151,7 +151,7 @@ class NativeEngine:
             self.tail = LongTailController(speculative, self.bandit.bucket_of)
             look = speculative.lookup
             self.lookup_sources = tuple(s for s in speculative.sources if s in LOOKUP_SOURCES)
-            if self.lookup_sources:  # always: a draft at every step
+            if self.lookup_sources:
                 self.selector = StepSelector.for_lookups(look, speculative.mode)
             if "history" in self.lookup_sources and look.history_mb > 0:
                 self.history = DraftHistory(int(look.history_mb * 2**20), look.history_per_prompt,

@@ -8,10 +8,10 @@ batch-size bucket (powers of two: 1, 2, 3-4, 5-8, ...), the rewards of the last 
 of every arm -- ``"plain"`` and one arm per draft length -- and runs the arm with the best value:
 the arm's plain-step seconds saved per second spent over those steps (a time-weighted mean of the
 rewards, each step's seconds capped at ``OUTLIER`` times the arm's median step so one stall from
-the OS does not condemn an arm). A median of per-step speed-ups was measured to mislead: where a
-draft pays on a third of the steps (the least-advanced row found a match) and costs 1.8x a plain
-step on the rest, its median is below plain although the arm as a whole is 1.3x faster
-(SmolLM2-135M, 4 rows; docs/speculation.md).
+the OS does not condemn an arm). A median of per-step speed-ups was measured to mislead
+(SmolLM2-135M, 4 rows; docs/speculation.md): where a draft pays only on the steps where the
+least-advanced row found a match, say one in three, and costs 1.9x a plain step, its median
+reward is about 0.5 although the arm as a whole does 1.2x a plain step's work per second.
 
 The reward of a step (:meth:`StepSelector.record`) is its **speed-up over a plain step at the same
 number of rows and context length**: ``tokens * T_plain(rows, kv) / (rows * seconds)``, with
