@@ -17,12 +17,12 @@ measure):
 The engine first decodes a warm-up batch once per arm (the selectors learn; the history source
 remembers it): with ``--history warm`` the warm-up is the same prompts (a later epoch of a small
 training set), with ``cold`` (default) other prompts, so only the rollout's own text and its group
-can draft. Every timed call starts from the history the warm-up left. Then each arm is timed ``--repeats`` times in a rotating order (median). Printed: wall
-time and ``plain / arm``, the long tail's share, acceptance length per source, and the **bound**
-from ``bench/roofline.py``: the best whole-rollout speed-up any draft source could give at the
-measured acceptance length, for this rollout's rows-per-step profile, with plain steps where
-speculation loses (``T(rows, q)`` measured in the same run). ``arm / bound`` is how much of it is
-reached.
+can draft. Every timed call starts from the history the warm-up left. Then each arm is timed
+``--repeats`` times in a rotating order (median). Printed: wall time and ``plain / arm``, the long
+tail's share, acceptance length per source, and the **bound** from ``bench/roofline.py``: the
+best whole-rollout speed-up any draft source could give at the measured acceptance length, for
+this rollout's rows-per-step profile, with plain steps where speculation loses (``T(rows, q)``
+measured in the same run). ``arm / bound`` is how much of it is reached.
 
 ``--rows 1 2 4 ... 128`` instead runs fixed batches of that many rows (``--n`` samples per prompt,
 one prompt below ``--n`` rows) and prints the same per batch size: the "never below 0.97x at any
