@@ -84,8 +84,8 @@ class EmbeddedModelConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     # curriculum: the first ``plain_frac`` of the solution steps train on zero-recheck solutions
-    # (with first_pass="steps": short, so copying and arithmetic are learnt at lower cost; 0 with
-    # "glance", whose zero-check solutions hold no steps to learn from); the rest on 0..max_rechecks.
+    # with the steps written out, whatever ``first_pass`` is (short, so copying and arithmetic are
+    # learnt at lower cost); the rest on 0..max_rechecks in the ``first_pass`` style.
     plain_frac: float = 0.5
     # re-check count of the later solution steps: 0 (the answer straight from the first pass) with
     # probability ``recheck_p0``, else uniform over 1..max_rechecks: a small value keeps the
@@ -109,6 +109,13 @@ class EmbeddedModelConfig:
     # then worked out; tasks.worked_solution; docs/decisions.md, builds 5d-5f). Left out of the
     # cache key while "steps", so the builds made before the option keep their keys
     first_pass: str = "steps"
+    # leave a slipped glance's value out of the SFT loss: the data still shows wrong glances being
+    # worked out and corrected, but the model is never taught to make them, so its own glances go
+    # wrong only where it cannot compute the result in one token -- by capacity, which RL cannot
+    # train away (errors in the data with their tokens masked: Ye et al., "Physics of Language
+    # Models: Part 2.2", arXiv 2408.16293). Needs first_pass="glance"; left out of the cache key
+    # while False
+    mask_slips: bool = False
     # share of the later solutions that are over-thinking spirals: re-check after re-check, cut off
     # without an answer or EOS at a length drawn from ``spiral_tokens`` -- R1-style loops to the
     # length cap, the long tail of a rollout
@@ -117,6 +124,11 @@ class EmbeddedModelConfig:
     # interleaved arithmetic-fact drill batches (share of all steps, tokens per drill sequence)
     drill_frac: float = 0.3
     drill_seq_len: int = 96
+    # draw the drilled facts operation first, then a fact of it (True), instead of uniformly over
+    # all facts (False): the ~70 division facts of the linear equations are otherwise ~7% of the
+    # drills, and a model that cannot divide copies a glance instead of working it out. Left out
+    # of the cache key while False
+    drill_by_op: bool = False
     # final evaluation written to build_card.json
     n_eval: int = 256  # test problems evaluated (<= n_test)
     eval_max_new_tokens: int = 512
@@ -131,6 +143,8 @@ class EmbeddedModelConfig:
         self.spiral_tokens = tuple(int(x) for x in self.spiral_tokens)
         if self.first_pass not in tasks.FIRST_PASS_STYLES:
             raise ConfigError(f"first_pass must be one of {list(tasks.FIRST_PASS_STYLES)}, got {self.first_pass!r}")
+        if self.mask_slips and self.first_pass != "glance":
+            raise ConfigError("mask_slips=True masks a slipped glance's value: set first_pass='glance' too")
         if len(self.slip_rates) != len(tasks.ALL_LEVELS) or not all(0 <= r <= 1 for r in self.slip_rates):
             raise ConfigError(f"slip_rates must be {len(tasks.ALL_LEVELS)} probabilities (levels 1..5), got "
                               f"{list(self.slip_rates)}")
@@ -175,6 +189,11 @@ class EmbeddedModelConfig:
         fields = asdict(self)
         if fields["first_pass"] == "steps":
             del fields["first_pass"]
+        else:  # the glance restates the expression since version 2 of its format
+            fields["glance_format"] = 2
+        for flag in ("mask_slips", "drill_by_op"):
+            if not fields[flag]:
+                del fields[flag]
         payload = json.dumps({"build_version": BUILD_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
@@ -354,9 +373,10 @@ def _sft_batches(cfg: EmbeddedModelConfig, train: list[tasks.MathProblem], token
     """Deterministic SFT batches: level-balanced worked solutions plus interleaved fact drills.
 
     Solution batches: each example is a fresh worked solution (random re-check count and wording)
-    of a train problem drawn level-uniformly; the first ``plain_frac`` of them use zero re-checks
-    and no slips. The rest slip at ``slip_rates[level]``; a ``spiral_frac`` share of them are
-    spirals cut off without EOS; of the others ``budget_frac`` carry an HBPO budget prefill (the
+    of a train problem drawn level-uniformly; the first ``plain_frac`` of them use zero re-checks,
+    no slips and the steps written out (in either ``first_pass`` style). The rest slip at
+    ``slip_rates[level]`` (with ``mask_slips``, a slipped glance's value is left out of the loss); a
+    ``spiral_frac`` share of them are spirals cut off without EOS; of the others ``budget_frac`` carry an HBPO budget prefill (the
     most re-checks that fit), ``l1_frac`` an L1 target-length instruction, and the remainder 0
     re-checks with probability ``recheck_p0`` else uniform 1..max_rechecks. Length-bucketed; loss
     on completion tokens only (labels -100 on prompt and padding).
@@ -377,13 +397,15 @@ def _sft_batches(cfg: EmbeddedModelConfig, train: list[tasks.MathProblem], token
     prompts = [prompt_text(tokenizer, p) for p in probs]
     n_plain = int(cfg.plain_frac * n_sol_steps) * cfg.batch_size
     style = cfg.first_pass
-    comps, closed = [], []
+    comps, closed, masked = [], [], []
     for j, p in enumerate(probs):
-        if j < n_plain:
-            comps.append(tasks.worked_solution(p, rng, 0, first_pass=style))
+        if j < n_plain:  # steps written out in any style: a glance alone holds no arithmetic to learn
+            comps.append(tasks.worked_solution(p, rng, 0))
             closed.append(True)
+            masked.append(False)
             continue
         slip = rng.random() < tasks.slip_rate(p.level, cfg.slip_rates)
+        masked.append(slip and cfg.mask_slips)
         u = rng.random()
         if u < cfg.spiral_frac:  # an over-thinking spiral, cut by the length cap: no answer, no EOS
             text = tasks.worked_solution(p, rng, 60, slip=slip, close=False, first_pass=style)
@@ -407,8 +429,17 @@ def _sft_batches(cfg: EmbeddedModelConfig, train: list[tasks.MathProblem], token
             comps.append(tasks.worked_solution(p, rng, _num_rechecks(rng, cfg), slip=slip, first_pass=style))
         closed.append(True)
     p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    c_ids = tokenizer(comps, add_special_tokens=False)["input_ids"]
-    examples = [(a, b + [eos_id] if c else b) for a, b, c in zip(p_ids, c_ids, closed)]
+    enc = tokenizer(comps, add_special_tokens=False, return_offsets_mapping=True)
+    c_ids = enc["input_ids"]
+    c_labels = [list(ids) for ids in c_ids]
+    for text, offsets, lab, mask in zip(comps, enc["offset_mapping"], c_labels, masked):
+        span = tasks.glance_value_span(text) if mask else None
+        if span is not None:  # a slipped glance's value: shown, not taught
+            for i, (lo, hi) in enumerate(offsets):
+                if lo < span[1] and hi > span[0]:
+                    lab[i] = -100
+    examples = [(a, b + [eos_id] if c else b, lab + [eos_id] if c else lab)
+                for a, b, c, lab in zip(p_ids, c_ids, closed, c_labels)]
     sol_batches = []
     chunk = cfg.batch_size * 16
     for start in range(0, n, chunk):  # bucket by length inside chunks, shuffle batches within a chunk
@@ -418,17 +449,21 @@ def _sft_batches(cfg: EmbeddedModelConfig, train: list[tasks.MathProblem], token
         sol_batches += group
     out = []
     for b in sol_batches:
-        width = max(len(a) + len(c) for a, c in b)
+        width = max(len(a) + len(c) for a, c, _ in b)
         ids = torch.full((len(b), width), tokenizer.pad_token_id, dtype=torch.long)
         labels = torch.full((len(b), width), -100, dtype=torch.long)
-        for i, (a, c) in enumerate(b):  # right padding: causal attention never sees it
+        for i, (a, c, lab) in enumerate(b):  # right padding: causal attention never sees it
             ids[i, : len(a) + len(c)] = torch.tensor(a + c)
-            labels[i, len(a) : len(a) + len(c)] = torch.tensor(c)
+            labels[i, len(a) : len(a) + len(c)] = torch.tensor(lab)
         out.append((ids, labels))
     if not n_drill:
         return out
     facts = sorted({s.text() for p in train for s in p.steps})
     fact_ids = tokenizer([f + "\n" for f in facts], add_special_tokens=False)["input_ids"]
+    by_op: dict[str, list[int]] = defaultdict(list)  # operation -> indices of its facts
+    for j, f in enumerate(facts):
+        by_op[next(op for op in "+-*/" if op in f)].append(j)
+    ops = sorted(by_op)
     eq_id = tokenizer.convert_tokens_to_ids("=")
     fact_labels = []
     for ids in fact_ids:  # loss only on the result digits and the newline (operands are random)
@@ -442,7 +477,7 @@ def _sft_batches(cfg: EmbeddedModelConfig, train: list[tasks.MathProblem], token
             seq: list[int] = []
             lab: list[int] = []
             while len(seq) < half:
-                j = rng.randrange(len(fact_ids))
+                j = rng.choice(by_op[rng.choice(ops)]) if cfg.drill_by_op else rng.randrange(len(fact_ids))
                 seq += fact_ids[j]
                 lab += fact_labels[j]
             seq, lab = seq[:half], lab[:half]

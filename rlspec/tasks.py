@@ -8,9 +8,9 @@ recomputing it from the operands.
 A worked solution (:func:`worked_solution`) is the assistant completion that follows the prompt's
 ``"<think>\\n"``: a first pass, then ``num_rechecks`` re-checks that recompute the steps, then
 ``"\\n</think>\\nThe answer is \\\\boxed{42}."``. The first pass is either the steps written out
-(``first_pass="steps"``) or a *glance* (``"glance"``): the result stated at once ("At a glance, it
-is 42."), the way a long-CoT model writes its first guess before working the problem out; the first
-check of a glance opens with "Let me work it out.". A first pass may carry a *slip*
+(``first_pass="steps"``) or a *glance* (``"glance"``): the result stated at once ("At a glance,
+6*7 is 42."), the way a long-CoT model writes its first guess before working the problem out; the
+first check of a glance opens with "Let me work it out.". A first pass may carry a *slip*
 (one step's result wrong, the later steps carried on from it; :func:`slip_rate` grows with the
 level): the first re-check then computes the steps right, says the result differs and the answer
 follows the re-check. Without a slip a re-check is pure redundancy. So checking pays on hard
@@ -317,9 +317,19 @@ def _solution_body(problem: MathProblem, steps: Sequence[Step] | None = None) ->
 
 
 def _glance_body(problem: MathProblem, value: int) -> str:
+    """The glance restates the expression before its value ("At a glance, 3+5 is 8."), the way a
+    re-check line reads ("3+5 is 8."): a one-step problem is then a fact the model knows, while a
+    multi-step one must be computed in a single token, which a small model cannot do reliably."""
     if problem.level == 5:
         return f"We need to solve {problem.expression} for x.\nAt a glance, x = {value}.\n"
-    return f"We need to compute {problem.expression}.\nAt a glance, it is {value}.\n"
+    return f"We need to compute {problem.expression}.\nAt a glance, {problem.expression} is {value}.\n"
+
+
+def glance_value_span(text: str) -> tuple[int, int] | None:
+    """The character span of a glance's value in a completion ("At a glance, 3+5 is **8**."), or
+    None without a glance: the tokens an SFT build may leave out of the loss."""
+    m = _GLANCE_VALUE.search(text)
+    return m.span(1) if m else None
 
 
 def first_pass_end(text: str) -> int:
@@ -395,7 +405,8 @@ def rows(problems: Iterable[MathProblem]) -> list[dict]:
 
 
 _BOXED = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
-_FIRST_PASS_END = re.compile(r"(?:So (?:the result is|x =)|At a glance, (?:it is|x =)) -?\d+\.")
+_FIRST_PASS_END = re.compile(r"(?:So (?:the result is|x =)|At a glance, (?:[^\n]* is|x =)) -?\d+\.")
+_GLANCE_VALUE = re.compile(r"At a glance, (?:[^\n]* is|x =) (-?\d+)\.")
 _RECHECK = re.compile("|".join(re.escape(o) for o in (WORK_IT_OUT, *RECHECK_OPENERS)))
 
 

@@ -286,3 +286,58 @@ def test_build_threads_env(monkeypatch):
         embedded_build.build_threads()
     monkeypatch.delenv("RLSPEC_BUILD_THREADS")
     assert 1 <= embedded_build.build_threads() <= 2
+
+
+def test_mask_slips_shows_a_wrong_glance_but_never_teaches_it():
+    """With mask_slips the SFT loss skips exactly the value of each slipped glance (its digits);
+    right glances, the working-out and the corrected answer keep their labels."""
+    from rlspec.embedded_build import _sft_batches
+
+    cfg = EmbeddedModelConfig.tiny(sft_steps=60, drill_frac=0.0, plain_frac=0.0, first_pass="glance", mask_slips=True,
+                                   slip_rates=(0.5,) * 5, spiral_frac=0.0)
+    train, tok = _small_split_and_tokenizer()
+    eos = tok.convert_tokens_to_ids(embedded_build.EOS_TOKEN)
+    wrong = right = 0
+    for ids, labels in _sft_batches(cfg, train, tok, eos):
+        for row, lab in zip(ids, labels):
+            start = int((lab != -100).nonzero()[0])  # the completion's first token
+            end = int((row != tok.pad_token_id).sum())
+            hidden = [i for i in range(start, end) if lab[i] == -100]
+            text = tok.decode(row[start:end])
+            question = tok.decode(row[:start]).split("user\n", 1)[1].split("\n", 1)[0]
+            answer = next(p.answer for p in train if p.question == question)
+            value = text[slice(*tasks.glance_value_span(text))]
+            if value == answer:
+                right += 1
+                assert hidden == []
+            else:
+                wrong += 1
+                assert tok.decode(row[hidden]) == value  # the wrong value, and nothing else
+    assert wrong > 50 and right > 50
+    plain = EmbeddedModelConfig.tiny(sft_steps=40, drill_frac=0.0, plain_frac=0.5, first_pass="glance")
+    texts = [tok.decode(row) for ids, _ in _sft_batches(plain, train, tok, eos) for row in ids]
+    assert sum("At a glance" not in t and "So " in t for t in texts) == len(texts) // 2  # the plain phase: steps
+    with pytest.raises(ConfigError, match="first_pass='glance'"):
+        EmbeddedModelConfig.tiny(mask_slips=True)
+    assert EmbeddedModelConfig.tiny(first_pass="glance", mask_slips=True).cache_key() != \
+        EmbeddedModelConfig.tiny(first_pass="glance").cache_key()
+
+
+def test_drill_by_op_gives_every_operation_an_equal_share_of_the_drills():
+    """Uniform over facts, the few division facts are a small share of the drills; drawn operation
+    first (drill_by_op), each of + - * / is about a quarter."""
+    from rlspec.embedded_build import _sft_batches
+
+    train, tok = _small_split_and_tokenizer()
+    eos = tok.convert_tokens_to_ids(embedded_build.EOS_TOKEN)
+
+    def division_share(**kw) -> float:
+        cfg = EmbeddedModelConfig.tiny(sft_steps=100, drill_frac=0.5, **kw)
+        lines = [line for ids, labels in _sft_batches(cfg, train, tok, eos) if (labels == -100).sum() < labels.numel() / 2
+                 and "<think>" not in tok.decode(ids[0]) for row in ids for line in tok.decode(row).split("\n")[:3]]
+        ops = [next((op for op in "+-*/" if op in line), None) for line in lines]
+        ops = [op for op in ops if op]
+        return ops.count("/") / len(ops)
+
+    assert division_share() < 0.12
+    assert 0.18 < division_share(drill_by_op=True) < 0.32

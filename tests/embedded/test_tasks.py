@@ -152,22 +152,26 @@ def test_slip_known_problem_and_correction():
 
 
 def test_glance_first_pass_is_checked_by_working_it_out():
-    """(3+5)*4-7 glance-first: the glance states the (slipped) result, the first check works the
-    steps out ("=") and corrects it, the next re-checks in its own words ("is"); budget forcing
-    cuts right after the glance."""
+    """(3+5)*4-7 glance-first: the glance restates the expression with the (slipped) result, the
+    first check works the steps out ("=") and corrects it, the next re-checks in its own words
+    ("is"); budget forcing cuts right after the glance, whose value span is found for masking."""
     p = tasks.make_problem(4, (3, 5, 4, 7), "x", random.Random(0))
     text = tasks.worked_solution(p, random.Random(0), 2, slip=True, first_pass="glance")
-    assert text.startswith("We need to compute (3+5)*4-7.\nAt a glance, it is 33.\nLet me work it out.\n"
+    assert text.startswith("We need to compute (3+5)*4-7.\nAt a glance, (3+5)*4-7 is 33.\nLet me work it out.\n"
                            "First, 3+5=8.\nThen, 8*4=32.\nFinally, 32-7=25.\nNo, it is 25, not 33.\n")
     assert "Then, 8*4 is 32." in text and text.endswith("Yes, it is 25.\n</think>\nThe answer is \\boxed{25}.")
     assert tasks.count_rechecks(text) == 2 and tasks.extract_boxed_int(text) == "25"
-    assert text[: tasks.first_pass_end(text)].endswith("At a glance, it is 33.")
+    assert text[: tasks.first_pass_end(text)].endswith("At a glance, (3+5)*4-7 is 33.")
+    lo, hi = tasks.glance_value_span(text)
+    assert text[lo:hi] == "33" and text[hi:].startswith(".\nLet me work it out.")
     alone = tasks.worked_solution(p, random.Random(0), 0, first_pass="glance")  # a right glance, no check
-    assert alone == "We need to compute (3+5)*4-7.\nAt a glance, it is 25.\n</think>\nThe answer is \\boxed{25}."
+    assert alone == "We need to compute (3+5)*4-7.\nAt a glance, (3+5)*4-7 is 25.\n</think>\nThe answer is \\boxed{25}."
     q = tasks.make_problem(5, (3, 6, 4), "y", random.Random(0))
     cut = tasks.worked_solution(q, random.Random(0), 1, slip=True, first_pass="glance")
     assert "At a glance, x = 7.\nLet me work it out.\nSubtract 4 from both sides: 3x=22-4=18." in cut
     assert tasks.extract_boxed_int(cut) == "6" and "No, x is 6, not 7." in cut
+    assert cut[slice(*tasks.glance_value_span(cut))] == "7"
+    assert tasks.glance_value_span(tasks.worked_solution(p, random.Random(0), 1)) is None  # steps: no glance
     with pytest.raises(ConfigError, match="first_pass"):
         tasks.worked_solution(p, random.Random(0), 1, first_pass="skim")
 
