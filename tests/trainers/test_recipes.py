@@ -417,8 +417,12 @@ def test_speculation_starts_without_a_drafter_and_resumes_with_its_history(make_
 def test_lookup_speculation_trains_on_the_plain_runs_tokens_and_resumes_to_them(make_trainer, tiny_model_path, tmp_path):
     """Seeded rollouts draw position-keyed numbers and lookup drafts are verified coupled with
     plain sampling: a run with speculation on (adaptive: plain and draft steps mixed, as timing
-    decides) samples the plain run's tokens, step after step, and so does a resumed run."""
+    decides) samples the plain run's tokens, step after step, and so does a resumed run. The
+    draft arms are retried every few steps (explore_cost=1): with the default pace one unlucky
+    first try (no row had a match yet) leaves a short rollout with plain steps only, as measured
+    on an AMD EPYC machine."""
     over = ["rollout.speculative.lookup.min_ngram=1", "rollout.speculative.lookup.min_samples=1",
+            "rollout.speculative.lookup.explore_every=2", "rollout.speculative.lookup.explore_cost=1.0",
             "rollout.speculative.lookup.lengths=[2,4]", "eval.at_start=false", "eval.at_end=false"]
     plain_cfg = compose_config([*TINY_OVERRIDES, f"run_dir={tmp_path / 'plain'}", "+recipe=grpo", *over])
     plain = build_trainer(plain_cfg, tmp_path / "plain")
