@@ -333,10 +333,12 @@ def test_drill_by_op_gives_every_operation_an_equal_share_of_the_drills():
 
     def division_share(**kw) -> float:
         cfg = EmbeddedModelConfig.tiny(sft_steps=100, drill_frac=0.5, **kw)
-        lines = [line for ids, labels in _sft_batches(cfg, train, tok, eos) if (labels == -100).sum() < labels.numel() / 2
-                 and "<think>" not in tok.decode(ids[0]) for row in ids for line in tok.decode(row).split("\n")[:3]]
-        ops = [next((op for op in "+-*/" if op in line), None) for line in lines]
-        ops = [op for op in ops if op]
+        ops = []
+        for ids, _ in _sft_batches(cfg, train, tok, eos):
+            if "<think>" in tok.decode(ids[0]):  # a solution batch, not a drill
+                continue
+            for row in ids:  # a drill row: "a op b=c" facts, one per line
+                ops += [op for line in tok.decode(row).split("\n") for op in "+-*/" if op in line]
         return ops.count("/") / len(ops)
 
     assert division_share() < 0.12
