@@ -341,5 +341,5 @@ def test_drill_by_op_gives_every_operation_an_equal_share_of_the_drills():
                 ops += [op for line in tok.decode(row).split("\n") for op in "+-*/" if op in line]
         return ops.count("/") / len(ops)
 
-    assert division_share() < 0.15  # 0.11 on this split (72 division facts of ~1000)
+    assert division_share() < 0.15  # 0.11 on this split
     assert 0.2 < division_share(drill_by_op=True) < 0.3
