@@ -2,13 +2,14 @@
 
 :func:`build_embedded_model` trains a byte-level BPE tokenizer on the procedural math tasks of
 :mod:`rlspec.tasks` and a small ``Qwen2ForCausalLM`` by supervised fine-tuning on worked
-solutions shaped like a long-CoT model's (build version 5, issue 17):
+solutions shaped like a long-CoT model's (build version 6, issue 17):
 
-* first passes that *slip* at a rate growing with the level (none on level 1), and 0..``max_rechecks``
-  re-checks (in their own words, so they recompute rather than copy), the first of which
-  corrects a slip -- so checking pays on hard problems and only costs tokens on easy ones
-  (``first_pass="glance"``: the first pass states the result at once and the first check works
-  it out; an experimental option, docs/decisions.md);
+* a first pass that states the result *at a glance* ("At a glance, 5*8+4 is 44."), then
+  0..``max_rechecks`` checks (the first works the steps out). Wrong glances in the data are
+  corrected by the first check but left out of the loss (``mask_slips``), so the model's own
+  glances fail only where one token cannot compute the result (multi-step levels): checking pays
+  on hard problems, also after RL (docs/decisions.md, builds 5g-5m). ``first_pass="steps"`` gives
+  version 5's data (worked first passes with learnt slips; the tiny test preset keeps it);
 * over-thinking *spirals*: re-check after re-check, cut off without an answer past the rollout
   cap -- the long tail of a rollout;
 * HBPO's budget prefill (the most re-checks that fit the budget) and L1's target-length
@@ -43,7 +44,7 @@ from rlspec.embedded_eval import (budget_following, budget_forcing, l1_prompt_te
 from rlspec.rewards.hbpo import HBPO_TEMPLATES
 from rlspec.rewards.l1 import L1_MAX_TEMPLATE, L1_TEMPLATE
 
-BUILD_VERSION = "5"  # bump when the build recipe changes in a way the config does not capture
+BUILD_VERSION = "6"  # bump when the build recipe changes in a way the config does not capture
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
 PAD_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_end|>"
 GENERATION_PROMPT = "<|im_start|>assistant\n<think>\n"
@@ -64,7 +65,8 @@ class EmbeddedModelConfig:
     levels: tuple[int, ...] = tasks.ALL_LEVELS
     n_train: int = 4000
     n_test: int = 256
-    max_rechecks: int = 4
+    # 6 (4 before version 6): the start over-thinks enough (~160 tokens) for DLER's 128 to bind
+    max_rechecks: int = 6
     # tokenizer
     vocab_size: int = 1024
     # model (Qwen2): 2 layers learn the copying (problem -> steps) fastest (docs/decisions.md)
@@ -86,7 +88,7 @@ class EmbeddedModelConfig:
     # curriculum: the first ``plain_frac`` of the solution steps train on zero-recheck solutions
     # with the steps written out, whatever ``first_pass`` is (short, so copying and arithmetic are
     # learnt at lower cost); the rest on 0..max_rechecks in the ``first_pass`` style.
-    plain_frac: float = 0.5
+    plain_frac: float = 0.3
     # re-check count of the later solution steps: 0 (the answer straight from the first pass) with
     # probability ``recheck_p0``, else uniform over 1..max_rechecks: a small value keeps the
     # over-thinking strong while 0 stays common at temperature 1.
@@ -102,20 +104,20 @@ class EmbeddedModelConfig:
     # n within 15% of the solution's length (at or above it for L1-Max): the l1 recipes then start
     # from a model that reads the target.
     l1_frac: float = 0.2
-    # first-pass slip rate per level 1..5 (tasks.slipped_steps): a re-check corrects a slip, so
-    # checks pay on the hard levels and only cost tokens on the easy ones
-    slip_rates: tuple[float, ...] = tasks.SLIP_RATES
-    # the first pass: "steps" (worked out, then re-checks) or "glance" (the result stated at once,
-    # then worked out; tasks.worked_solution; docs/decisions.md, builds 5d-5f). Left out of the
-    # cache key while "steps", so the builds made before the option keep their keys
-    first_pass: str = "steps"
+    # first-pass slip rate per level 1..5 (tasks.slipped_steps); with mask_slips the share of wrong
+    # glances the checks see corrected (level 1 lower: a masked glance teaches the glance nothing;
+    # builds 5l, 5m). Version 5 ("steps") used tasks.SLIP_RATES
+    slip_rates: tuple[float, ...] = (0.2, 0.6, 0.6, 0.6, 0.6)
+    # the first pass: "glance" (the result stated at once, then worked out; the default since
+    # version 6) or "steps" (worked out, then re-checks). Left out of the cache key while "steps"
+    first_pass: str = "glance"
     # leave a slipped glance's value out of the SFT loss: the data still shows wrong glances being
     # worked out and corrected, but the model is never taught to make them, so its own glances go
     # wrong only where it cannot compute the result in one token -- by capacity, which RL cannot
     # train away (errors in the data with their tokens masked: Ye et al., "Physics of Language
     # Models: Part 2.2", arXiv 2408.16293). Needs first_pass="glance"; left out of the cache key
     # while False
-    mask_slips: bool = False
+    mask_slips: bool = True
     # share of the later solutions that are over-thinking spirals: re-check after re-check, cut off
     # without an answer or EOS at a length drawn from ``spiral_tokens`` -- R1-style loops to the
     # length cap, the long tail of a rollout
@@ -128,7 +130,7 @@ class EmbeddedModelConfig:
     # all facts (False): the ~70 division facts of the linear equations are otherwise ~7% of the
     # drills, and a model that cannot divide copies a glance instead of working it out. Left out
     # of the cache key while False
-    drill_by_op: bool = False
+    drill_by_op: bool = True
     # final evaluation written to build_card.json
     n_eval: int = 256  # test problems evaluated (<= n_test)
     eval_max_new_tokens: int = 512
@@ -175,8 +177,10 @@ class EmbeddedModelConfig:
 
     @classmethod
     def tiny(cls, **overrides: Any) -> "EmbeddedModelConfig":
-        """A seconds-scale preset for tests: well-formed outputs, weak accuracy."""
-        base = dict(n_train=1000, n_test=64, vocab_size=512, hidden_size=64, intermediate_size=256,
+        """A seconds-scale preset for tests: well-formed outputs, weak accuracy, on version 5's
+        steps-first data (the engine and trainer tests rely on its redundant, copyable text)."""
+        base = dict(first_pass="steps", mask_slips=False, drill_by_op=False, slip_rates=tasks.SLIP_RATES,
+                    max_rechecks=4, n_train=1000, n_test=64, vocab_size=512, hidden_size=64, intermediate_size=256,
                     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                     max_position_embeddings=512, sft_steps=300, batch_size=8, lr=3e-3,
                     warmup_steps=20, plain_frac=0.5, n_eval=16, eval_max_new_tokens=256, eval_batch_size=16,
