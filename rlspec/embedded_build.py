@@ -377,13 +377,13 @@ def _sft_batches(cfg: EmbeddedModelConfig, train: list[tasks.MathProblem], token
     """Deterministic SFT batches: level-balanced worked solutions plus interleaved fact drills.
 
     Solution batches: each example is a fresh worked solution (random re-check count and wording)
-    of a train problem drawn level-uniformly; the first ``plain_frac`` of them use zero re-checks,
-    no slips and the steps written out (in either ``first_pass`` style). The rest slip at
-    ``slip_rates[level]`` (with ``mask_slips``, a slipped glance's value is left out of the loss); a
-    ``spiral_frac`` share of them are spirals cut off without EOS; of the others ``budget_frac`` carry an HBPO budget prefill (the
-    most re-checks that fit), ``l1_frac`` an L1 target-length instruction, and the remainder 0
-    re-checks with probability ``recheck_p0`` else uniform 1..max_rechecks. Length-bucketed; loss
-    on completion tokens only (labels -100 on prompt and padding).
+    of a train problem drawn level-uniformly; the first ``plain_frac`` use zero re-checks, no slips
+    and the steps written out (any ``first_pass``). The rest slip at ``slip_rates[level]`` (with
+    ``mask_slips`` a slipped glance's value is out of the loss); ``spiral_frac`` of them are spirals
+    cut off without EOS; of the others ``budget_frac`` carry an HBPO budget prefill (the most
+    re-checks that fit), ``l1_frac`` an L1 target-length instruction, the remainder 0 re-checks
+    with probability ``recheck_p0`` else uniform 1..max_rechecks. Length-bucketed; loss on
+    completion tokens only (labels -100 on prompt and padding).
     Drill batches (a ``drill_frac`` share, spread evenly): packed sequences of the single-step
     facts of the train split ("12*4=48" per line), loss on the results only -- dense, cheap
     arithmetic practice -- followed by the same block verbatim, loss on every token (copy practice).
@@ -462,12 +462,11 @@ def _sft_batches(cfg: EmbeddedModelConfig, train: list[tasks.MathProblem], token
         out.append((ids, labels))
     if not n_drill:
         return out
-    facts = sorted({s.text() for p in train for s in p.steps})
+    op_of = {s.text(): s.op for p in train for s in p.steps}
+    facts = sorted(op_of)
     fact_ids = tokenizer([f + "\n" for f in facts], add_special_tokens=False)["input_ids"]
-    by_op: dict[str, list[int]] = defaultdict(list)  # operation -> indices of its facts
-    for j, f in enumerate(facts):
-        by_op[next(op for op in "+-*/" if op in f)].append(j)
-    ops = sorted(by_op)
+    ops = sorted(set(op_of.values()))
+    by_op = {op: [j for j, f in enumerate(facts) if op_of[f] == op] for op in ops}  # indices of its facts
     eq_id = tokenizer.convert_tokens_to_ids("=")
     fact_labels = []
     for ids in fact_ids:  # loss only on the result digits and the newline (operands are random)

@@ -405,8 +405,9 @@ def rows(problems: Iterable[MathProblem]) -> list[dict]:
 
 
 _BOXED = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
-_FIRST_PASS_END = re.compile(r"(?:So (?:the result is|x =)|At a glance, (?:[^\n]* is|x =)) -?\d+\.")
-_GLANCE_VALUE = re.compile(r"At a glance, (?:[^\n]* is|x =) (-?\d+)\.")
+_GLANCE = r"At a glance, (?:[^\n]* is|x =)"  # "At a glance, 3+5 is" / "At a glance, x ="
+_FIRST_PASS_END = re.compile(rf"(?:So (?:the result is|x =)|{_GLANCE}) -?\d+\.")
+_GLANCE_VALUE = re.compile(rf"{_GLANCE} (-?\d+)\.")
 _RECHECK = re.compile("|".join(re.escape(o) for o in (WORK_IT_OUT, *RECHECK_OPENERS)))
 
 
