@@ -172,12 +172,16 @@ def test_stop_strings_max_tokens_and_finish_reasons(setup):
     capped = engine.generate(prompts, SamplingParams(max_new_tokens=5, temperature=1.0, seed=0))
     assert capped.response_lengths == [5] * len(prompts) and set(capped.finish_reasons) == {FINISH_LENGTH}
 
-    # 320 tokens: the embedded default's greedy answers end after 160-290 tokens (re-checks included)
-    full = engine.generate(prompts, SamplingParams(max_new_tokens=320, temperature=0))
-    ended = [i for i, r in enumerate(full.response_ids) if r[-1] in eos]
-    assert ended, "no greedy response reached EOS within 320 tokens"
-    for i in ended:  # EOS kept in the response, with its log-prob, finish reason "stop"
-        assert full.finish_reasons[i] == FINISH_STOP and len(full.response_logprobs[i]) == len(full.response_ids[i])
+    # Greedy thinking of the embedded default often loops its re-checks to any cap (its long tail),
+    # so the EOS check forces the end of thinking (budget forcing): after "</think>\nThe answer is"
+    # every build writes " \boxed{N}." and EOS. The plain prompts beside them run to the 32 cap.
+    close = tok.encode("\n</think>\nThe answer is", add_special_tokens=False)
+    mixed = engine.generate(prompts + [p + close for p in prompts], SamplingParams(max_new_tokens=32, temperature=0))
+    for i, (ids, reason) in enumerate(zip(mixed.response_ids, mixed.finish_reasons)):
+        assert len(mixed.response_logprobs[i]) == len(ids)  # EOS kept in the response, with its log-prob
+        assert reason == (FINISH_STOP if ids[-1] in eos else FINISH_LENGTH) and (reason == FINISH_STOP or len(ids) == 32)
+    closed = mixed.finish_reasons[len(prompts):]
+    assert closed == [FINISH_STOP] * len(prompts), f"a forced answer did not end with EOS: {closed}"
 
     stopped = engine.generate(prompts, SamplingParams(max_new_tokens=160, temperature=0, stop_strings=("=",)))
     native = NativeEngine(setup["model"], eos, tokenizer=tok).generate(
