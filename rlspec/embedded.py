@@ -1,7 +1,7 @@
 """The embedded default: a small reasoning model that over-thinks, built locally in minutes.
 
 :func:`get_embedded_model_path` builds (once, then caches) the model of an
-:class:`~rlspec.embedded_build.EmbeddedModelConfig` (:mod:`rlspec.embedded_build` says how): a
+:class:`~rlspec.embedded_config.EmbeddedModelConfig` (:mod:`rlspec.embedded_build` says how): a
 small ``Qwen2ForCausalLM`` that solves most procedural math problems but spends most of its tokens
 re-checking -- the over-thinking that efficient-reasoning RL should remove while keeping accuracy.
 No hub access is needed; the output directory loads with plain
@@ -26,7 +26,8 @@ from typing import Sequence
 
 import torch
 
-from rlspec.embedded_build import BUILD_VERSION, EmbeddedModelConfig, build_embedded_model, build_threads
+from rlspec.embedded_build import build_embedded_model, build_threads
+from rlspec.embedded_config import BUILD_VERSION, EmbeddedModelConfig
 from rlspec.errors import ModelLoadError
 from rlspec.models import build_dir_once, check_model_path, default_cache_dir
 from rlspec.rollout.speculative.warmup import warmup_drafter

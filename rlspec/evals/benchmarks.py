@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 from rlspec import tasks
 from rlspec.data import DATA_SUFFIXES, read_rows, read_utf8
-from rlspec.embedded_build import EmbeddedModelConfig
+from rlspec.embedded_config import EmbeddedModelConfig
 from rlspec.errors import DataError
 from rlspec.registry import BENCHMARKS
 

@@ -43,7 +43,7 @@ def _small_split_and_tokenizer():
 
 def test_budget_solutions_fit_the_budget():
     """A budget-prefilled SFT solution has the most re-checks that fit within the budget (EOS counted)."""
-    from rlspec.embedded_build import _fit_budget
+    from rlspec.embedded_sft import fit_budget
 
     train, tok = _small_split_and_tokenizer()
 
@@ -53,7 +53,7 @@ def test_budget_solutions_fit_the_budget():
     for p in train[:40]:
         lens = [n_tokens(tasks.worked_solution(p, random.Random(1), k)) for k in range(5)]
         for budget in (20, lens[0], lens[1] - 1, lens[2], 10_000):
-            text = _fit_budget(p, random.Random(1), 4, budget, tok)
+            text = fit_budget(p, random.Random(1), 4, budget, tok)
             expected = max([j for j in range(5) if lens[j] <= budget], default=0)
             assert tasks.count_rechecks(text) == expected, (p.expression, budget, lens)
             assert text.endswith(f"\\boxed{{{p.answer}}}.")
@@ -61,12 +61,12 @@ def test_budget_solutions_fit_the_budget():
 
 def test_sft_batches_carry_budget_prefills():
     """About budget_frac of the later solutions carry the HBPO prefill, and fit their budget."""
-    from rlspec.embedded_build import _sft_batches
+    from rlspec.embedded_sft import sft_batches
 
     cfg = EmbeddedModelConfig.tiny(sft_steps=200, drill_frac=0.0, plain_frac=0.5, budget_frac=0.5)
     train, tok = _small_split_and_tokenizer()
     eos = tok.convert_tokens_to_ids(embedded_build.EOS_TOKEN)
-    texts = [tok.decode(row[row != tok.pad_token_id]) for ids, _ in _sft_batches(cfg, train, tok, eos) for row in ids]
+    texts = [tok.decode(row[row != tok.pad_token_id]) for ids, _ in sft_batches(cfg, train, tok, eos) for row in ids]
     budgeted = [t for t in texts if "I will answer the question within" in t]
     assert 0.15 < len(budgeted) / len(texts) < 0.35  # half of the later half
     for t in budgeted:
@@ -81,13 +81,13 @@ def test_sft_data_has_slips_spirals_and_l1_targets():
     """The later SFT solutions: first passes slip more on harder levels (never on level 1) and a
     re-check corrects them; a spiral_frac share are spirals cut without EOS; an l1_frac share
     carry L1's target with a completion near it (within 15%, or under it for L1-Max)."""
-    from rlspec.embedded_build import _sft_batches
+    from rlspec.embedded_sft import sft_batches
 
     cfg = EmbeddedModelConfig.tiny(sft_steps=400, drill_frac=0.0, plain_frac=0.0, budget_frac=0.3, l1_frac=0.2,
                                    spiral_frac=0.05, spiral_tokens=(100, 140))
     train, tok = _small_split_and_tokenizer()
     eos = tok.convert_tokens_to_ids(embedded_build.EOS_TOKEN)
-    rows = [(row, lab) for ids, labels in _sft_batches(cfg, train, tok, eos) for row, lab in zip(ids, labels)]
+    rows = [(row, lab) for ids, labels in sft_batches(cfg, train, tok, eos) for row, lab in zip(ids, labels)]
     texts = [tok.decode(row[row != tok.pad_token_id]) for row, _ in rows]
     ended = [int(eos) in lab.tolist() for _, lab in rows]
     spirals = [t for t, e in zip(texts, ended) if not e]
@@ -290,43 +290,51 @@ def test_build_threads_env(monkeypatch):
 
 def test_mask_slips_shows_a_wrong_glance_but_never_teaches_it():
     """With mask_slips the SFT loss skips exactly the value of each slipped glance (its digits);
-    right glances, the working-out and the corrected answer keep their labels."""
-    from rlspec.embedded_build import _sft_batches
+    right glances, the working-out and the corrected answer keep their labels. With
+    taught_glance_levels=(1,) every glance above level 1 is masked too, right or wrong."""
+    from rlspec.embedded_sft import sft_batches
 
-    cfg = EmbeddedModelConfig.tiny(sft_steps=60, drill_frac=0.0, plain_frac=0.0, first_pass="glance", mask_slips=True,
-                                   slip_rates=(0.5,) * 5, spiral_frac=0.0)
     train, tok = _small_split_and_tokenizer()
     eos = tok.convert_tokens_to_ids(embedded_build.EOS_TOKEN)
-    wrong = right = 0
-    for ids, labels in _sft_batches(cfg, train, tok, eos):
-        for row, lab in zip(ids, labels):
-            start = int((lab != -100).nonzero()[0])  # the completion's first token
-            end = int((row != tok.pad_token_id).sum())
-            hidden = [i for i in range(start, end) if lab[i] == -100]
-            text = tok.decode(row[start:end])
-            question = tok.decode(row[:start]).split("user\n", 1)[1].split("\n", 1)[0]
-            answer = next(p.answer for p in train if p.question == question)
-            value = text[slice(*tasks.glance_value_span(text))]
-            if value == answer:
-                right += 1
-                assert hidden == []
-            else:
-                wrong += 1
-                assert tok.decode(row[hidden]) == value  # the wrong value, and nothing else
-    assert wrong > 50 and right > 50
+    for taught in (tasks.ALL_LEVELS, (1,)):
+        cfg = EmbeddedModelConfig.tiny(sft_steps=60, drill_frac=0.0, plain_frac=0.0, first_pass="glance",
+                                       mask_slips=True, slip_rates=(0.5,) * 5, spiral_frac=0.0,
+                                       taught_glance_levels=taught)
+        count = {(ok, lvl == 1): 0 for ok in (True, False) for lvl in (1, 2)}
+        for ids, labels in sft_batches(cfg, train, tok, eos):
+            for row, lab in zip(ids, labels):
+                start = int((lab != -100).nonzero()[0])  # the completion's first token
+                end = int((row != tok.pad_token_id).sum())
+                hidden = [i for i in range(start, end) if lab[i] == -100]
+                text = tok.decode(row[start:end])
+                question = tok.decode(row[:start]).split("user\n", 1)[1].split("\n", 1)[0]
+                problem = next(p for p in train if p.question == question)
+                value = text[slice(*tasks.glance_value_span(text))]
+                count[value == problem.answer, problem.level == 1] += 1
+                if value == problem.answer and problem.level in taught:
+                    assert hidden == []
+                else:
+                    assert tok.decode(row[hidden]) == value  # the glance's value, and nothing else
+        assert min(count.values()) > 10, count
     plain = EmbeddedModelConfig.tiny(sft_steps=40, drill_frac=0.0, plain_frac=0.5, first_pass="glance")
-    texts = [tok.decode(row) for ids, _ in _sft_batches(plain, train, tok, eos) for row in ids]
+    texts = [tok.decode(row) for ids, _ in sft_batches(plain, train, tok, eos) for row in ids]
     assert sum("At a glance" not in t and "So " in t for t in texts) == len(texts) // 2  # the plain phase: steps
     with pytest.raises(ConfigError, match="first_pass='glance'"):
         EmbeddedModelConfig.tiny(mask_slips=True)
     assert EmbeddedModelConfig.tiny(first_pass="glance", mask_slips=True).cache_key() != \
         EmbeddedModelConfig.tiny(first_pass="glance").cache_key()
+    with pytest.raises(ConfigError, match="mask_slips=True"):
+        EmbeddedModelConfig.tiny(taught_glance_levels=(1,))
+    with pytest.raises(ConfigError, match="taught_glance_levels must be levels"):
+        EmbeddedModelConfig(taught_glance_levels=(0, 1))
+    keyed = EmbeddedModelConfig(taught_glance_levels=(2, 1)).cache_key()
+    assert keyed == EmbeddedModelConfig(taught_glance_levels=[1, 2]).cache_key() != EmbeddedModelConfig().cache_key()
 
 
 def test_drill_by_op_gives_every_operation_an_equal_share_of_the_drills():
     """Uniform over facts, the few division facts are a small share of the drills; drawn operation
     first (drill_by_op), each of + - * / is about a quarter."""
-    from rlspec.embedded_build import _sft_batches
+    from rlspec.embedded_sft import sft_batches
 
     train, tok = _small_split_and_tokenizer()
     eos = tok.convert_tokens_to_ids(embedded_build.EOS_TOKEN)
@@ -334,7 +342,7 @@ def test_drill_by_op_gives_every_operation_an_equal_share_of_the_drills():
     def division_share(**kw) -> float:
         cfg = EmbeddedModelConfig.tiny(sft_steps=100, drill_frac=0.5, **kw)
         ops = []
-        for ids, _ in _sft_batches(cfg, train, tok, eos):
+        for ids, _ in sft_batches(cfg, train, tok, eos):
             if "<think>" in tok.decode(ids[0]):  # a solution batch, not a drill
                 continue
             for row in ids:  # a drill row: "a op b=c" facts, one per line
@@ -343,3 +351,36 @@ def test_drill_by_op_gives_every_operation_an_equal_share_of_the_drills():
 
     assert division_share() < 0.15  # 0.11 on this split
     assert 0.2 < division_share(drill_by_op=True) < 0.3
+
+
+def test_drill_phrasings_drill_each_fact_in_the_phrasings_asked_for():
+    """drill_phrasings=("=", " is "): about half the drilled lines read "a+b is c" (the glance's
+    and the re-checks' phrasing), the rest "a+b=c"; the loss is on the result and the newline only."""
+    from rlspec.embedded_sft import sft_batches
+
+    train, tok = _small_split_and_tokenizer()
+    eos = tok.convert_tokens_to_ids(embedded_build.EOS_TOKEN)
+    results = {s.text() for p in train for s in p.steps}
+    for phrasings in (("=",), ("=", " is ")):
+        cfg = EmbeddedModelConfig.tiny(sft_steps=40, drill_frac=0.5, drill_phrasings=phrasings)
+        count = {"=": 0, " is ": 0}
+        for ids, labels in sft_batches(cfg, train, tok, eos):
+            if "<think>" in tok.decode(ids[0]):  # a solution batch
+                continue
+            for row, lab in zip(ids, labels):
+                half = cfg.drill_seq_len // 2
+                lines = tok.decode(row[:half]).split("\n")[:-1]  # the last line may be cut
+                taught = "".join(tok.decode([t]) if x != -100 else "|" for t, x in zip(row[:half], lab[:half]))
+                for line, line_taught in zip(lines, taught.split("\n")):
+                    sep = " is " if " is " in line else "="
+                    lhs, result = line.split(sep)
+                    assert f"{lhs}={result}" in results
+                    assert line_taught.replace("|", "").strip() == result  # loss on the result only
+                    count[sep] += 1
+        if phrasings == ("=",):
+            assert count[" is "] == 0
+        else:
+            assert 0.4 < count[" is "] / (count["="] + count[" is "]) < 0.6, count
+    with pytest.raises(ConfigError, match="drill_phrasings must be"):
+        EmbeddedModelConfig(drill_phrasings=("is",))
+    assert EmbeddedModelConfig(drill_phrasings=("=", " is ")).cache_key() != EmbeddedModelConfig().cache_key()

@@ -20,7 +20,7 @@ LAYERS = {  # module-name prefix -> layer (0 = core); the longest matching prefi
     "rlspec.warmup_drafter": 4,
     "rlspec.session": 3, "rlspec.ray_runtime": 3,
     "rlspec.trainers": 2, "rlspec.evals": 2, "rlspec.embedded": 2, "rlspec.embedded_build": 2,
-    "rlspec.embedded_eval": 2,
+    "rlspec.embedded_eval": 2, "rlspec.embedded_sft": 2, "rlspec.embedded_config": 2,
     "rlspec.rollout": 1, "rlspec.rewards": 1,
     "rlspec": 0,  # errors, registry, schema, config(s), cli, models, data, checkpoint, tracking, tasks
 }
