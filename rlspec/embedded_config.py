@@ -81,9 +81,9 @@ class EmbeddedModelConfig:
     # while False
     mask_slips: bool = True
     # the levels whose right glances are taught; a glance of another level is shown, not taught
-    # (masked like a slip): a multi-step result the model cannot compute in one token is a guess,
-    # and teaching guesses blurs the one-step glances of level 1 (build 5n, docs/decisions.md).
-    # Needs mask_slips; in the cache key only when it is not every level
+    # (masked like a slip): a multi-step result the model cannot compute in one token is a guess.
+    # Tried against the idea that taught guesses blur level 1's one-step glances; they barely do
+    # (build 5n, docs/decisions.md). Needs mask_slips; in the cache key only when not every level
     taught_glance_levels: tuple[int, ...] = tasks.ALL_LEVELS
     # share of the later solutions that are over-thinking spirals: re-check after re-check, cut off
     # without an answer or EOS at a length drawn from ``spiral_tokens`` -- R1-style loops to the
@@ -100,7 +100,8 @@ class EmbeddedModelConfig:
     drill_by_op: bool = True
     # how the drill lines phrase a fact, one drawn per line: "=" ("12*4=48") and/or " is " ("12*4
     # is 48", the phrasing of the glance and the re-checks: a model drilled only on "=" computes a
-    # level-1 glance right about half the time at T=1, build 5o). In the cache key unless ("=",)
+    # level-1 glance right about half the time at T=1; build 5o in docs/decisions.md). In the cache
+    # key unless ("=",)
     drill_phrasings: tuple[str, ...] = ("=",)
     # final evaluation written to build_card.json
     n_eval: int = 256  # test problems evaluated (<= n_test)

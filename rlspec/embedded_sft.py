@@ -25,7 +25,8 @@ def sft_batches(cfg: EmbeddedModelConfig, train: list[tasks.MathProblem], tokeni
     Solution batches: each example is a fresh worked solution (random re-check count and wording)
     of a train problem drawn level-uniformly; the first ``plain_frac`` use zero re-checks, no slips
     and the steps written out (any ``first_pass``). The rest slip at ``slip_rates[level]`` (with
-    ``mask_slips`` a slipped glance's value is out of the loss); ``spiral_frac`` of them are spirals
+    ``mask_slips`` a slipped glance's value is out of the loss, and so is every glance of a level
+    outside ``taught_glance_levels``); ``spiral_frac`` of them are spirals
     cut off without EOS; of the others ``budget_frac`` carry an HBPO budget prefill (the most
     re-checks that fit), ``l1_frac`` an L1 target-length instruction, the remainder 0 re-checks
     with probability ``recheck_p0`` else uniform 1..max_rechecks. Length-bucketed; loss on
