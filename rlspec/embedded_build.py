@@ -38,7 +38,7 @@ import torch
 from rlspec import tasks
 from rlspec.errors import ConfigError
 from rlspec.embedded_eval import budget_following, budget_forcing, sample_records, summarize, summary_line
-from rlspec.embedded_config import BUILD_VERSION, DRILL_PHRASINGS, EmbeddedModelConfig  # noqa: F401 (re-exported)
+from rlspec.embedded_config import BUILD_VERSION, EmbeddedModelConfig
 from rlspec.embedded_sft import sft_batches
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")

@@ -364,11 +364,11 @@ def test_drill_phrasings_drill_each_fact_in_the_phrasings_asked_for():
     for phrasings in (("=",), ("=", " is ")):
         cfg = EmbeddedModelConfig.tiny(sft_steps=40, drill_frac=0.5, drill_phrasings=phrasings)
         count = {"=": 0, " is ": 0}
+        half = cfg.drill_seq_len // 2
         for ids, labels in sft_batches(cfg, train, tok, eos):
             if "<think>" in tok.decode(ids[0]):  # a solution batch
                 continue
             for row, lab in zip(ids, labels):
-                half = cfg.drill_seq_len // 2
                 lines = tok.decode(row[:half]).split("\n")[:-1]  # the last line may be cut
                 taught = "".join(tok.decode([t]) if x != -100 else "|" for t, x in zip(row[:half], lab[:half]))
                 for line, line_taught in zip(lines, taught.split("\n")):

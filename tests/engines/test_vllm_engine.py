@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from rlspec.config import LookupConfig, SpeculativeConfig, VllmConfig
+from rlspec.embedded_eval import FORCED_ANSWER
 from rlspec.errors import ConfigError
 from rlspec.rollout.base import FINISH_LENGTH, FINISH_STOP, SamplingParams
 from rlspec.rollout.engines import make_engine
@@ -173,9 +174,9 @@ def test_stop_strings_max_tokens_and_finish_reasons(setup):
     assert capped.response_lengths == [5] * len(prompts) and set(capped.finish_reasons) == {FINISH_LENGTH}
 
     # Greedy thinking of the embedded default often loops its re-checks to any cap (its long tail),
-    # so the EOS check forces the end of thinking (budget forcing): after "</think>\nThe answer is"
-    # every build writes " \boxed{N}." and EOS. The plain prompts beside them run to the 32 cap.
-    close = tok.encode("\n</think>\nThe answer is", add_special_tokens=False)
+    # so the EOS check forces the end of thinking as budget forcing does: after FORCED_ANSWER every
+    # build writes "N}." and EOS. The plain prompts beside them run to the 32 cap.
+    close = tok.encode(FORCED_ANSWER, add_special_tokens=False)
     mixed = engine.generate(prompts + [p + close for p in prompts], SamplingParams(max_new_tokens=32, temperature=0))
     for i, (ids, reason) in enumerate(zip(mixed.response_ids, mixed.finish_reasons)):
         assert len(mixed.response_logprobs[i]) == len(ids)  # EOS kept in the response, with its log-prob
