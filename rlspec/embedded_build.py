@@ -120,7 +120,7 @@ def build_embedded_model(cfg: EmbeddedModelConfig, out_dir: str | os.PathLike, p
             for p in train[:4000]:
                 corpus.append(tasks.format_prompt_messages(p)[0]["content"])
                 corpus.append(tasks.worked_solution(p, rng, tasks.sample_num_rechecks(rng, cfg.max_rechecks),
-                                                     first_pass=cfg.first_pass))
+                                                     first_pass=cfg.first_pass, glance_sep=cfg.glance_phrasing))
             tokenizer = build_tokenizer(corpus, cfg.vocab_size)
             eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
             pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
@@ -214,7 +214,8 @@ def _reference_lengths(tokenizer, problems, cfg: EmbeddedModelConfig, eos_id: in
     rng = random.Random(0)
     out = {}
     for k in (0, cfg.max_rechecks):
-        texts = [tasks.worked_solution(p, rng, k, first_pass=cfg.first_pass) for p in problems]
+        texts = [tasks.worked_solution(p, rng, k, first_pass=cfg.first_pass, glance_sep=cfg.glance_phrasing)
+                 for p in problems]
         lens = [len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
         out[f"rechecks_{k}"] = round(sum(lens) / len(lens), 1)
     return out

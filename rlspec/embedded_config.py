@@ -55,6 +55,11 @@ class EmbeddedModelConfig:
     # probability ``recheck_p0``, else uniform over 1..max_rechecks: a small value keeps the
     # over-thinking strong while 0 stays common at temperature 1.
     recheck_p0: float = 0.15
+    # per level 1..5 instead of ``recheck_p0`` (empty: ``recheck_p0`` at every level): a start whose
+    # propensity to close after the first pass already differs by level, as a real model's
+    # confidence does, so RL sharpens a difference instead of creating one. In the cache key only
+    # when set
+    recheck_p0_by_level: tuple[float, ...] = ()
     # share of the later solutions that carry an HBPO budget prefill after <think> ("I will answer
     # the question within b tokens.", arXiv 2507.15844 Sec. 3.1), b drawn from ``budgets``; such a
     # solution has the most re-checks that fit within b tokens. HBPO assumes a base model that
@@ -103,6 +108,10 @@ class EmbeddedModelConfig:
     # level-1 glance right about half the time at T=1; build 5o in docs/decisions.md). In the cache
     # key unless ("=",)
     drill_phrasings: tuple[str, ...] = ("=",)
+    # how a glance of levels 1-4 phrases its value: " is " ("At a glance, 3+5 is 8.", the re-check
+    # lines' phrasing) or "=" ("At a glance, 3+5=8.", the drilled facts' and worked steps' phrasing:
+    # a level-1 glance is then a drilled fact token for token). In the cache key unless " is "
+    glance_phrasing: str = " is "
     # final evaluation written to build_card.json
     n_eval: int = 256  # test problems evaluated (<= n_test)
     eval_max_new_tokens: int = 512
@@ -119,6 +128,13 @@ class EmbeddedModelConfig:
         if not self.drill_phrasings or not set(self.drill_phrasings) <= set(DRILL_PHRASINGS):
             raise ConfigError(f"drill_phrasings must be a non-empty subset of {list(DRILL_PHRASINGS)}, got "
                               f"{list(self.drill_phrasings)}")
+        if self.glance_phrasing not in tasks.GLANCE_SEPS:
+            raise ConfigError(f"glance_phrasing must be one of {list(tasks.GLANCE_SEPS)}, got {self.glance_phrasing!r}")
+        self.recheck_p0_by_level = tuple(float(x) for x in self.recheck_p0_by_level)
+        if self.recheck_p0_by_level and (len(self.recheck_p0_by_level) != len(tasks.ALL_LEVELS)
+                                         or not all(0 <= x <= 1 for x in self.recheck_p0_by_level)):
+            raise ConfigError(f"recheck_p0_by_level must be empty or {len(tasks.ALL_LEVELS)} probabilities (levels "
+                              f"1..5), got {list(self.recheck_p0_by_level)}")
         if not set(self.taught_glance_levels) <= set(tasks.ALL_LEVELS):
             raise ConfigError(f"taught_glance_levels must be levels in {list(tasks.ALL_LEVELS)}, got "
                               f"{list(self.taught_glance_levels)}")
@@ -184,5 +200,9 @@ class EmbeddedModelConfig:
             del fields["taught_glance_levels"]
         if tuple(fields["drill_phrasings"]) == ("=",):
             del fields["drill_phrasings"]
+        if fields["glance_phrasing"] == " is ":
+            del fields["glance_phrasing"]
+        if not fields["recheck_p0_by_level"]:
+            del fields["recheck_p0_by_level"]
         payload = json.dumps({"build_version": BUILD_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]

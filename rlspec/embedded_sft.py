@@ -48,7 +48,7 @@ def sft_batches(cfg: EmbeddedModelConfig, train: list[tasks.MathProblem], tokeni
     probs = [rng.choice(by_level[rng.choice(levels)]) for _ in range(n)]
     prompts = [prompt_text(tokenizer, p) for p in probs]
     n_plain = int(cfg.plain_frac * n_sol_steps) * cfg.batch_size
-    style = cfg.first_pass
+    style = dict(first_pass=cfg.first_pass, glance_sep=cfg.glance_phrasing)
     comps, closed, masked = [], [], []
     for j, p in enumerate(probs):
         if j < n_plain:  # steps written out in any style: a glance alone holds no arithmetic to learn
@@ -60,7 +60,7 @@ def sft_batches(cfg: EmbeddedModelConfig, train: list[tasks.MathProblem], tokeni
         masked.append(cfg.mask_slips and (slip or p.level not in cfg.taught_glance_levels))
         u = rng.random()
         if u < cfg.spiral_frac:  # an over-thinking spiral, cut by the length cap: no answer, no EOS
-            text = tasks.worked_solution(p, rng, 60, slip=slip, close=False, first_pass=style)
+            text = tasks.worked_solution(p, rng, 60, slip=slip, close=False, **style)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"][: rng.randint(*cfg.spiral_tokens)]
             comps.append(tokenizer.decode(ids))
             closed.append(False)
@@ -69,16 +69,16 @@ def sft_batches(cfg: EmbeddedModelConfig, train: list[tasks.MathProblem], tokeni
         if u < cfg.budget_frac:
             i = rng.randrange(len(cfg.budgets))
             prompts[j] += HBPO_TEMPLATES["paper"].format(budget=cfg.budgets[i])
-            comps.append(fit_budget(p, rng, cfg.max_rechecks, cfg.budgets[i], tokenizer, slip=slip, first_pass=style))
+            comps.append(fit_budget(p, rng, cfg.max_rechecks, cfg.budgets[i], tokenizer, slip=slip, **style))
         elif u < cfg.budget_frac + cfg.l1_frac:
-            text = tasks.worked_solution(p, rng, rng.randint(0, cfg.max_rechecks), slip=slip, first_pass=style)
+            text = tasks.worked_solution(p, rng, rng.randint(0, cfg.max_rechecks), slip=slip, **style)
             n_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
             at_most = rng.random() < 1 / 3
             target = round(n_tokens * (rng.uniform(1.0, 1.4) if at_most else rng.uniform(0.85, 1.15)))
             prompts[j] = l1_prompt_text(tokenizer, p, target, L1_MAX_TEMPLATE if at_most else L1_TEMPLATE)
             comps.append(text)
         else:
-            comps.append(tasks.worked_solution(p, rng, num_rechecks(rng, cfg), slip=slip, first_pass=style))
+            comps.append(tasks.worked_solution(p, rng, num_rechecks(rng, cfg, p.level), slip=slip, **style))
         closed.append(True)
     p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     enc = tokenizer(comps, add_special_tokens=False, return_offsets_mapping=True)
@@ -167,14 +167,14 @@ def _drill_batches(cfg: EmbeddedModelConfig, train: list[tasks.MathProblem], tok
 
 
 def fit_budget(problem: tasks.MathProblem, rng: random.Random, max_rechecks: int, budget: int, tokenizer,
-               slip: bool = False, first_pass: str = "steps") -> str:
+               slip: bool = False, first_pass: str = "steps", glance_sep: str = " is ") -> str:
     """The worked solution with the most re-checks (<= max_rechecks) whose tokens, EOS included,
     fit within ``budget``; zero re-checks when even that does not fit."""
     state = rng.getstate()
     best = None
     for k in range(max_rechecks + 1):
         rng.setstate(state)  # the same opener wording for every candidate
-        text = tasks.worked_solution(problem, rng, k, slip=slip, first_pass=first_pass)
+        text = tasks.worked_solution(problem, rng, k, slip=slip, first_pass=first_pass, glance_sep=glance_sep)
         if best is None or len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1 <= budget:
             best = text
         else:
@@ -182,7 +182,10 @@ def fit_budget(problem: tasks.MathProblem, rng: random.Random, max_rechecks: int
     return best
 
 
-def num_rechecks(rng: random.Random, cfg: EmbeddedModelConfig) -> int:
-    if cfg.max_rechecks == 0 or rng.random() < cfg.recheck_p0:
+def num_rechecks(rng: random.Random, cfg: EmbeddedModelConfig, level: int) -> int:
+    """0 with probability ``recheck_p0`` (or the level's ``recheck_p0_by_level``), else uniform
+    over 1..max_rechecks."""
+    p0 = cfg.recheck_p0_by_level[level - 1] if cfg.recheck_p0_by_level else cfg.recheck_p0
+    if cfg.max_rechecks == 0 or rng.random() < p0:
         return 0
     return rng.randint(1, cfg.max_rechecks)

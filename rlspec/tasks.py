@@ -47,6 +47,7 @@ ALL_LEVELS: tuple[int, ...] = (1, 2, 3, 4, 5)
 KINDS: dict[int, str] = {1: "add", 2: "add_sub", 3: "mul_add", 4: "paren", 5: "linear"}
 FIRST_PASS_STYLES: tuple[str, ...] = ("steps", "glance")
 WORK_IT_OUT = "Let me work it out."  # the first check after a glance
+GLANCE_SEPS: tuple[str, ...] = (" is ", "=")  # how a glance of levels 1-4 phrases its value
 RECHECK_OPENERS: tuple[str, ...] = (
     "Wait, let me verify.",
     "Wait, let me double-check.",
@@ -316,13 +317,14 @@ def _solution_body(problem: MathProblem, steps: Sequence[Step] | None = None) ->
     return "\n".join([head, *_step_lines(problem, steps), tail]) + "\n"
 
 
-def _glance_body(problem: MathProblem, value: int) -> str:
-    """The glance restates the expression before its value ("At a glance, 3+5 is 8."), the way a
-    re-check line reads ("3+5 is 8."): a one-step problem is then a fact the model knows, while a
-    multi-step one must be computed in a single token, which a small model cannot do reliably."""
+def _glance_body(problem: MathProblem, value: int, sep: str = " is ") -> str:
+    """The glance restates the expression before its value ("At a glance, 3+5 is 8.", the way a
+    re-check line reads; with ``sep="="`` "At a glance, 3+5=8.", the way a worked step and a fact
+    drill read): a one-step problem is then a fact the model knows, while a multi-step one must be
+    computed in a single token, which a small model cannot do reliably."""
     if problem.level == 5:
         return f"We need to solve {problem.expression} for x.\nAt a glance, x = {value}.\n"
-    return f"We need to compute {problem.expression}.\nAt a glance, {problem.expression} is {value}.\n"
+    return f"We need to compute {problem.expression}.\nAt a glance, {problem.expression}{sep}{value}.\n"
 
 
 def glance_value_span(text: str) -> tuple[int, int] | None:
@@ -357,7 +359,7 @@ def sample_num_rechecks(rng: random.Random, max_rechecks: int = 4) -> int:
 
 
 def worked_solution(problem: MathProblem, rng: random.Random, num_rechecks: int, slip: bool = False,
-                    close: bool = True, first_pass: str = "steps") -> str:
+                    close: bool = True, first_pass: str = "steps", glance_sep: str = " is ") -> str:
     """The assistant completion after the prompt's ``"<think>\\n"``.
 
     A first pass through the steps (with one :func:`slipped_steps` slip when ``slip``), then
@@ -371,7 +373,8 @@ def worked_solution(problem: MathProblem, rng: random.Random, num_rechecks: int,
     ``first_pass="glance"``: the first pass states the result without steps (the slipped result
     when ``slip``) and the first check, opened by :data:`WORK_IT_OUT`, is the worked steps
     (``a*b=c``); the later checks are re-checks as above. A glance is a guess that only working
-    out can confirm, so its checks pay wherever glances go wrong.
+    out can confirm, so its checks pay wherever glances go wrong. ``glance_sep`` phrases the glance
+    of levels 1-4: ``" is "`` ("3+5 is 8") or ``"="`` ("3+5=8").
     """
     if num_rechecks < 0:
         raise ConfigError(f"num_rechecks must be >= 0, got {num_rechecks}")
@@ -380,7 +383,9 @@ def worked_solution(problem: MathProblem, rng: random.Random, num_rechecks: int,
     steps = slipped_steps(problem) if slip else problem.steps
     believed = steps[-1].result
     glance = first_pass == "glance"
-    parts = [_glance_body(problem, believed) if glance else _solution_body(problem, steps)]
+    if glance_sep not in GLANCE_SEPS:
+        raise ConfigError(f"glance_sep must be one of {list(GLANCE_SEPS)}, got {glance_sep!r}")
+    parts = [_glance_body(problem, believed, glance_sep) if glance else _solution_body(problem, steps)]
     for i in range(num_rechecks):
         if glance and i == 0:
             parts.append(_recheck(problem, WORK_IT_OUT, believed, sep="="))
@@ -405,9 +410,9 @@ def rows(problems: Iterable[MathProblem]) -> list[dict]:
 
 
 _BOXED = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
-_GLANCE = r"At a glance, (?:[^\n]* is|x =)"  # "At a glance, 3+5 is" / "At a glance, x ="
-_FIRST_PASS_END = re.compile(rf"(?:So (?:the result is|x =)|{_GLANCE}) -?\d+\.")
-_GLANCE_VALUE = re.compile(rf"{_GLANCE} (-?\d+)\.")
+_GLANCE = r"At a glance, (?:[^\n]* is |x = |[^\n =]+=)"  # "At a glance, 3+5 is " / "x = " / "3+5="
+_FIRST_PASS_END = re.compile(rf"(?:(?:So (?:the result is|x =) )|{_GLANCE})-?\d+\.")
+_GLANCE_VALUE = re.compile(rf"{_GLANCE}(-?\d+)\.")
 _RECHECK = re.compile("|".join(re.escape(o) for o in (WORK_IT_OUT, *RECHECK_OPENERS)))
 
 

@@ -384,3 +384,51 @@ def test_drill_phrasings_drill_each_fact_in_the_phrasings_asked_for():
     with pytest.raises(ConfigError, match="drill_phrasings must be"):
         EmbeddedModelConfig(drill_phrasings=("is",))
     assert EmbeddedModelConfig(drill_phrasings=("=", " is ")).cache_key() != EmbeddedModelConfig().cache_key()
+
+
+def test_recheck_p0_by_level_sets_each_levels_share_of_answers_without_a_check():
+    """recheck_p0_by_level: the later SFT solutions close after the first pass with the level's
+    probability (level 1 always, level 5 never here); unset, every level uses recheck_p0."""
+    from rlspec.embedded_sft import sft_batches
+
+    train, tok = _small_split_and_tokenizer()
+    eos = tok.convert_tokens_to_ids(embedded_build.EOS_TOKEN)
+    level_of = {p.question: p.level for p in train}
+    for by_level in ((), (1.0, 0.5, 0.5, 0.5, 0.0)):
+        cfg = EmbeddedModelConfig.tiny(sft_steps=80, drill_frac=0.0, plain_frac=0.0, spiral_frac=0.0, budget_frac=0.0,
+                                       l1_frac=0.0, first_pass="glance", recheck_p0=0.5,
+                                       recheck_p0_by_level=by_level)
+        closed = {lvl: [] for lvl in tasks.ALL_LEVELS}
+        for ids, labels in sft_batches(cfg, train, tok, eos):
+            for row, lab in zip(ids, labels):
+                start = int((lab != -100).nonzero()[0])
+                question = tok.decode(row[:start]).split("user\n", 1)[1].split("\n", 1)[0]
+                closed[level_of[question]].append(tasks.count_rechecks(tok.decode(row[start:])) == 0)
+        share = {lvl: sum(v) / len(v) for lvl, v in closed.items()}
+        if by_level:
+            assert share[1] == 1.0 and share[5] == 0.0 and 0.3 < share[3] < 0.7, share
+        else:
+            assert all(0.3 < x < 0.7 for x in share.values()), share
+    with pytest.raises(ConfigError, match="recheck_p0_by_level"):
+        EmbeddedModelConfig(recheck_p0_by_level=(0.5, 0.5))
+    keyed = EmbeddedModelConfig(recheck_p0_by_level=(0.5, 0.3, 0.2, 0.1, 0.1)).cache_key()
+    assert keyed != EmbeddedModelConfig().cache_key()
+
+
+def test_glance_phrasing_is_checked_and_keyed():
+    """glance_phrasing="=" writes the SFT glances as drilled facts ("At a glance, 3+5=8."); it must
+    be a known phrasing and is in the cache key only when it is not the default " is "."""
+    from rlspec.embedded_sft import sft_batches
+
+    train, tok = _small_split_and_tokenizer()
+    eos = tok.convert_tokens_to_ids(embedded_build.EOS_TOKEN)
+    cfg = EmbeddedModelConfig.tiny(sft_steps=20, drill_frac=0.0, plain_frac=0.0, spiral_frac=0.0,
+                                   first_pass="glance", glance_phrasing="=")
+    glances = [t.split("At a glance, ")[1].split("\n")[0] for ids, _ in sft_batches(cfg, train, tok, eos)
+               for t in (tok.decode(row) for row in ids)]
+    assert glances and all(" is " not in g for g in glances)
+    assert sum(g.startswith("x = ") for g in glances) < len(glances)  # levels 1-4 read "expr=value"
+    with pytest.raises(ConfigError, match="glance_phrasing"):
+        EmbeddedModelConfig(glance_phrasing="is")
+    assert EmbeddedModelConfig(glance_phrasing=" is ").cache_key() == EmbeddedModelConfig().cache_key()
+    assert EmbeddedModelConfig(glance_phrasing="=").cache_key() != EmbeddedModelConfig().cache_key()

@@ -176,6 +176,26 @@ def test_glance_first_pass_is_checked_by_working_it_out():
         tasks.worked_solution(p, random.Random(0), 1, first_pass="skim")
 
 
+def test_a_glance_can_read_like_a_drilled_fact():
+    """glance_sep="=": the glance of levels 1-4 reads "3+5=8", token for token a drilled fact, and
+    is still found by first_pass_end / glance_value_span (level 5's "x = N" is unchanged)."""
+    p = tasks.make_problem(1, (3, 5), "x", random.Random(0))
+    text = tasks.worked_solution(p, random.Random(0), 1, slip=True, first_pass="glance", glance_sep="=")
+    glance = text[: tasks.first_pass_end(text)]
+    assert glance == "We need to compute 3+5.\nAt a glance, 3+5=" + glance.split("3+5=")[-1]
+    assert text[slice(*tasks.glance_value_span(text))] == glance.split("=")[-1].rstrip(".") != "8"  # the slip
+    assert "Let me work it out.\n3+5=8." in text or "Let me work it out.\nFirst, 3+5=8." in text
+    four = tasks.make_problem(4, (3, 5, 4, 7), "x", random.Random(0))
+    alone = tasks.worked_solution(four, random.Random(0), 0, first_pass="glance", glance_sep="=")
+    assert alone == "We need to compute (3+5)*4-7.\nAt a glance, (3+5)*4-7=25.\n</think>\nThe answer is \\boxed{25}."
+    assert alone[slice(*tasks.glance_value_span(alone))] == "25"
+    q = tasks.make_problem(5, (3, 6, 4), "y", random.Random(0))
+    assert tasks.worked_solution(q, random.Random(0), 0, first_pass="glance", glance_sep="=") == \
+        tasks.worked_solution(q, random.Random(0), 0, first_pass="glance")
+    with pytest.raises(ConfigError, match="glance_sep"):
+        tasks.worked_solution(p, random.Random(0), 1, first_pass="glance", glance_sep=" equals ")
+
+
 def test_slips_grow_with_level_and_stay_non_negative(splits):
     train, _ = splits
     rates = [tasks.slip_rate(lv) for lv in tasks.ALL_LEVELS]
