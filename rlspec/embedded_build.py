@@ -2,9 +2,9 @@
 
 :func:`build_embedded_model` trains a byte-level BPE tokenizer on the procedural math tasks of
 :mod:`rlspec.tasks` and a small ``Qwen2ForCausalLM`` by supervised fine-tuning on worked
-solutions shaped like a long-CoT model's (build version 6, issue 17):
+solutions shaped like a long-CoT model's (build version 7, issue 17):
 
-* a first pass that states the result *at a glance* ("At a glance, 5*8+4 is 44."), then
+* a first pass that states the result *at a glance* ("At a glance, 5*8+4=44."), then
   0..``max_rechecks`` checks (the first works the steps out). Wrong glances in the data are
   corrected by the first check but left out of the loss (``mask_slips``), so the model's own
   glances fail only where one token cannot compute the result (multi-step levels): checking pays

@@ -14,7 +14,7 @@ from typing import Any
 from rlspec import tasks
 from rlspec.errors import ConfigError
 
-BUILD_VERSION = "6"  # bump when the build recipe changes in a way the config does not capture
+BUILD_VERSION = "7"  # bump when the build recipe changes in a way the config does not capture
 DRILL_PHRASINGS = ("=", " is ")  # how a drilled fact can read: "12*4=48", "12*4 is 48"
 
 
@@ -27,7 +27,8 @@ class EmbeddedModelConfig:
     levels: tuple[int, ...] = tasks.ALL_LEVELS
     n_train: int = 4000
     n_test: int = 256
-    # 6 (4 before version 6): the start over-thinks enough (~160 tokens) for DLER's 128 to bind
+    # 6 (4 before version 6): the start over-thinks enough (~175 tokens at T=0.6 on version 7) for
+    # DLER's 128 to bind
     max_rechecks: int = 6
     # tokenizer
     vocab_size: int = 1024
@@ -53,8 +54,10 @@ class EmbeddedModelConfig:
     plain_frac: float = 0.3
     # re-check count of the later solution steps: 0 (the answer straight from the first pass) with
     # probability ``recheck_p0``, else uniform over 1..max_rechecks: a small value keeps the
-    # over-thinking strong while 0 stays common at temperature 1.
-    recheck_p0: float = 0.15
+    # over-thinking strong. 0.05 since version 7 (0.15 before): with 0.15 and a reliable glance the
+    # start closed after the glance in 41% of its answers at T=0.6 and `dler` cut only 37%
+    # (build 6g, docs/decisions.md)
+    recheck_p0: float = 0.05
     # per level 1..5 instead of ``recheck_p0`` (empty: ``recheck_p0`` at every level): a start whose
     # propensity to close after the first pass already differs by level, as a real model's
     # confidence does, so RL sharpens a difference instead of creating one. In the cache key only
@@ -93,7 +96,7 @@ class EmbeddedModelConfig:
     # share of the later solutions that are over-thinking spirals: re-check after re-check, cut off
     # without an answer or EOS at a length drawn from ``spiral_tokens`` -- R1-style loops to the
     # length cap, the long tail of a rollout
-    spiral_frac: float = 0.1
+    spiral_frac: float = 0.12  # 0.1 before version 7 (build 6g: 1.6% at the cap, under the 2% asked)
     spiral_tokens: tuple[int, int] = (500, 600)
     # interleaved arithmetic-fact drill batches (share of all steps, tokens per drill sequence)
     drill_frac: float = 0.3
@@ -108,10 +111,12 @@ class EmbeddedModelConfig:
     # level-1 glance right about half the time at T=1; build 5o in docs/decisions.md). In the cache
     # key unless ("=",)
     drill_phrasings: tuple[str, ...] = ("=",)
-    # how a glance of levels 1-4 phrases its value: " is " ("At a glance, 3+5 is 8.", the re-check
-    # lines' phrasing) or "=" ("At a glance, 3+5=8.", the drilled facts' and worked steps' phrasing:
-    # a level-1 glance is then a drilled fact token for token). In the cache key unless " is "
-    glance_phrasing: str = " is "
+    # how a glance of levels 1-4 phrases its value: "=" ("At a glance, 3+5=8.", the drilled facts'
+    # and worked steps' phrasing: a level-1 glance is then a drilled fact token for token; the
+    # default since version 7) or " is " ("At a glance, 3+5 is 8.", the re-check lines' phrasing,
+    # version 6: its level-1 glance was right about half the time, docs/decisions.md). In the cache
+    # key unless " is "
+    glance_phrasing: str = "="
     # final evaluation written to build_card.json
     n_eval: int = 256  # test problems evaluated (<= n_test)
     eval_max_new_tokens: int = 512
@@ -182,7 +187,7 @@ class EmbeddedModelConfig:
                     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                     max_position_embeddings=512, sft_steps=300, batch_size=8, lr=3e-3,
                     warmup_steps=20, plain_frac=0.5, n_eval=16, eval_max_new_tokens=256, eval_batch_size=16,
-                    n_probe=8, spiral_tokens=(150, 260))
+                    n_probe=8, spiral_tokens=(150, 260), recheck_p0=0.15, spiral_frac=0.1)
         base.update(overrides)
         return cls(**base)
 

@@ -416,8 +416,8 @@ def test_recheck_p0_by_level_sets_each_levels_share_of_answers_without_a_check()
 
 
 def test_glance_phrasing_is_checked_and_keyed():
-    """glance_phrasing="=" writes the SFT glances as drilled facts ("At a glance, 3+5=8."); it must
-    be a known phrasing and is in the cache key only when it is not the default " is "."""
+    """glance_phrasing="=" (the default since version 7) writes the SFT glances as drilled facts
+    ("At a glance, 3+5=8."); it must be a known phrasing, and the key tells the phrasings apart."""
     from rlspec.embedded_sft import sft_batches
 
     train, tok = _small_split_and_tokenizer()
@@ -430,5 +430,5 @@ def test_glance_phrasing_is_checked_and_keyed():
     assert sum(g.startswith("x = ") for g in glances) < len(glances)  # levels 1-4 read "expr=value"
     with pytest.raises(ConfigError, match="glance_phrasing"):
         EmbeddedModelConfig(glance_phrasing="is")
-    assert EmbeddedModelConfig(glance_phrasing=" is ").cache_key() == EmbeddedModelConfig().cache_key()
-    assert EmbeddedModelConfig(glance_phrasing="=").cache_key() != EmbeddedModelConfig().cache_key()
+    assert EmbeddedModelConfig(glance_phrasing="=").cache_key() == EmbeddedModelConfig().cache_key()  # the default
+    assert EmbeddedModelConfig(glance_phrasing=" is ").cache_key() != EmbeddedModelConfig().cache_key()
