@@ -336,8 +336,8 @@ def glance_value_span(text: str) -> tuple[int, int] | None:
 
 def first_pass_end(text: str) -> int:
     """The index just past the first pass's closing line ("So the result is N." / "So x = N.", or a
-    glance's "At a glance, it is N." / "At a glance, x = N.") in a completion, or -1 when there is
-    none (budget forcing cuts the thinking there)."""
+    glance's "At a glance, 3+5 is 8." / "At a glance, 3+5=8." / "At a glance, x = N.") in a
+    completion, or -1 when there is none (budget forcing cuts the thinking there)."""
     m = _FIRST_PASS_END.search(text)
     return m.end() if m else -1
 
