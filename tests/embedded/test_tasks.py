@@ -181,10 +181,10 @@ def test_a_glance_can_read_like_a_drilled_fact():
     is still found by first_pass_end / glance_value_span (level 5's "x = N" is unchanged)."""
     p = tasks.make_problem(1, (3, 5), "x", random.Random(0))
     text = tasks.worked_solution(p, random.Random(0), 1, slip=True, first_pass="glance", glance_sep="=")
-    glance = text[: tasks.first_pass_end(text)]
-    assert glance == "We need to compute 3+5.\nAt a glance, 3+5=" + glance.split("3+5=")[-1]
-    assert text[slice(*tasks.glance_value_span(text))] == glance.split("=")[-1].rstrip(".") != "8"  # the slip
-    assert "Let me work it out.\n3+5=8." in text or "Let me work it out.\nFirst, 3+5=8." in text
+    assert text == ("We need to compute 3+5.\nAt a glance, 3+5=9.\nLet me work it out.\n3+5=8.\nNo, it is 8, not 9.\n"
+                    "</think>\nThe answer is \\boxed{8}.")  # a slipped glance, worked out and corrected
+    assert text[: tasks.first_pass_end(text)].endswith("At a glance, 3+5=9.")
+    assert text[slice(*tasks.glance_value_span(text))] == "9"
     four = tasks.make_problem(4, (3, 5, 4, 7), "x", random.Random(0))
     alone = tasks.worked_solution(four, random.Random(0), 0, first_pass="glance", glance_sep="=")
     assert alone == "We need to compute (3+5)*4-7.\nAt a glance, (3+5)*4-7=25.\n</think>\nThe answer is \\boxed{25}."
