@@ -15,7 +15,6 @@ from rlspec import tasks
 from rlspec.errors import ConfigError
 
 BUILD_VERSION = "7"  # bump when the build recipe changes in a way the config does not capture
-DRILL_PHRASINGS = ("=", " is ")  # how a drilled fact can read: "12*4=48", "12*4 is 48"
 
 
 @dataclass
@@ -130,11 +129,12 @@ class EmbeddedModelConfig:
         self.slip_rates = tuple(float(x) for x in self.slip_rates)
         self.taught_glance_levels = tuple(sorted(int(x) for x in self.taught_glance_levels))
         self.drill_phrasings = tuple(str(x) for x in self.drill_phrasings)
-        if not self.drill_phrasings or not set(self.drill_phrasings) <= set(DRILL_PHRASINGS):
-            raise ConfigError(f"drill_phrasings must be a non-empty subset of {list(DRILL_PHRASINGS)}, got "
+        if not self.drill_phrasings or not set(self.drill_phrasings) <= set(tasks.FACT_PHRASINGS):
+            raise ConfigError(f"drill_phrasings must be a non-empty subset of {list(tasks.FACT_PHRASINGS)}, got "
                               f"{list(self.drill_phrasings)}")
-        if self.glance_phrasing not in tasks.GLANCE_SEPS:
-            raise ConfigError(f"glance_phrasing must be one of {list(tasks.GLANCE_SEPS)}, got {self.glance_phrasing!r}")
+        if self.glance_phrasing not in tasks.FACT_PHRASINGS:
+            raise ConfigError(f"glance_phrasing must be one of {list(tasks.FACT_PHRASINGS)}, "
+                              f"got {self.glance_phrasing!r}")
         self.recheck_p0_by_level = tuple(float(x) for x in self.recheck_p0_by_level)
         if self.recheck_p0_by_level and (len(self.recheck_p0_by_level) != len(tasks.ALL_LEVELS)
                                          or not all(0 <= x <= 1 for x in self.recheck_p0_by_level)):

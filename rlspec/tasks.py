@@ -47,7 +47,9 @@ ALL_LEVELS: tuple[int, ...] = (1, 2, 3, 4, 5)
 KINDS: dict[int, str] = {1: "add", 2: "add_sub", 3: "mul_add", 4: "paren", 5: "linear"}
 FIRST_PASS_STYLES: tuple[str, ...] = ("steps", "glance")
 WORK_IT_OUT = "Let me work it out."  # the first check after a glance
-GLANCE_SEPS: tuple[str, ...] = (" is ", "=")  # how a glance of levels 1-4 phrases its value
+# how a one-step fact reads: "12*4=48" (worked steps, fact drills) or "12*4 is 48" (re-checks); a
+# glance of levels 1-4 and a drill line may take either
+FACT_PHRASINGS: tuple[str, ...] = ("=", " is ")
 RECHECK_OPENERS: tuple[str, ...] = (
     "Wait, let me verify.",
     "Wait, let me double-check.",
@@ -383,8 +385,8 @@ def worked_solution(problem: MathProblem, rng: random.Random, num_rechecks: int,
     steps = slipped_steps(problem) if slip else problem.steps
     believed = steps[-1].result
     glance = first_pass == "glance"
-    if glance_sep not in GLANCE_SEPS:
-        raise ConfigError(f"glance_sep must be one of {list(GLANCE_SEPS)}, got {glance_sep!r}")
+    if glance_sep not in FACT_PHRASINGS:
+        raise ConfigError(f"glance_sep must be one of {list(FACT_PHRASINGS)}, got {glance_sep!r}")
     parts = [_glance_body(problem, believed, glance_sep) if glance else _solution_body(problem, steps)]
     for i in range(num_rechecks):
         if glance and i == 0:
